@@ -1,0 +1,1 @@
+"""Llama-family models: config, weights from GGUF/HF/IRPA, the paged PyTorch model, tokenizers."""

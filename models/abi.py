@@ -1,0 +1,68 @@
+"""config.json: the contract between an exported program and the server (torch-free).
+
+It carries shortfin's keys (so shortfin-style tools can read it) plus what our server needs.
+Entry points, for each exported batch size N (all integer tensors are int64):
+  prefill_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P], cache[pages,E]) -> logits[N,V]
+  decode_bs{N}(tokens[N,1], seq_lens[N], page_ids[N,P], cache[pages,E]) -> logits[N,V]
+     or, exported with top_k=K: (values[N,K] f32, indices[N,K] i64)
+S is a multiple of block_seq_stride, P and pages are dynamic; the cache is updated in place.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class PagedKVCache:
+    attention_head_count_kv: int
+    block_seq_stride: int
+    device_block_count: int
+    kv_cache_dtype: str
+    paged_kv_block_size_elements_per_device: list[int]
+
+
+@dataclass
+class ModelABI:
+    module_name: str
+    module_abi_version: int
+    max_seq_len: int
+    attn_head_dim: int
+    prefill_batch_sizes: list[int]
+    decode_batch_sizes: list[int]
+    transformer_block_count: int
+    has_prefill_position: bool
+    logits_normalization: str
+    top_k: int | None
+    paged_kv_cache: PagedKVCache
+    # ours
+    vocab_size: int = 0
+    activation_dtype: str = "float32"
+    attention_head_count: int = 0
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = field(default_factory=list)
+    add_bos_token: bool = False
+    tensor_parallelism_size: int = 1
+    tokenizer_files: list[str] = field(default_factory=list)
+    source: str = ""
+
+    @property
+    def block_seq_stride(self) -> int:
+        return self.paged_kv_cache.block_seq_stride
+
+    def save(self, path: Path) -> None:
+        Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> "ModelABI":
+        try:
+            d = json.loads(Path(path).read_text())
+            d["paged_kv_cache"] = PagedKVCache(**d["paged_kv_cache"])
+            return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+            raise ValueError(
+                f"{path}: not a model config written by export.paged_llm ({e}); "
+                "hint: pass the config.json from the export's --output-dir"
+            ) from e

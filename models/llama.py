@@ -1,0 +1,180 @@
+"""The Llama family in plain PyTorch, over a paged KV cache.
+
+One forward serves prefill and decode: `tokens[b, i]` sits at position `start_positions[b] + i`; the
+sequence is `seq_lens[b]` tokens long after this call, so positions >= seq_lens[b] are padding. Each
+call writes its new K/V into the cache through the page table, then attends over the sequence's pages.
+
+KV cache layout (one tensor, updated in place): `[page_count, page_elems]` with
+`page_elems = num_layers * 2 * block_seq_stride * num_kv_heads * head_dim`, i.e. per page
+`[layer][k|v][slot in page][kv head][head_dim]`. Page 0 is the padding page: writes of padded
+positions and unused batch slots land there, and no sequence may own it.
+
+Rotary embeddings use GGUF's interleaved pair order (`models.weights` permutes HF Q/K rows to it).
+No data-dependent Python control flow: this module is what `export.paged_llm` exports.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import LlamaConfig
+from .weights import ModelWeights
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [B, S, H, D] with rotary pairs interleaved; cos/sin: [B, S, 1, D/2]."""
+    pairs = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = pairs[..., 0], pairs[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    return out.flatten(-2).to(x.dtype)
+
+
+class Block(nn.Module):
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.c = c
+        self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.attn_q = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
+        self.attn_k = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.attn_v = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
+        self.attn_output = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.ffn_gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.ffn_up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
+        self.ffn_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+
+    def forward(self, x, cos, sin, layer: int, cache_rows, cache_pages, write_rows, read_pages, mask):
+        c = self.c
+        B, S, _ = x.shape
+        h = self.attn_norm(x)
+        q = apply_rope(self.attn_q(h).view(B, S, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(self.attn_k(h).view(B, S, c.num_kv_heads, c.head_dim), cos, sin)
+        v = self.attn_v(h).view(B, S, c.num_kv_heads, c.head_dim)
+
+        # Write this call's K and V through the page table (in place), then read the whole context.
+        kv_width = c.num_kv_heads * c.head_dim
+        stride = cache_pages.shape[1]
+        k_rows = write_rows + (2 * layer) * stride
+        cache_rows.index_put_((k_rows.flatten(),), k.reshape(-1, kv_width).to(cache_rows.dtype))
+        cache_rows.index_put_((k_rows.flatten() + stride,), v.reshape(-1, kv_width).to(cache_rows.dtype))
+        k_pages = read_pages + 2 * layer
+        keys = cache_pages.index_select(0, k_pages.flatten()).view(B, -1, c.num_kv_heads, c.head_dim)
+        vals = cache_pages.index_select(0, k_pages.flatten() + 1).view(B, -1, c.num_kv_heads, c.head_dim)
+
+        # GQA without materialising repeated KV heads: group the query heads of each KV head.
+        rep = c.num_heads // c.num_kv_heads
+        qg = q.float().view(B, S, c.num_kv_heads, rep, c.head_dim).permute(0, 2, 3, 1, 4)
+        kg = keys.float().permute(0, 2, 3, 1).unsqueeze(2)  # [B, KV, 1, D, T]
+        vg = vals.float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, KV, 1, T, D]
+        scores = torch.matmul(qg, kg) * (c.head_dim ** -0.5)  # [B, KV, rep, S, T]
+        scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
+        attn = torch.matmul(torch.softmax(scores, dim=-1), vg)  # [B, KV, rep, S, D]
+        attn = attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * c.head_dim).to(x.dtype)
+        x = x + self.attn_output(attn)
+        h = self.ffn_norm(x)
+        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+
+
+class PagedLlama(nn.Module):
+    def __init__(self, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None):
+        super().__init__()
+        self.config = c = config
+        self.block_seq_stride = block_seq_stride
+        self.dtype = dtype
+        self.kv_dtype = kv_dtype or dtype
+        self.token_embd = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.blk = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.output_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
+        self.output = None if c.tied_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+        if c.rope_freq_factors is not None:
+            inv_freq = inv_freq / torch.tensor(c.rope_freq_factors, dtype=torch.float32)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.to(dtype)
+
+    @property
+    def page_elems(self) -> int:
+        c = self.config
+        return c.num_layers * 2 * self.block_seq_stride * c.num_kv_heads * c.head_dim
+
+    def allocate_cache(self, page_count: int) -> torch.Tensor:
+        return torch.zeros(page_count, self.page_elems, dtype=self.kv_dtype)
+
+    @classmethod
+    def from_weights(cls, weights: ModelWeights, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None):
+        with torch.device("meta"):
+            model = cls(weights.config, block_seq_stride, dtype, kv_dtype)
+        state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in weights.tensors.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        c = weights.config
+        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+        if c.rope_freq_factors is not None:
+            inv_freq = inv_freq / torch.tensor(c.rope_freq_factors, dtype=torch.float32)
+        model.inv_freq = inv_freq
+        return model.eval()
+
+    def hidden_states(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
+        """Run the blocks; returns final-normed hidden states [B, S, hidden] (f32)."""
+        c = self.config
+        B, S = tokens.shape
+        stride = self.block_seq_stride
+        pos = start_positions.unsqueeze(1) + torch.arange(S, dtype=start_positions.dtype).unsqueeze(0)
+        valid = pos < seq_lens.unsqueeze(1)
+
+        freqs = pos.float().unsqueeze(-1) * self.inv_freq  # [B, S, D/2]
+        cos, sin = freqs.cos().unsqueeze(2), freqs.sin().unsqueeze(2)
+
+        # Flat row of each new token's K in layer 0; padding positions go to page 0.
+        P = page_ids.shape[1]
+        slot = torch.clamp(torch.div(pos, stride, rounding_mode="floor"), 0, P - 1)
+        page = torch.where(valid, torch.gather(page_ids, 1, slot), torch.zeros_like(slot))
+        write_rows = (page * (c.num_layers * 2)) * stride + pos.remainder(stride)
+        read_pages = page_ids * (c.num_layers * 2)  # [B, P]: (page, layer 0, K) in cache_pages
+
+        kv_width = c.num_kv_heads * c.head_dim
+        cache_rows = cache.view(-1, kv_width)
+        cache_pages = cache.view(-1, stride, c.num_kv_heads, c.head_dim)
+
+        # Query at `pos` sees keys at positions <= min(pos, seq_len - 1).
+        last_visible = torch.minimum(pos, seq_lens.unsqueeze(1) - 1)
+        key_pos = torch.arange(P * stride, dtype=pos.dtype)
+        mask = (key_pos.view(1, 1, -1) > last_visible.unsqueeze(-1)).view(B, 1, 1, S, P * stride)
+
+        x = self.token_embd(tokens)
+        for i, block in enumerate(self.blk):
+            x = block(x, cos, sin, i, cache_rows, cache_pages, write_rows, read_pages, mask)
+        return self.output_norm(x)
+
+    def logits(self, h: torch.Tensor) -> torch.Tensor:
+        w = self.token_embd.weight if self.output is None else self.output.weight
+        return F.linear(h, w).float()
+
+    def prefill(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
+        """Logits [B, vocab] of each sequence's last position in this chunk."""
+        h = self.hidden_states(tokens, start_positions, seq_lens, page_ids, cache)
+        last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)
+        h_last = torch.gather(h, 1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+        return self.logits(h_last)
+
+    def decode(self, tokens, seq_lens, page_ids, cache) -> torch.Tensor:
+        """One new token per sequence (at position seq_lens - 1): logits [B, vocab]."""
+        start = torch.clamp(seq_lens - 1, min=0)
+        h = self.hidden_states(tokens, start, seq_lens, page_ids, cache)
+        return self.logits(h[:, 0])

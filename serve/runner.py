@@ -1,0 +1,86 @@
+"""The compiled program on IREE's runtime (torch-free): load a VMFB + parameter archives, own the KV cache.
+
+One `Runner` per device. It calls `prefill_bs{N}` / `decode_bs{N}` with numpy inputs; the KV cache is a
+device buffer that every call updates in place (it never comes back to the host unless asked).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import iree.runtime as rt
+
+from models.abi import ModelABI
+
+_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+@dataclass
+class DecodeOut:
+    """Full logits [B, V] (f32), or with on-device top-k: values/indices [B, K]."""
+    logits: np.ndarray | None = None
+    top_values: np.ndarray | None = None
+    top_indices: np.ndarray | None = None
+
+
+class Runner:
+    def __init__(self, vmfb: Path, parameters: list[Path], abi: ModelABI, page_count: int | None = None,
+                 driver: str = "local-task", device_index: int = 0):
+        t0 = time.perf_counter()
+        self.abi = abi
+        self.page_count = page_count or abi.paged_kv_cache.device_block_count
+        if self.page_count < 2:
+            raise ValueError("the KV pool needs at least 2 pages (page 0 is the padding page)")
+        self.config = rt.Config(driver)
+        self.instance = self.config.vm_instance
+        self.device = self.config.device
+        index = rt.ParameterIndex()
+        for p in parameters:
+            index.load(str(p))
+        params = rt.create_io_parameters_module(self.instance, index.create_provider(scope="model"))
+        hal = rt.create_hal_module(self.instance, self.device)
+        self.module = rt.VmModule.mmap(self.instance, str(vmfb))
+        self.context = rt.VmContext(self.instance, [hal, params, self.module])
+        self._fns: dict[str, rt.FunctionInvoker] = {}
+        kv_dtype = abi.paged_kv_cache.kv_cache_dtype
+        if kv_dtype not in _NP_DTYPES:
+            raise ValueError(f"KV cache dtype {kv_dtype} is not supported by the runner yet")
+        elems = abi.paged_kv_cache.paged_kv_block_size_elements_per_device[0]
+        self.cache = rt.asdevicearray(self.device, np.zeros((self.page_count, elems), _NP_DTYPES[kv_dtype]))
+        self.load_seconds = time.perf_counter() - t0
+
+    def _fn(self, name: str) -> rt.FunctionInvoker:
+        if name not in self._fns:
+            f = self.module.lookup_function(name)
+            if f is None:
+                raise ValueError(f"the VMFB has no function {name!r}; exported: {self.function_names()}")
+            self._fns[name] = rt.FunctionInvoker(self.context, self.device, f)
+        return self._fns[name]
+
+    def function_names(self) -> list[str]:
+        return [n for n in self.module.function_names if n.startswith(("prefill_bs", "decode_bs"))]
+
+    def prefill(self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray,
+                page_ids: np.ndarray) -> np.ndarray:
+        """tokens [N, S] (S a multiple of the page size) -> last-position logits [N, V]."""
+        out = self._fn(f"prefill_bs{tokens.shape[0]}")(
+            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids), self.cache)
+        return out.to_host()
+
+    def decode(self, tokens: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray) -> DecodeOut:
+        out = self._fn(f"decode_bs{tokens.shape[0]}")(_i64(tokens).reshape(-1, 1), _i64(seq_lens),
+                                                      _i64(page_ids), self.cache)
+        if self.abi.top_k is None:
+            return DecodeOut(logits=out.to_host())
+        values, indices = out
+        return DecodeOut(top_values=values.to_host(), top_indices=indices.to_host())
+
+    def read_cache(self) -> np.ndarray:
+        return self.cache.to_host()
+
+
+def _i64(a) -> np.ndarray:
+    return np.ascontiguousarray(a, dtype=np.int64)
