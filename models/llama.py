@@ -80,12 +80,16 @@ class Block(nn.Module):
 
         # GQA without materialising repeated KV heads: group the query heads of each KV head.
         rep = c.num_heads // c.num_kv_heads
+        # (Plain 4-D batch matmuls: IREE's data tiling rejects broadcasting 5-D ones.)
         qg = q.float().view(B, S, c.num_kv_heads, rep, c.head_dim).permute(0, 2, 3, 1, 4)
-        kg = keys.float().permute(0, 2, 3, 1).unsqueeze(2)  # [B, KV, 1, D, T]
-        vg = vals.float().permute(0, 2, 1, 3).unsqueeze(2)  # [B, KV, 1, T, D]
-        scores = torch.matmul(qg, kg) * (c.head_dim ** -0.5)  # [B, KV, rep, S, T]
-        scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
-        attn = torch.matmul(torch.softmax(scores, dim=-1), vg)  # [B, KV, rep, S, D]
+        qg = qg.reshape(B, c.num_kv_heads, rep * S, c.head_dim)
+        kg = keys.float().permute(0, 2, 3, 1)  # [B, KV, D, T]
+        vg = vals.float().permute(0, 2, 1, 3)  # [B, KV, T, D]
+        scores = torch.matmul(qg, kg) * (c.head_dim ** -0.5)  # [B, KV, rep*S, T]
+        T = scores.shape[-1]
+        scores = scores.view(B, c.num_kv_heads, rep, S, T).masked_fill(mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).view(B, c.num_kv_heads, rep * S, T)
+        attn = torch.matmul(probs, vg).view(B, c.num_kv_heads, rep, S, c.head_dim)
         attn = attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * c.head_dim).to(x.dtype)
         x = x + self.attn_output(attn)
         h = self.ffn_norm(x)

@@ -73,15 +73,15 @@ def _byte_level_pre_tokenizer(pre: str, source: str) -> pre_tokenizers.PreTokeni
         warnings.warn(f"{source}: unknown tokenizer.ggml.pre {pre!r}; using the GPT-2 split", stacklevel=3)
         family = "gpt2"
     if family == "digits":  # llama.cpp: "\p{N}" then the GPT-2 regex; HF: Digits then ByteLevel's regex
-        return pre_tokenizers.Sequence(
-            [pre_tokenizers.Digits(individual_digits=True), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)]
-        )
+        digits = pre_tokenizers.Digits(individual_digits=True)
+        return pre_tokenizers.Sequence([digits, pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)])
     if family == "gpt2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     split = _LLAMA3_SPLIT if family == "llama3" else _QWEN2_SPLIT
-    return pre_tokenizers.Sequence(
-        [pre_tokenizers.Split(Regex(split), behavior="isolated"), pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)]
-    )
+    return pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
 
 
 def _byte_level_bpe(meta: dict[str, Any], source: str) -> Tokenizer:
@@ -96,10 +96,9 @@ def _byte_level_bpe(meta: dict[str, Any], source: str) -> Tokenizer:
         raise ValueError(f"{source}: a gpt2 (byte-level BPE) vocabulary needs tokenizer.ggml.merges")
     merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
     pre = meta.get("pre", "default")
-    tok = Tokenizer(
-        BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="", end_of_word_suffix="",
-            fuse_unk=False, ignore_merges=_PRE_FAMILIES.get(pre) == "llama3")  # llama.cpp ignores merges for llama3
-    )
+    ignore_merges = _PRE_FAMILIES.get(pre) == "llama3"  # as llama.cpp (and Llama-3's tokenizer.json)
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                        end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore_merges))
     tok.pre_tokenizer = _byte_level_pre_tokenizer(pre, source)
     tok.decoder = decoders.ByteLevel()
     return tok
@@ -110,7 +109,8 @@ def _spm_merges(tokens: list[str], scores: list[float]) -> list[tuple[str, str]]
     vocab = {t: i for i, t in enumerate(tokens)}
     candidates = []
     for piece, score in dict(zip(tokens, scores)).items():
-        local = [(piece[:k], piece[k:], score) for k in range(1, len(piece)) if piece[:k] in vocab and piece[k:] in vocab]
+        splits = ((piece[:k], piece[k:]) for k in range(1, len(piece)))
+        local = [(left, right, score) for left, right in splits if left in vocab and right in vocab]
         candidates.extend(sorted(local, key=lambda m: (vocab[m[0]], vocab[m[1]])))
     candidates.sort(key=lambda m: (m[2], len(m[0]), len(m[1])), reverse=True)
     return [(left, right) for left, right, _ in candidates]
@@ -125,10 +125,12 @@ def _sentencepiece_bpe(meta: dict[str, Any], source: str) -> Tokenizer:
         merges = _spm_merges(tokens, meta["scores"])
     else:
         raise ValueError(f"{source}: a llama (SentencePiece) vocabulary needs tokenizer.ggml.scores or .merges")
-    tok = Tokenizer(BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
+    vocab = {t: i for i, t in enumerate(tokens)}
+    tok = Tokenizer(BPE(vocab=vocab, merges=merges, fuse_unk=True, byte_fallback=True, dropout=None))
     # HF ignores add_space_prefix (and prefixes only the text's start, "first"); we follow the file when it says no.
     prefix = bool(meta.get("add_space_prefix", True))
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first" if prefix else "never", split=False)
+    scheme = "first" if prefix else "never"
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme=scheme, split=False)
     steps = [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()]
     tok.decoder = decoders.Sequence(steps + ([decoders.Strip(content=" ", left=1)] if prefix else []))
     return tok
@@ -148,14 +150,21 @@ def _gguf_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
 
 def _set_post_processor(tok: Tokenizer, info: TokenizerInfo) -> None:
     """BOS/EOS as HF's `update_post_processor` puts them."""
-    add_bos, add_eos = info.add_bos and info.bos_token is not None, info.add_eos and info.eos_token is not None
-    single = " ".join([f"{info.bos_token}:0"] * add_bos + ["$A:0"] + [f"{info.eos_token}:0"] * add_eos)
-    pair = single + " " + " ".join([f"{info.bos_token}:1"] * add_bos + ["$B:1"] + [f"{info.eos_token}:1"] * add_eos)
-    specials = [(info.bos_token, info.bos_id)] * add_bos + [(info.eos_token, info.eos_id)] * add_eos
-    tok.post_processor = processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(dict.fromkeys(specials)))
+    bos = [info.bos_token] if info.add_bos and info.bos_token is not None else []
+    eos = [info.eos_token] if info.add_eos and info.eos_token is not None else []
+
+    def template(seq: str, type_id: int) -> list[str]:
+        return [f"{t}:{type_id}" for t in bos] + [f"${seq}:{type_id}"] + [f"{t}:{type_id}" for t in eos]
+
+    specials = [(t, info.bos_id) for t in bos] + [(t, info.eos_id) for t in eos]
+    tok.post_processor = processors.TemplateProcessing(
+        single=template("A", 0), pair=template("A", 0) + template("B", 1), special_tokens=list(dict.fromkeys(specials))
+    )
 
 
-def tokenizer_from_gguf(reader_or_path: gguf.GGUFReader | str | os.PathLike[str]) -> tuple[Tokenizer, TokenizerInfo]:
+def tokenizer_from_gguf(
+    reader_or_path: gguf.GGUFReader | str | os.PathLike[str],
+) -> tuple[Tokenizer, TokenizerInfo]:
     """The tokenizer a GGUF file describes, and its special ids / flags / chat template."""
     reader = reader_or_path if isinstance(reader_or_path, gguf.GGUFReader) else gguf.GGUFReader(reader_or_path)
     source = str(getattr(reader.data, "filename", None) or reader_or_path)
@@ -171,12 +180,17 @@ def tokenizer_from_gguf(reader_or_path: gguf.GGUFReader | str | os.PathLike[str]
 
     tokens: list[str] = meta["tokens"]
     types: list[int] = meta.get("token_type") or [1] * len(tokens)
-    name = {k: tokens[meta[f"{k}_token_id"]] if meta.get(f"{k}_token_id") is not None else None
-            for k in ("bos", "eos", "unknown", "padding")}
+    name: dict[str, str | None] = {}
+    for key in ("bos", "eos", "unknown", "padding"):
+        token_id = meta.get(f"{key}_token_id")
+        if token_id is not None and not 0 <= token_id < len(tokens):
+            raise ValueError(f"{source}: tokenizer.ggml.{key}_token_id={token_id} is outside the {len(tokens)} tokens")
+        name[key] = tokens[token_id] if token_id is not None else None
     # As HF: control tokens (plus the named bos/eos/unk/pad) whole and special, user-defined ones whole.
     in_vocab = tok.get_vocab()
     special = [t for t, ty in zip(tokens, types) if ty == CONTROL] + [t for t in name.values() if t is not None]
-    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in dict.fromkeys(special) if t in in_vocab])
+    special = [t for t in dict.fromkeys(special) if t in in_vocab]
+    tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
     tok.add_tokens([AddedToken(t, normalized=False, special=False)
                     for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in in_vocab])
 

@@ -23,6 +23,7 @@ class Variant:
     tied: bool = False
     llama3_rope: bool = False
     theta: float = 10000.0
+    intermediate: int = 96
 
 
 VARIANTS = [
@@ -38,7 +39,7 @@ def hf_model(v: Variant, seed: int = 0):
     import transformers
 
     kw = dict(
-        vocab_size=v.vocab, hidden_size=v.hidden, intermediate_size=96, num_hidden_layers=v.layers,
+        vocab_size=v.vocab, hidden_size=v.hidden, intermediate_size=v.intermediate, num_hidden_layers=v.layers,
         num_attention_heads=v.heads, num_key_value_heads=v.kv_heads, head_dim=v.head_dim or v.hidden // v.heads,
         rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=v.tied, rope_theta=v.theta,
     )
@@ -119,3 +120,18 @@ def config_from_hf_dict(cfg):
         p = Path(d) / "config.json"
         p.write_text(json.dumps(cfg.to_dict()))
         return config_from_hf(p)
+
+
+# Byte offsets of the f16 scale fields in one block of each K-quant (llama.cpp's block layouts).
+_K_BLOCK = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "Q4_K": (144, (0, 2)),
+            "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+
+
+def random_kquant(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray:
+    """Random but valid K-quant blocks (the gguf package can dequantise these, not quantise)."""
+    size, scale_offsets = _K_BLOCK[qtype]
+    rng = np.random.default_rng(seed)
+    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
+    for off in scale_offsets:
+        blocks[:, :, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+    return blocks.reshape(rows, -1)
