@@ -7,6 +7,7 @@ stay small and the server loads the weights from the IRPA written here.
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import time
 from pathlib import Path
@@ -17,7 +18,7 @@ from torch.export import Dim
 from models.abi import ModelABI, PagedKVCache
 from models.config import ModelError
 from models.llama import DTYPES, PagedLlama
-from models.weights import ModelWeights, load_weights, write_irpa
+from models.weights import ModelWeights, load_weights, open_gguf, write_irpa
 
 MODULE_NAME = "module"
 
@@ -80,41 +81,77 @@ class _Stage:
             print(f"[export] {self.name}: {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def export_programs(model: PagedLlama, prefill_bs: list[int], decode_bs: list[int], top_k: int | None):
-    """Trace prefill_bs{N} / decode_bs{N} into one MLIR module (weights external)."""
+def export_forward(model: PagedLlama):
+    """Trace `PagedLlama.forward` once, every dimension dynamic but the page size (weights external).
+
+    Tracing costs ~2 ms per op (~20 s for SmolLM2), so it is done once: `entry_points` adds the
+    prefill_bs{N} / decode_bs{N} functions around it. The traced function is pure (it returns the new
+    cache), so no functionalisation pass runs; the entry points overwrite the cache argument in place.
+    """
     from iree.turbine import aot
 
     aot.externalize_module_parameters(model, external_scope="model")
     fxb = aot.FxProgramsBuilder(model)
-    stride = model.block_seq_stride
-    cache = model.allocate_cache(4)
-    pages_dim = Dim("pages", min=2)
     i64 = torch.int64
+    batch, seq, cols = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=1 << 16), Dim("cols", min=1, max=1 << 14)
+    args = (torch.zeros(2, 3, dtype=i64), torch.zeros(2, dtype=i64), torch.ones(2, dtype=i64),
+            torch.ones(2, 3, dtype=i64), model.allocate_cache(4))
+    dyn = {"tokens": {0: batch, 1: seq}, "start_positions": {0: batch}, "seq_lens": {0: batch},
+           "page_ids": {0: batch, 1: cols}, "cache": {0: Dim("pages", min=2)}}
 
+    @fxb.export_program(name="forward", args=args, dynamic_shapes=dyn, strict=False)
+    def _forward(m, tokens, start_positions, seq_lens, page_ids, cache):
+        return m.forward(tokens, start_positions, seq_lens, page_ids, cache)
+
+    with aot.decompositions.extend_aot_decompositions(from_current=False):
+        return aot.export(fxb)
+
+
+_FORWARD_RE = re.compile(r"^(\s*)func\.func @forward\((.*)\) -> \((.*)\) (attributes .*)?\{$", re.M)
+
+
+def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: int | None) -> str:
+    """Add public prefill_bs{N} / decode_bs{N} (the ABI in models/abi.py) around the traced `forward`.
+
+    They keep the dynamic signature, so IREE compiles the model once whatever the number of batch
+    sizes (static-shape wrappers, once inlined, trip IREE's scatter verifier and compile N copies).
+    """
+    m = _FORWARD_RE.search(mlir)
+    if not m:
+        raise RuntimeError("traced module has no @forward function")
+    ind = m.group(1)
+    t_tok, t_start, t_lens, t_pages, t_cache = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(2))]
+    t_logits, t_vcache = [t.strip() for t in re.split(r", (?=!torch)", m.group(3))]
+    t_cache = t_vcache.replace("!torch.vtensor", "!torch.tensor")  # a mutable argument
+    vocab = re.search(r"<\[\?,(\d+)\]", t_logits).group(1)
+    call_types = f"({t_tok}, {t_start}, {t_lens}, {t_pages}, {t_vcache}) -> ({t_logits}, {t_vcache})"
+
+    def body(name: str, params: str, call_args: str) -> list[str]:
+        ret_types, tail = t_logits, [f"{ind}  return %r#0 : {t_logits}"]
+        if name.startswith("decode") and top_k:
+            ret_types = f"!torch.vtensor<[?,{top_k}],f32>, !torch.vtensor<[?,{top_k}],si64>"
+            tail = [f"{ind}  %k = torch.constant.int {top_k}", f"{ind}  %dim = torch.constant.int -1",
+                    f"{ind}  %true = torch.constant.bool true",
+                    f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {t_logits}, !torch.int, "
+                    f"!torch.int, !torch.bool, !torch.bool -> {ret_types}",
+                    f"{ind}  return %v, %i : {ret_types}"]
+        return [f"{ind}func.func @{name}({params}) -> ({ret_types}) {{",
+                f"{ind}  %c = torch.copy.to_vtensor %cache : {t_vcache}",
+                f"{ind}  %r:2 = func.call @forward({call_args}, %c) : {call_types}",
+                f"{ind}  torch.overwrite.tensor.contents %r#1 overwrites %cache : {t_vcache}, {t_cache}",
+                *tail, f"{ind}}}"]
+
+    out = []
     for bs in prefill_bs:
-        seq_blocks, page_cols = Dim("seq_blocks", min=1, max=4096), Dim("page_cols", min=1, max=4096)
-        args = (torch.zeros(bs, 2 * stride, dtype=i64), torch.zeros(bs, dtype=i64),
-                torch.ones(bs, dtype=i64), torch.ones(bs, 2, dtype=i64), cache)
-        dyn = {"tokens": {1: seq_blocks * stride}, "start_positions": {}, "seq_lens": {},
-               "page_ids": {1: page_cols}, "cache": {0: pages_dim}}
-
-        @fxb.export_program(name=f"prefill_bs{bs}", args=args, dynamic_shapes=dyn, strict=False)
-        def _prefill(m, tokens, start_positions, seq_lens, page_ids, cache):
-            return m.prefill(tokens, start_positions, seq_lens, page_ids, cache)
-
+        out += body(f"prefill_bs{bs}", f"%tokens: {t_tok}, %start_positions: {t_start}, %seq_lens: {t_lens}, "
+                    f"%page_ids: {t_pages}, %cache: {t_cache}", "%tokens, %start_positions, %seq_lens, %page_ids")
     for bs in decode_bs:
-        page_cols = Dim("page_cols", min=1, max=4096)
-        args = (torch.zeros(bs, 1, dtype=i64), torch.ones(bs, dtype=i64), torch.ones(bs, 2, dtype=i64), cache)
-        dyn = {"tokens": {}, "seq_lens": {}, "page_ids": {1: page_cols}, "cache": {0: pages_dim}}
-
-        @fxb.export_program(name=f"decode_bs{bs}", args=args, dynamic_shapes=dyn, strict=False)
-        def _decode(m, tokens, seq_lens, page_ids, cache):
-            logits = m.decode(tokens, seq_lens, page_ids, cache)
-            if top_k is None:
-                return logits
-            return torch.topk(logits, top_k, dim=-1)
-
-    return aot.export(fxb)
+        out += body(f"decode_bs{bs}", f"%tokens: {t_tok}, %seq_lens: {t_lens}, %start_positions: {t_start}, "
+                    f"%page_ids: {t_pages}, %cache: {t_cache}", "%tokens, %start_positions, %seq_lens, %page_ids")
+    assert vocab
+    mlir = mlir[:m.start()] + m.group(0).replace("func.func @", "func.func private @", 1) + mlir[m.end():]
+    end = [x.start() for x in re.finditer(r"^}$", mlir, re.M)][-1]  # the module's closing brace
+    return mlir[:end] + "\n".join(out) + "\n" + mlir[end:]
 
 
 def model_state(model: PagedLlama, weights: ModelWeights) -> ModelWeights:
@@ -140,10 +177,11 @@ def main(argv=None) -> int:
             write_irpa(model_state(model, weights), args.output_irpa)
         with _Stage("tokenizer"):
             tok_files, tok_info = write_tokenizer(args, args.output_config.parent)
-        with _Stage(f"trace prefill {args.bs_prefill} / decode {args.bs_decode}"):
-            output = export_programs(model, args.bs_prefill, args.bs_decode, args.top_k)
-        with _Stage(f"write {args.output_mlir}"):
-            output.save_mlir(str(args.output_mlir))
+        with _Stage("trace"):
+            output = export_forward(model)
+        with _Stage(f"write {args.output_mlir} (prefill_bs{args.bs_prefill}, decode_bs{args.bs_decode})"):
+            mlir = entry_points(str(output.mlir_module), args.bs_prefill, args.bs_decode, args.top_k)
+            args.output_mlir.write_text(mlir)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -186,8 +224,8 @@ def write_tokenizer(args, out_dir: Path):
     """Tokenizer files next to config.json: from the GGUF's vocabulary or the HF folder's files."""
     from models.tokenizer import load_tokenizer, save_tokenizer, tokenizer_from_gguf
 
-    if args.gguf_file and _gguf_has_tokenizer(args.gguf_file):
-        tok, info = tokenizer_from_gguf(args.gguf_file)
+    if args.gguf_file and "tokenizer.ggml.model" in open_gguf(args.gguf_file).fields:
+        tok, info = tokenizer_from_gguf(open_gguf(args.gguf_file))
     elif args.hf_dir and (args.hf_dir / "tokenizer.json").is_file():
         tok, info = load_tokenizer(args.hf_dir)
     elif args.irpa_file and (args.irpa_file.parent / "tokenizer.json").is_file():
@@ -198,12 +236,6 @@ def write_tokenizer(args, out_dir: Path):
         return [], None
     save_tokenizer(tok, info, out_dir)
     return ["tokenizer.json", "tokenizer_config.json"], info
-
-
-def _gguf_has_tokenizer(path: Path) -> bool:
-    import gguf
-
-    return "tokenizer.ggml.model" in gguf.GGUFReader(path).fields
 
 
 if __name__ == "__main__":

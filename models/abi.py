@@ -3,9 +3,11 @@
 It carries shortfin's keys (so shortfin-style tools can read it) plus what our server needs.
 Entry points, for each exported batch size N (all integer tensors are int64):
   prefill_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P], cache[pages,E]) -> logits[N,V]
-  decode_bs{N}(tokens[N,1], seq_lens[N], page_ids[N,P], cache[pages,E]) -> logits[N,V]
+  decode_bs{N}(tokens[N,1], seq_lens[N], start_positions[N], page_ids[N,P], cache[pages,E]) -> logits[N,V]
      or, exported with top_k=K: (values[N,K] f32, indices[N,K] i64)
-S is a multiple of block_seq_stride, P and pages are dynamic; the cache is updated in place.
+(shortfin's argument order.) Positions start_positions[b] .. seq_lens[b]-1 are new; in decode
+start_positions = seq_lens - 1. Every dimension but E is dynamic (the server pads S to a multiple of
+block_seq_stride and N to an exported batch size); the cache is updated in place.
 """
 
 from __future__ import annotations

@@ -33,17 +33,26 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
+        h = _f32(x)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
+        return self.weight * _to(h, x.dtype)
+
+
+def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Cast only when needed: a no-op cast still costs an op in every traced layer."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _f32(t: torch.Tensor) -> torch.Tensor:
+    return _to(t, torch.float32)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [B, S, H, D] with rotary pairs interleaved; cos/sin: [B, S, 1, D/2]."""
-    pairs = x.float().unflatten(-1, (-1, 2))
+    pairs = _f32(x).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0], pairs[..., 1]
     out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
-    return out.flatten(-2).to(x.dtype)
+    return _to(out.flatten(-2), x.dtype)
 
 
 class Block(nn.Module):
@@ -60,7 +69,8 @@ class Block(nn.Module):
         self.ffn_up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.ffn_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, cache_rows, cache_pages, write_rows, read_pages, mask):
+    def forward(self, x, cos, sin, layer: int, cache, write_rows, read_pages, mask):
+        """Returns (x, cache): the cache is threaded through functionally (see PagedLlama.forward)."""
         c = self.c
         B, S, _ = x.shape
         h = self.attn_norm(x)
@@ -68,32 +78,35 @@ class Block(nn.Module):
         k = apply_rope(self.attn_k(h).view(B, S, c.num_kv_heads, c.head_dim), cos, sin)
         v = self.attn_v(h).view(B, S, c.num_kv_heads, c.head_dim)
 
-        # Write this call's K and V through the page table (in place), then read the whole context.
+        # Write this call's K and V through the page table, then read the whole context back.
         kv_width = c.num_kv_heads * c.head_dim
-        stride = cache_pages.shape[1]
-        k_rows = write_rows + (2 * layer) * stride
-        cache_rows.index_put_((k_rows.flatten(),), k.reshape(-1, kv_width).to(cache_rows.dtype))
-        cache_rows.index_put_((k_rows.flatten() + stride,), v.reshape(-1, kv_width).to(cache_rows.dtype))
-        k_pages = read_pages + 2 * layer
-        keys = cache_pages.index_select(0, k_pages.flatten()).view(B, -1, c.num_kv_heads, c.head_dim)
-        vals = cache_pages.index_select(0, k_pages.flatten() + 1).view(B, -1, c.num_kv_heads, c.head_dim)
+        stride = cache.shape[1] // (c.num_layers * 2 * kv_width)  # static: the page size
+        # (Explicit B * S sizes, not -1: both scatter operands must fold to the same static shape.
+        #  Two scatters: IREE 3.13 miscompiled one scatter of the concatenated K and V rows.)
+        k_rows = write_rows.reshape(B * S) + (2 * layer) * stride
+        shape = cache.shape
+        cache = cache.view(-1, kv_width).index_put((k_rows,), _to(k.reshape(B * S, kv_width), cache.dtype))
+        cache = cache.index_put((k_rows + stride,), _to(v.reshape(B * S, kv_width), cache.dtype)).view(shape)
+        cache_pages = cache.view(-1, stride, c.num_kv_heads, c.head_dim)
+        k_pages = (read_pages + 2 * layer).reshape(-1)
+        keys = cache_pages.index_select(0, k_pages).view(B, -1, c.num_kv_heads, c.head_dim)
+        vals = cache_pages.index_select(0, k_pages + 1).view(B, -1, c.num_kv_heads, c.head_dim)
 
         # GQA without materialising repeated KV heads: group the query heads of each KV head.
-        rep = c.num_heads // c.num_kv_heads
-        # (Plain 4-D batch matmuls: IREE's data tiling rejects broadcasting 5-D ones.)
-        qg = q.float().view(B, S, c.num_kv_heads, rep, c.head_dim).permute(0, 2, 3, 1, 4)
-        qg = qg.reshape(B, c.num_kv_heads, rep * S, c.head_dim)
-        kg = keys.float().permute(0, 2, 3, 1)  # [B, KV, D, T]
-        vg = vals.float().permute(0, 2, 1, 3)  # [B, KV, T, D]
-        scores = torch.matmul(qg, kg) * (c.head_dim ** -0.5)  # [B, KV, rep*S, T]
-        T = scores.shape[-1]
-        scores = scores.view(B, c.num_kv_heads, rep, S, T).masked_fill(mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).view(B, c.num_kv_heads, rep * S, T)
-        attn = torch.matmul(probs, vg).view(B, c.num_kv_heads, rep, S, c.head_dim)
-        attn = attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * c.head_dim).to(x.dtype)
+        # (3-D bmm over B*KV: IREE's data tiling rejects 5-D broadcasting and some 4-D batch matmuls.)
+        KV, D, rep = c.num_kv_heads, c.head_dim, c.num_heads // c.num_kv_heads
+        T = keys.shape[1]
+        qg = _f32(q).view(B, S, KV, rep, D).permute(0, 2, 3, 1, 4).reshape(B * KV, rep * S, D)
+        kg = _f32(keys).permute(0, 2, 3, 1).reshape(B * KV, D, T)
+        vg = _f32(vals).permute(0, 2, 1, 3).reshape(B * KV, T, D)
+        scores = torch.bmm(qg, kg).view(B, KV, rep, S, T) * (D ** -0.5)
+        scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
+        probs = torch.softmax(scores, dim=-1).view(B * KV, rep * S, T)
+        attn = torch.bmm(probs, vg).view(B, KV, rep, S, D)
+        attn = _to(attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * D), x.dtype)
         x = x + self.attn_output(attn)
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h)), cache
 
 
 class PagedLlama(nn.Module):
@@ -134,8 +147,18 @@ class PagedLlama(nn.Module):
         model.inv_freq = inv_freq
         return model.eval()
 
-    def hidden_states(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
-        """Run the blocks; returns final-normed hidden states [B, S, hidden] (f32)."""
+    def forward(self, tokens, start_positions, seq_lens, page_ids, cache):
+        """-> (logits [B, V] of each sequence's last position in this call, the updated cache).
+
+        Functional, so that tracing needs no functionalisation pass (that doubled export time);
+        the exported entry points write the new cache back into the argument in place.
+        """
+        h, cache = self._blocks(tokens, start_positions, seq_lens, page_ids, cache)
+        last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)
+        h_last = torch.gather(h, 1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+        return self.logits(h_last), cache
+
+    def _blocks(self, tokens, start_positions, seq_lens, page_ids, cache):
         c = self.config
         B, S = tokens.shape
         stride = self.block_seq_stride
@@ -147,14 +170,12 @@ class PagedLlama(nn.Module):
 
         # Flat row of each new token's K in layer 0; padding positions go to page 0.
         P = page_ids.shape[1]
-        slot = torch.clamp(torch.div(pos, stride, rounding_mode="floor"), 0, P - 1)
+        # (Positions are clamped to >= 0 first: decode's padding slots sit at position -1.)
+        safe_pos = torch.clamp(pos, min=0)
+        slot = torch.clamp(torch.div(safe_pos, stride, rounding_mode="floor"), max=P - 1)
         page = torch.where(valid, torch.gather(page_ids, 1, slot), torch.zeros_like(slot))
-        write_rows = (page * (c.num_layers * 2)) * stride + pos.remainder(stride)
-        read_pages = page_ids * (c.num_layers * 2)  # [B, P]: (page, layer 0, K) in cache_pages
-
-        kv_width = c.num_kv_heads * c.head_dim
-        cache_rows = cache.view(-1, kv_width)
-        cache_pages = cache.view(-1, stride, c.num_kv_heads, c.head_dim)
+        write_rows = (page * (c.num_layers * 2)) * stride + safe_pos.remainder(stride)
+        read_pages = page_ids * (c.num_layers * 2)  # [B, P]: (page, layer 0, K) in [-1, stride, KV, D] units
 
         # Query at `pos` sees keys at positions <= min(pos, seq_len - 1).
         last_visible = torch.minimum(pos, seq_lens.unsqueeze(1) - 1)
@@ -163,22 +184,26 @@ class PagedLlama(nn.Module):
 
         x = self.token_embd(tokens)
         for i, block in enumerate(self.blk):
-            x = block(x, cos, sin, i, cache_rows, cache_pages, write_rows, read_pages, mask)
-        return self.output_norm(x)
+            x, cache = block(x, cos, sin, i, cache, write_rows, read_pages, mask)
+        return self.output_norm(x), cache
+
+    # Eager entry points with the exported programs' in-place cache semantics.
+    def hidden_states(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
+        """Final-normed hidden states [B, S, hidden] of every position (updates `cache`)."""
+        h, new_cache = self._blocks(tokens, start_positions, seq_lens, page_ids, cache)
+        cache.copy_(new_cache)
+        return h
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.token_embd.weight if self.output is None else self.output.weight
-        return F.linear(h, w).float()
+        return _f32(F.linear(h, w))
 
     def prefill(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
-        """Logits [B, vocab] of each sequence's last position in this chunk."""
-        h = self.hidden_states(tokens, start_positions, seq_lens, page_ids, cache)
-        last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)
-        h_last = torch.gather(h, 1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
-        return self.logits(h_last)
+        """Logits [B, vocab] of each sequence's last position in this chunk (updates `cache`)."""
+        logits, new_cache = self.forward(tokens, start_positions, seq_lens, page_ids, cache)
+        cache.copy_(new_cache)
+        return logits
 
     def decode(self, tokens, seq_lens, page_ids, cache) -> torch.Tensor:
-        """One new token per sequence (at position seq_lens - 1): logits [B, vocab]."""
-        start = torch.clamp(seq_lens - 1, min=0)
-        h = self.hidden_states(tokens, start, seq_lens, page_ids, cache)
-        return self.logits(h[:, 0])
+        """One new token per sequence (at position seq_lens - 1): logits [B, vocab] (updates `cache`)."""
+        return self.prefill(tokens, seq_lens - 1, seq_lens, page_ids, cache)

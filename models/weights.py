@@ -7,6 +7,7 @@ GGUF's order (rotary pairs interleaved), which is the layout `models.llama` comp
 
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -88,14 +89,22 @@ def _field(reader, key: str, default=None):
     return f.contents()
 
 
+@functools.lru_cache(maxsize=2)
+def open_gguf(path: Path):
+    """A GGUFReader (parsing the metadata takes seconds on a real vocabulary: open each file once)."""
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError/struct errors on a bad file
+        raise ModelError(f"{path}: not a readable GGUF file ({e}); hint: pass a .gguf model file") from e
+
+
 def read_gguf(path: Path) -> ModelWeights:
     import gguf
 
     path = Path(path)
-    try:
-        reader = gguf.GGUFReader(path)
-    except Exception as e:  # the gguf package raises ValueError/struct errors on a bad file
-        raise ModelError(f"{path}: not a readable GGUF file ({e}); hint: pass a .gguf model file") from e
+    reader = open_gguf(path)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ModelError(f"{path}: architecture {arch!r} is not supported (only 'llama'-family GGUFs)")

@@ -71,7 +71,9 @@ class Runner:
         return out.to_host()
 
     def decode(self, tokens: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray) -> DecodeOut:
-        out = self._fn(f"decode_bs{tokens.shape[0]}")(_i64(tokens).reshape(-1, 1), _i64(seq_lens),
+        """One token per sequence at position seq_lens - 1 (seq_len 0: an unused, padding slot)."""
+        seq_lens = _i64(seq_lens)
+        out = self._fn(f"decode_bs{tokens.shape[0]}")(_i64(tokens).reshape(-1, 1), seq_lens, seq_lens - 1,
                                                       _i64(page_ids), self.cache)
         if self.abi.top_k is None:
             return DecodeOut(logits=out.to_host())

@@ -1,0 +1,157 @@
+"""export/ + compile/: the compiled llvm-cpu program equals the eager model; hip/cuda compile."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from compile import CompileError, CompileRequest, compile_mlir
+from export import paged_llm
+from models.abi import ModelABI
+from models.llama import DTYPES, PagedLlama
+from models.weights import load_weights
+from serve.runner import Runner
+from tests.eager import padded
+
+STRIDE = 8
+
+
+def export_and_compile(gguf_path, out, *extra):
+    assert paged_llm.main(["--gguf-file", str(gguf_path), "--output-dir", str(out), "--bs-prefill", "1,2",
+                           "--bs-decode", "1,4", "--block-seq-stride", str(STRIDE), *extra]) == 0
+    compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
+    return out
+
+
+@pytest.fixture(scope="module")
+def f32_program(tiny_models, tmp_path_factory):
+    out = export_and_compile(tiny_models["llama31"][2], tmp_path_factory.mktemp("f32"))
+    return out, tiny_models["llama31"][2]
+
+
+@pytest.fixture(scope="module")
+def f16_topk_program(tiny_models, tmp_path_factory):
+    out = export_and_compile(tiny_models["gqa"][2], tmp_path_factory.mktemp("f16"),
+                             "--activation-dtype", "float16", "--top-k", "4")
+    return out, tiny_models["gqa"][2]
+
+
+def _pair(program, pages=16):
+    out, gguf_path = program
+    abi = ModelABI.load(out / "config.json")
+    runner = Runner(out / "model.vmfb", [out / "model.irpa"], abi, page_count=pages)
+    model = PagedLlama.from_weights(load_weights(gguf_file=gguf_path), STRIDE, DTYPES[abi.activation_dtype])
+    return runner, model, model.allocate_cache(pages)
+
+
+def _check_cache(runner, cache, tol):
+    # page 0 is the padding page: whatever landed there is not compared
+    got, want = runner.read_cache()[1:].astype(np.float32), cache[1:].float().numpy()
+    assert np.abs(got - want).max() <= tol
+
+
+def test_config_json(f32_program):
+    out, _ = f32_program
+    d = json.loads((out / "config.json").read_text())
+    for key in ("module_name", "module_abi_version", "max_seq_len", "attn_head_dim", "prefill_batch_sizes",
+                "decode_batch_sizes", "transformer_block_count", "has_prefill_position", "logits_normalization",
+                "top_k", "paged_kv_cache", "vocab_size"):
+        assert key in d
+    assert d["prefill_batch_sizes"] == [1, 2] and d["decode_batch_sizes"] == [1, 4]
+    kv = d["paged_kv_cache"]
+    assert kv["block_seq_stride"] == STRIDE and kv["attention_head_count_kv"] == 2
+    assert kv["paged_kv_block_size_elements_per_device"] == [2 * 2 * STRIDE * 2 * d["attn_head_dim"]]
+    mlir = (out / "model.mlir").read_text()
+    assert '#flow.parameter.named<"model"::"blk.0.attn_q.weight">' in mlir or \
+        '#stream.parameter.named<"model"::"blk.0.attn_q.weight">' in mlir
+    assert (out / "model.vmfb").stat().st_size < 2_000_000  # weights stay outside the VMFB
+
+
+@pytest.mark.parametrize("bs", [1, 2])
+def test_prefill_each_batch_size_ragged(f32_program, bs):
+    runner, model, cache = _pair(f32_program)
+    g = torch.Generator().manual_seed(bs)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (13, 22)[:bs]]
+    page_ids = np.array([[5, 9, 2, 0], [11, 3, 7, 14]][:bs])
+    tokens = np.array([padded(p, STRIDE) + [0] * (24 - len(padded(p, STRIDE))) for p in prompts])
+    lens = np.array([len(p) for p in prompts])
+    got = runner.prefill(tokens, np.zeros(bs), lens, page_ids)
+    with torch.no_grad():
+        want = model.prefill(torch.tensor(tokens), torch.zeros(bs, dtype=torch.long), torch.tensor(lens),
+                             torch.tensor(page_ids), cache).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    _check_cache(runner, cache, 1e-4)
+
+
+def test_chunked_prefill_then_decode_scattered_pages(f32_program):
+    runner, model, cache = _pair(f32_program)
+    tokens = torch.randint(0, 128, (30,), generator=torch.Generator().manual_seed(7)).tolist()
+    pages = np.array([[12, 4, 9, 1]])
+    calls = [(tokens[:16], 0, 16), (tokens[16:27] + [0] * 5, 16, 27)]
+    for chunk, start, end in calls:
+        args = (np.array([chunk]), np.array([start]), np.array([end]), pages)
+        got = runner.prefill(*args)
+        with torch.no_grad():
+            want = model.prefill(*(torch.tensor(a) for a in args), cache).numpy()
+        assert np.abs(got - want).max() <= 1e-4
+    # decode at batch 4 with two padding slots (page 0, length 0)
+    dpages = np.array([[12, 4, 9, 1], [0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]])
+    for pos in range(27, 30):
+        toks, lens = np.array([tokens[pos], 0, 0, 0]), np.array([pos + 1, 0, 0, 0])
+        got = runner.decode(toks, lens, dpages).logits
+        with torch.no_grad():
+            want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(lens), torch.tensor(dpages), cache)
+        assert np.isfinite(got).all()
+        assert np.abs(got[0] - want[0].numpy()).max() <= 1e-4
+    _check_cache(runner, cache, 1e-4)
+
+
+def test_f16_with_on_device_top_k(f16_topk_program):
+    runner, model, cache = _pair(f16_topk_program)
+    prompt = list(range(3, 20))
+    args = (np.array([padded(prompt, STRIDE)]), np.array([0]), np.array([len(prompt)]), np.array([[3, 6, 1]]))
+    got = runner.prefill(*args)
+    with torch.no_grad():
+        want = model.prefill(*(torch.tensor(a) for a in args), cache).numpy()
+    assert np.abs(got - want).max() <= 2e-2
+    nxt = int(want[0].argmax())
+    out = runner.decode(np.array([nxt]), np.array([len(prompt) + 1]), np.array([[3, 6, 1]]))
+    with torch.no_grad():
+        ref = model.decode(torch.tensor([[nxt]]), torch.tensor([len(prompt) + 1]), torch.tensor([[3, 6, 1]]), cache)
+    assert out.logits is None and out.top_indices.shape == (1, 4)
+    ref_vals, ref_idx = torch.topk(ref, 4)
+    assert np.abs(out.top_values - ref_vals.numpy()).max() <= 2e-2
+    assert int(out.top_indices[0, 0]) == int(ref_idx[0, 0])
+    _check_cache(runner, cache, 2e-2)
+
+
+@pytest.mark.parametrize("target,arch", [("hip", "gfx942"), ("cuda", "sm_80")])
+def test_gpu_targets_compile(f32_program, target, arch):
+    out, _ = f32_program
+    vmfb = compile_mlir(CompileRequest(out / "model.mlir", target, arch), out / f"model_{target}.vmfb")
+    assert vmfb.stat().st_size > 10_000
+
+
+def test_compile_cache_and_errors(f32_program, tmp_path, capsys):
+    out, _ = f32_program
+    compile_mlir(CompileRequest(out / "model.mlir"), tmp_path / "again.vmfb")
+    assert "cache hit" in capsys.readouterr().err
+    assert (tmp_path / "again.vmfb").read_bytes() == (out / "model.vmfb").read_bytes()
+    with pytest.raises(CompileError, match="unknown target"):
+        compile_mlir(CompileRequest(out / "model.mlir", "tpu"), tmp_path / "x.vmfb")
+    with pytest.raises(CompileError, match="no such MLIR"):
+        compile_mlir(CompileRequest(tmp_path / "missing.mlir"), tmp_path / "x.vmfb")
+    bad = tmp_path / "bad.mlir"
+    bad.write_text("this is not mlir")
+    with pytest.raises(CompileError, match="iree-compile failed"):
+        compile_mlir(CompileRequest(bad), tmp_path / "x.vmfb")
+
+
+def test_export_cli_errors(tmp_path, capsys):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"\0" * 64)
+    assert paged_llm.main(["--gguf-file", str(bad), "--output-dir", str(tmp_path)]) == 2
+    assert "not a readable GGUF" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        paged_llm.main(["--gguf-file", str(bad), "--output-dir", str(tmp_path), "--bs-decode", "0,x"])
