@@ -165,6 +165,17 @@ def model_state(model: PagedLlama, weights: ModelWeights) -> ModelWeights:
 def main(argv=None) -> int:
     args = parse_args(argv)
     t_start = time.perf_counter()
+    source = args.gguf_file or args.hf_dir or args.irpa_file
+    outputs = [args.output_mlir, args.output_config, args.output_irpa]
+    stamp = args.output_config.with_name(".aotllm-export-key")
+    key = None
+    if source.exists():
+        from export.artifacts import artifact_key
+
+        key = artifact_key(source, [str(a) for a in (argv if argv is not None else sys.argv[1:])])
+        if stamp.is_file() and stamp.read_text() == key and all(p.is_file() for p in outputs):
+            print(f"[export] up to date: {args.output_mlir} (same inputs and options)", file=sys.stderr)
+            return 0
     dtype = DTYPES[args.activation_dtype]
     kv_dtype_name = args.kv_cache_dtype or args.activation_dtype
     try:
@@ -215,6 +226,8 @@ def main(argv=None) -> int:
         source=str(weights.source),
     )
     abi.save(args.output_config)
+    if key:
+        stamp.write_text(key)
     print(f"[export] wrote {args.output_mlir}, {args.output_irpa}, {args.output_config} "
           f"in {time.perf_counter() - t_start:.1f} s", file=sys.stderr)
     return 0

@@ -31,3 +31,31 @@ def smollm2_path() -> Path:
     from models.default_model import smollm2_gguf
 
     return smollm2_gguf()
+
+
+SMOL_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(smollm2_path):
+    """(prompt ids, HF transformers' greedy 32 tokens on the dequantised GGUF, in f32)."""
+    import torch
+    import transformers
+
+    from models.tokenizer import tokenizer_from_gguf
+
+    tok, _ = tokenizer_from_gguf(smollm2_path)
+    ids = tok.encode(SMOL_PROMPT, add_special_tokens=False).ids
+    model = transformers.LlamaForCausalLM.from_pretrained(
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32)
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)
+    return ids, out[0, len(ids):].tolist(), tok
+
+
+@pytest.fixture(scope="session")
+def smollm2_f32_artifacts(smollm2_path):
+    from export.artifacts import build
+
+    return build(smollm2_path, ["--activation-dtype", "float32"])

@@ -155,3 +155,21 @@ def test_export_cli_errors(tmp_path, capsys):
     assert "not a readable GGUF" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         paged_llm.main(["--gguf-file", str(bad), "--output-dir", str(tmp_path), "--bs-decode", "0,x"])
+
+
+@pytest.mark.slow
+def test_smollm2_compiled_greedy_matches_hf(smollm2_f32_artifacts, smollm2_reference):
+    """SmolLM2 through export -> compile -> IREE runtime: greedy 32 tokens == HF transformers'."""
+    ids, ref, tok = smollm2_reference
+    art = smollm2_f32_artifacts
+    abi = ModelABI.load(art.config)
+    runner = Runner(art.vmfb, [art.irpa], abi, page_count=32)
+    s = abi.block_seq_stride
+    pages = np.array([[9, 4, 17, 2, 30, 11]])
+    logits = runner.prefill(np.array([padded(ids, s)]), np.array([0]), np.array([len(ids)]), pages)
+    out = [int(logits[0].argmax())]
+    while len(out) < 32:
+        logits = runner.decode(np.array([out[-1]]), np.array([len(ids) + len(out)]), pages).logits
+        out.append(int(logits[0].argmax()))
+    assert out == ref
+    assert "Paris" in tok.decode(out)

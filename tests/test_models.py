@@ -184,20 +184,9 @@ def test_clear_errors(tiny_models, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_greedy_matches_hf(smollm2_path):
+def test_smollm2_greedy_matches_hf(smollm2_path, smollm2_reference):
     """The real model: our eager greedy 32 tokens == HF transformers on the same dequantised GGUF."""
-    import transformers
-
-    from models.tokenizer import tokenizer_from_gguf
-
-    tok, _ = tokenizer_from_gguf(smollm2_path)
-    prompt = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
-    ids = tok.encode(prompt, add_special_tokens=False).ids
-    ref_model = transformers.LlamaForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32)
-    with torch.no_grad():
-        ref = ref_model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)[0, len(ids):].tolist()
+    ids, ref, tok = smollm2_reference
     model = PagedLlama.from_weights(load_weights(gguf_file=smollm2_path), 16)
     ours = greedy(model, ids, 32, page_ids=[7, 3, 9, 1, 12])
     assert ours == ref
