@@ -156,8 +156,10 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
 
 def model_state(model: PagedLlama, weights: ModelWeights) -> ModelWeights:
     """The weights as the exported program names and types them."""
+    import ml_dtypes
+
     tensors = {k: v.detach().contiguous().numpy() if v.dtype != torch.bfloat16 else
-               v.detach().contiguous().view(torch.int16).numpy().view("bfloat16")
+               v.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
                for k, v in model.state_dict().items()}
     return ModelWeights(weights.config, tensors, weights.source)
 
