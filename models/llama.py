@@ -150,8 +150,8 @@ class PagedLlama(nn.Module):
     def forward(self, tokens, start_positions, seq_lens, page_ids, cache):
         """-> (logits [B, V] of each sequence's last position in this call, the updated cache).
 
-        Functional, so that tracing needs no functionalisation pass (that doubled export time);
-        the exported entry points write the new cache back into the argument in place.
+        Functional (the cache is threaded through the blocks and returned); the exported entry points
+        write the new cache back into their cache argument in place.
         """
         h, cache = self._blocks(tokens, start_positions, seq_lens, page_ids, cache)
         last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)
