@@ -34,9 +34,15 @@ class Runner:
         self.page_count = page_count or abi.paged_kv_cache.device_block_count
         if self.page_count < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is the padding page)")
-        self.config = rt.Config(driver)
-        self.instance = self.config.vm_instance
-        self.device = self.config.device
+        self.instance = rt.VmInstance()
+        try:
+            drv = rt.get_driver(driver)
+            # local-task: every index is a fresh CPU device of its own; GPUs: the index-th device
+            self.device = drv.create_default_device() if driver.startswith("local") else \
+                drv.create_device_by_uri(f"{driver}://{device_index}")
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot open IREE device {driver}:{device_index} ({e}); hint: --device local-task "
+                             "works everywhere; hip/cuda need the GPU and a VMFB compiled for it") from e
         index = rt.ParameterIndex()
         for p in parameters:
             index.load(str(p))

@@ -135,3 +135,19 @@ def random_kquant(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray
     for off in scale_offsets:
         blocks[:, :, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
     return blocks.reshape(rows, -1)
+
+
+def char_tokenizer(vocab: int = 128):
+    """A character-level tokenizer for the tiny models: ids 0-2 are <unk> <s> </s>, then printable ASCII."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    from models.tokenizer import TokenizerInfo
+
+    chars = [chr(c) for c in range(32, 127)][: vocab - 3]
+    table = {"<unk>": 0, "<s>": 1, "</s>": 2, **{ch: i + 3 for i, ch in enumerate(chars)}}
+    tok = Tokenizer(models.WordLevel(table, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens(["<unk>", "<s>", "</s>"])
+    info = TokenizerInfo(bos_id=1, eos_id=2, eot_ids=[2], bos_token="<s>", eos_token="</s>")
+    return tok, info

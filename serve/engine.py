@@ -1,0 +1,115 @@
+"""The engine: the model's runners (one per device, each with its page pool and scheduler), the tokenizer,
+and the entry that turns a request into sequences on the least-loaded device."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from models.abi import ModelABI
+from models.tokenizer import load_tokenizer
+
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .kv_pages import PagePool
+from .runner import Runner
+from .sampling import Sampler, SamplingParams
+from .scheduler import Scheduler, Sequence
+
+log = logging.getLogger("aotllm.engine")
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class BadRequest(ValueError):
+    pass
+
+
+@dataclass
+class EngineConfig:
+    vmfb: Path
+    parameters: list[Path]
+    model_config: Path
+    tokenizer: Path
+    device: str = "local-task"
+    device_ids: list[int] = field(default_factory=lambda: [0])
+    kv_pages: int | None = None
+    max_running: int = 16
+    max_queue: int = 256
+    max_tokens_per_step: int = 512
+    prefix_caching: bool = True
+    model_name: str = "default"
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig):
+        t0 = time.perf_counter()
+        self.cfg = cfg
+        self.abi = ModelABI.load(cfg.model_config)
+        self.tokenizer, self.tok_info = load_tokenizer(cfg.tokenizer)
+        eos = set(self.abi.eos_token_ids) | set(self.tok_info.eot_ids)
+        if self.tok_info.eos_id is not None:
+            eos.add(self.tok_info.eos_id)
+        self.eos_ids = sorted(eos)
+        pages = cfg.kv_pages or self.abi.paged_kv_cache.device_block_count
+        self.schedulers = []
+        for i in cfg.device_ids:
+            runner = Runner(cfg.vmfb, cfg.parameters, self.abi, pages, cfg.device, i)
+            pool = PagePool(pages, self.abi.block_seq_stride, cfg.prefix_caching)
+            self.schedulers.append(Scheduler(runner, pool, self.abi, self.eos_ids, cfg.max_running,
+                                             cfg.max_tokens_per_step, i))
+        self._tasks: list[asyncio.Task] = []
+        self.load_seconds = time.perf_counter() - t0
+        log.info("engine ready in %.1f s: %d device(s), %d KV pages of %d tokens each", self.load_seconds,
+                 len(self.schedulers), pages, self.abi.block_seq_stride)
+
+    async def start(self) -> None:
+        self._tasks = [asyncio.create_task(s.run_forever()) for s in self.schedulers]
+
+    # -- requests
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        if isinstance(prompt, list):
+            bad = [t for t in prompt if not 0 <= t < self.abi.vocab_size]
+            if bad:
+                raise BadRequest(f"input_ids {bad[:5]} are outside the vocabulary [0, {self.abi.vocab_size})")
+            return prompt
+        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> list[Sequence]:
+        """Queue `params.n` sequences for one prompt; returns them (their `events` queues stream results)."""
+        try:
+            params.validate(self.abi.vocab_size)
+        except ValueError as e:
+            raise BadRequest(str(e)) from e
+        if not prompt_ids:
+            raise BadRequest("the prompt is empty; give some text or input_ids")
+        limit = self.abi.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {limit}: shorten it")
+        pool_tokens = (self.schedulers[0].pool.total) * self.abi.block_seq_stride
+        if len(prompt_ids) + 1 > pool_tokens:
+            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the KV pool holds {pool_tokens}: "
+                             "shorten it or start the server with more --kv-pages")
+        if sum(s.load for s in self.schedulers) + params.n > self.cfg.max_queue:
+            raise QueueFull(f"{self.cfg.max_queue} requests are queued or running; retry shortly")
+        rid = rid or uuid.uuid4().hex
+        seqs = []
+        for i in range(params.n):
+            seed = None if params.seed is None else params.seed + i
+            seq = Sequence(
+                rid=rid if params.n == 1 else f"{rid}-{i}", prompt_ids=list(prompt_ids), params=params,
+                sampler=Sampler(params, prompt_ids, seed),
+                detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                stops=StopMatcher(params.stop))
+            min(self.schedulers, key=lambda s: s.load).add(seq)
+            seqs.append(seq)
+        return seqs
+
+    # -- observability
+    def pool_stats(self):
+        return [s.pool.stats() for s in self.schedulers]

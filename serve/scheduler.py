@@ -1,0 +1,276 @@
+"""Continuous batching on one device: page tables over a fixed pool, chunked prefill, preemption.
+
+One asyncio task per device runs `step()` in a loop. Each step decodes one token for every running
+sequence (bucketed to the compiled batch sizes) and spends a token budget on prefill for new or
+partially prefilled sequences. The device calls run in a worker thread, so HTTP keeps flowing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from models.abi import ModelABI
+
+from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .kv_pages import PagePool
+from .runner import Runner
+from .sampling import Sampled, Sampler, SamplingParams
+
+log = logging.getLogger("aotllm.scheduler")
+
+
+@dataclass
+class Event:
+    """What a request's stream receives: new text and tokens, and the finish when it comes."""
+    text: str = ""
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[Sampled] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
+    error: str | None = None
+
+
+@dataclass
+class Sequence:
+    rid: str
+    prompt_ids: list[int]
+    params: SamplingParams
+    sampler: Sampler
+    detok: IncrementalDetokenizer
+    stops: StopMatcher
+    events: asyncio.Queue = field(default_factory=asyncio.Queue)
+    output_ids: list[int] = field(default_factory=list)
+    pages: list[int] = field(default_factory=list)
+    computed: int = 0          # tokens whose K/V are in the cache
+    finish_reason: str | None = None
+    cancelled: bool = False
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: float | None = None
+    order: int = field(default_factory=itertools.count().__next__)
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt_ids + self.output_ids
+
+    @property
+    def prefill_target(self) -> int:
+        """Tokens to prefill: the prompt, or after a preemption everything but the pending token."""
+        return len(self.prompt_ids) if not self.output_ids else len(self.tokens) - 1
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+@dataclass
+class Counters:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    preemptions: int = 0
+    steps: int = 0
+
+
+class Scheduler:
+    def __init__(self, runner: Runner, pool: PagePool, abi: ModelABI, eos_ids: list[int],
+                 max_running: int = 16, max_tokens_per_step: int = 512, device_index: int = 0):
+        self.runner, self.pool, self.abi = runner, pool, abi
+        self.page_size = abi.block_seq_stride
+        self.eos_ids = set(eos_ids)
+        self.max_running = max_running
+        self.max_tokens_per_step = max(max_tokens_per_step, self.page_size)
+        self.device_index = device_index
+        self.waiting: list[Sequence] = []
+        self.running: list[Sequence] = []
+        self.counters = Counters()
+        self._wake = asyncio.Event()
+
+    # -- requests
+    def add(self, seq: Sequence) -> None:
+        self.counters.prompt_tokens += len(seq.prompt_ids)
+        self.waiting.append(seq)
+        self._wake.set()
+
+    @property
+    def load(self) -> int:
+        return len(self.waiting) + len(self.running)
+
+    async def run_forever(self) -> None:
+        while True:
+            if not self.waiting and not self.running:
+                self._wake.clear()
+                await self._wake.wait()
+            try:
+                await self.step()
+            except Exception as e:  # a failed device call fails its batch, never the server
+                log.exception("step failed")
+                for seq in self.running + self.waiting:
+                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                self.running, self.waiting = [], []
+
+    # -- one step
+    async def step(self) -> None:
+        self.counters.steps += 1
+        for seq in [s for s in self.running + self.waiting if s.cancelled]:
+            self._finish(seq, "cancelled")
+        decode = self._plan_decode()
+        prefill = self._plan_prefill()
+        if not decode and not prefill:
+            if self.waiting and not self.running:  # nothing runs and the head does not fit: it never will
+                seq = self.waiting.pop(0)
+                self._finish(seq, "error", error="the prompt needs more KV pages than the pool has; "
+                             "hint: start the server with more --kv-pages")
+            await asyncio.sleep(0)
+            return
+        decode_out, prefill_out = await asyncio.to_thread(self._execute, decode, prefill)
+        for seq, out in zip(decode, decode_out):
+            seq.computed += 1
+            self._emit(seq, out)
+        for (seq, end), logits in zip(prefill, prefill_out):
+            seq.computed = end
+            self.pool.register(seq.tokens, seq.pages, seq.computed)
+            if end == seq.prefill_target and not seq.output_ids:
+                self._emit(seq, seq.sampler.sample(logits))
+
+    def _pages_needed(self, n_tokens: int) -> int:
+        return -(-n_tokens // self.page_size)
+
+    def _grow(self, seq: Sequence, n_tokens: int) -> bool:
+        extra = self._pages_needed(n_tokens) - len(seq.pages)
+        if extra <= 0:
+            return True
+        pages = self.pool.allocate(extra)
+        if pages is None:
+            return False
+        seq.pages += pages
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Free the sequence's pages; it goes back to the front of the queue and is recomputed."""
+        self.counters.preemptions += 1
+        self.running.remove(seq)
+        self.pool.release(seq.pages)
+        seq.pages, seq.computed = [], 0
+        self.waiting.insert(0, seq)
+
+    def _plan_decode(self) -> list[Sequence]:
+        ready = [s for s in self.running if s.output_ids and s.computed == len(s.tokens) - 1]
+        planned = []
+        for seq in sorted(ready, key=lambda s: s.order):
+            while seq in self.running and not self._grow(seq, len(seq.tokens)):
+                self._preempt(max(self.running, key=lambda s: s.order))  # the newest gives way
+            if seq in self.running:
+                planned.append(seq)
+        return [s for s in planned if s in self.running]
+
+    def _plan_prefill(self) -> list[tuple[Sequence, int]]:
+        budget = self.max_tokens_per_step
+        plan = []
+        partial = [s for s in self.running if s.computed < s.prefill_target]
+        for seq in partial:
+            if budget <= 0 or len(plan) == self.abi.prefill_batch_sizes[-1]:
+                break
+            end = min(seq.prefill_target, seq.computed + budget)
+            if self._grow(seq, end):
+                plan.append((seq, end))
+                budget -= end - seq.computed
+        while self.waiting and budget > 0 and len(self.running) < self.max_running \
+                and len(plan) < self.abi.prefill_batch_sizes[-1]:
+            seq = self.waiting[0]
+            if not seq.pages:
+                seq.pages = self.pool.match_prefix(seq.tokens[:seq.prefill_target + 1])
+                seq.computed = len(seq.pages) * self.page_size
+            end = min(seq.prefill_target, seq.computed + budget)
+            if not self._grow(seq, end):
+                break  # the pool is full: wait for pages to come back
+            self.waiting.pop(0)
+            self.running.append(seq)
+            if end > seq.computed:  # (a preempted sequence may find all it needs in the prefix cache)
+                plan.append((seq, end))
+                budget -= end - seq.computed
+        return plan
+
+    # -- device work (worker thread: reads the plan, touches no scheduler state)
+    def _execute(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
+        decode_out = []
+        sizes = self.abi.decode_batch_sizes
+        for i in range(0, len(decode), sizes[-1]):
+            group = decode[i:i + sizes[-1]]
+            bs = next(b for b in sizes if b >= len(group))
+            pages = _page_table([s.pages for s in group], bs)
+            toks = np.zeros(bs, np.int64)
+            lens = np.zeros(bs, np.int64)
+            for j, s in enumerate(group):
+                toks[j], lens[j] = s.tokens[-1], len(s.tokens)
+            out = self.runner.decode(toks, lens, pages)
+            for j, s in enumerate(group):
+                if out.logits is not None:
+                    decode_out.append(s.sampler.sample(out.logits[j]))
+                else:
+                    decode_out.append(s.sampler.sample_top_k(out.top_values[j], out.top_indices[j]))
+        prefill_out = []
+        sizes = self.abi.prefill_batch_sizes
+        for i in range(0, len(prefill), sizes[-1]):
+            group = prefill[i:i + sizes[-1]]
+            bs = next(b for b in sizes if b >= len(group))
+            width = max(end - s.computed for s, end in group)
+            width = self._pages_needed(width) * self.page_size
+            toks = np.zeros((bs, width), np.int64)
+            start = np.zeros(bs, np.int64)
+            lens = np.zeros(bs, np.int64)
+            for j, (s, end) in enumerate(group):
+                chunk = s.tokens[s.computed:end]
+                toks[j, :len(chunk)] = chunk
+                start[j], lens[j] = s.computed, end
+            logits = self.runner.prefill(toks, start, lens, _page_table([s.pages for s, _ in group], bs))
+            prefill_out.extend(logits[:len(group)])
+        return decode_out, prefill_out
+
+    # -- results
+    def _emit(self, seq: Sequence, sampled: Sampled) -> None:
+        if seq.finish_reason:
+            return
+        if seq.first_token_time is None:
+            seq.first_token_time = time.monotonic()
+        tok = sampled.token_id
+        seq.output_ids.append(tok)
+        self.counters.generated_tokens += 1
+        p = seq.params
+        finish, text, stopped = None, "", False
+        if (tok in self.eos_ids and not p.ignore_eos) or tok in p.stop_token_ids:
+            finish = "stop"  # the end token itself is not part of the text
+        else:
+            text, stopped = seq.stops.feed(seq.detok.add(tok))
+            if stopped:
+                finish = "stop"
+            elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.abi.max_seq_len:
+                finish = "length"
+        if finish and not stopped:
+            tail, stopped = seq.stops.feed(seq.detok.flush())
+            text += tail if stopped else tail + seq.stops.flush()
+        seq.events.put_nowait(Event(text=text, token_ids=[tok], logprobs=[sampled]))
+        if finish:
+            self._finish(seq, finish)
+
+    def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+        if seq in self.waiting:
+            self.waiting.remove(seq)
+        if seq.pages:
+            self.pool.release(seq.pages)
+            seq.pages = []
+        if seq.finish_reason is None:
+            seq.finish_reason = reason
+            seq.events.put_nowait(Event(finish_reason=reason, error=error))
+
+
+def _page_table(page_lists: list[list[int]], rows: int) -> np.ndarray:
+    """[rows, P] page ids; short rows and unused slots are padded with the padding page 0."""
+    table = np.zeros((rows, max(1, max(len(p) for p in page_lists))), np.int64)
+    for i, pages in enumerate(page_lists):
+        table[i, :len(pages)] = pages
+    return table
