@@ -58,4 +58,4 @@ def smollm2_reference(smollm2_path):
 def smollm2_f32_artifacts(smollm2_path):
     from export.artifacts import build
 
-    return build(smollm2_path, ["--activation-dtype", "float32"])
+    return build(smollm2_path)  # the same artifacts `python -m serve` builds for its default model
