@@ -107,6 +107,9 @@ def create_app(engine_ref: dict) -> FastAPI:
             return StreamingResponse(_stream(groups, request), media_type="text/event-stream")
         return await _collect(req, prompts, groups, request)
 
+    from .openai_api import add_openai_routes  # the OpenAI-compatible API (/v1/...), /tokenize, /metrics
+
+    add_openai_routes(app, engine_ref)
     return app
 
 
