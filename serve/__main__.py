@@ -23,8 +23,7 @@ from .engine import Engine, EngineConfig
 log = logging.getLogger("aotllm")
 
 # --config FILE keys (ppl.llm.serving style) -> our flags
-CONFIG_KEYS = {"max_running_batch": "max_running", "max_tokens_per_step": "max_tokens_per_step",
-               "max_tokens_per_request": "max_tokens_per_request"}
+CONFIG_KEYS = {"max_running_batch": "max_running"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -43,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-running", type=int, default=16, help="sequences decoding at once per device")
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running before 503s")
     p.add_argument("--max-tokens-per-step", type=int, default=512, help="prefill token budget per step")
+    p.add_argument("--max-tokens-per-request", type=int, default=None,
+                   help="refuse requests asking for more completion tokens (default: the context length)")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--model-name", default=None)
     p.add_argument("--log-level", default="info")
@@ -81,6 +82,7 @@ def load_engine(args, state: dict) -> None:
             tokenizer=args.tokenizer or args.model_config.parent, device=args.device, device_ids=args.device_ids,
             kv_pages=args.kv_pages, max_running=args.max_running, max_queue=args.max_queue,
             max_tokens_per_step=args.max_tokens_per_step, prefix_caching=args.prefix_caching,
+            max_tokens_per_request=args.max_tokens_per_request,
             model_name=args.model_name or Path(args.model_config).parent.name)
         state["status"] = "loading the model"
         engine = Engine(cfg)

@@ -43,6 +43,7 @@ class EngineConfig:
     max_queue: int = 256
     max_tokens_per_step: int = 512
     prefix_caching: bool = True
+    max_tokens_per_request: int | None = None
     model_name: str = "default"
 
 
@@ -88,6 +89,9 @@ class Engine:
             raise BadRequest(str(e)) from e
         if not prompt_ids:
             raise BadRequest("the prompt is empty; give some text or input_ids")
+        cap = self.cfg.max_tokens_per_request
+        if cap and params.max_tokens > cap:
+            raise BadRequest(f"max tokens {params.max_tokens} is above this server's limit of {cap} per request")
         limit = self.abi.max_seq_len
         if len(prompt_ids) >= limit:
             raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {limit}: shorten it")

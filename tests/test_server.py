@@ -207,3 +207,41 @@ def test_queue_full_is_503_with_retry_after(tiny_program):
         assert busy.headers["retry-after"] and busy.json()["code"] == 503
     finally:
         s.stop()
+
+
+def test_two_devices_share_the_load(tiny_program, server):
+    payloads = [{"text": f"device spread {i}", "return_input_ids": True,
+                 "sampling_params": {"max_completion_tokens": 6, "ignore_eos": True}} for i in range(8)]
+    alone = [gen(server, p).json()["responses"][0]["responses"][0] for p in payloads]
+    s = ServerThread(_cfg(tiny_program, device_ids=[0, 1]))
+    try:
+        assert asyncio.run(_post_all(s.url, payloads)) == alone
+        assert all(sc.counters.generated_tokens > 0 for sc in s.engine.schedulers)
+    finally:
+        s.stop()
+
+
+def test_n_and_stop_strings(server):
+    r = gen(server, {"text": "n copies", "sampling_params": {"max_completion_tokens": 8, "n": 2,
+                                                               "temperature": 1.0, "seed": 3}})
+    assert r.status_code == 200, r.text
+    outs = r.json()["responses"][0]["responses"]
+    assert len(outs) == 2 and all(o["text"] for o in outs)
+    for prompt in ("stop here", "The quick brown fox", "prompt number 3", "abc", "Hello"):
+        params = {"max_completion_tokens": 16, "ignore_eos": True}
+        text = gen(server, {"text": prompt, "sampling_params": params}).json()["responses"][0]["responses"][0]["text"]
+        if len(text) >= 4:  # (the tiny random model often emits special tokens, which have no text)
+            break
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    r = gen(server, {"text": prompt, "sampling_params": {**params, "stop": [stop]}}).json()
+    out = r["responses"][0]["responses"][0]
+    assert out["text"] == text[:text.index(stop)] and out["finish_reason"] == "stop"
+
+
+def test_max_tokens_per_request(tiny_program):
+    s = ServerThread(_cfg(tiny_program, max_tokens_per_request=8))
+    try:
+        r = gen(s, {"text": "cap", "sampling_params": {"max_completion_tokens": 9}})
+        assert r.status_code == 400 and "limit of 8" in r.json()["error"]
+    finally:
+        s.stop()
