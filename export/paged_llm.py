@@ -183,15 +183,19 @@ def main(argv=None) -> int:
     try:
         with _Stage("load weights"):
             weights = load_weights(args.gguf_file, args.hf_dir, args.irpa_file)
-        with _Stage("build model"):
-            model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, DTYPES[kv_dtype_name])
         args.output_mlir.parent.mkdir(parents=True, exist_ok=True)
-        with _Stage(f"write parameters {args.output_irpa}"):
-            write_irpa(model_state(model, weights), args.output_irpa)
+
+        def write_parameters():
+            with _Stage(f"write parameters {args.output_irpa}"):
+                model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, DTYPES[kv_dtype_name])
+                write_irpa(model_state(model, weights), args.output_irpa)
+
+        write_parameters()
+        with _Stage("trace"):  # shapes only: the weights are external parameters
+            model = PagedLlama.uninitialized(weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name])
+            output = export_forward(model)
         with _Stage("tokenizer"):
             tok_files, tok_info = write_tokenizer(args, args.output_config.parent)
-        with _Stage("trace"):
-            output = export_forward(model)
         with _Stage(f"write {args.output_mlir} (prefill_bs{args.bs_prefill}, decode_bs{args.bs_decode})"):
             mlir = entry_points(str(output.mlir_module), args.bs_prefill, args.bs_decode, args.top_k)
             args.output_mlir.write_text(mlir)

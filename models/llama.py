@@ -26,6 +26,14 @@ from .weights import ModelWeights
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+def rope_inv_freq(c: LlamaConfig) -> torch.Tensor:
+    """Rotary inverse frequencies, divided by the llama3 scaling factors when the model has them."""
+    inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
+    if c.rope_freq_factors is not None:
+        inv_freq = inv_freq / torch.tensor(c.rope_freq_factors, dtype=torch.float32)
+    return inv_freq
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -120,10 +128,7 @@ class PagedLlama(nn.Module):
         self.blk = nn.ModuleList(Block(c) for _ in range(c.num_layers))
         self.output_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.output = None if c.tied_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
-        if c.rope_freq_factors is not None:
-            inv_freq = inv_freq / torch.tensor(c.rope_freq_factors, dtype=torch.float32)
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
         self.to(dtype)
 
     @property
@@ -140,11 +145,16 @@ class PagedLlama(nn.Module):
             model = cls(weights.config, block_seq_stride, dtype, kv_dtype)
         state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in weights.tensors.items()}
         model.load_state_dict(state, strict=True, assign=True)
-        c = weights.config
-        inv_freq = 1.0 / (c.rope_theta ** (torch.arange(0, c.head_dim, 2, dtype=torch.float32) / c.head_dim))
-        if c.rope_freq_factors is not None:
-            inv_freq = inv_freq / torch.tensor(c.rope_freq_factors, dtype=torch.float32)
-        model.inv_freq = inv_freq
+        model.inv_freq = rope_inv_freq(weights.config)
+        return model.eval()
+
+    @classmethod
+    def uninitialized(cls, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None):
+        """Right shapes, garbage values, no initialisation cost: what export traces."""
+        with torch.device("meta"):
+            model = cls(config, block_seq_stride, dtype, kv_dtype)
+        model = model.to_empty(device="cpu")
+        model.inv_freq = rope_inv_freq(config)
         return model.eval()
 
     def forward(self, tokens, start_positions, seq_lens, page_ids, cache):

@@ -35,14 +35,7 @@ class Runner:
         if self.page_count < 2:
             raise ValueError("the KV pool needs at least 2 pages (page 0 is the padding page)")
         self.instance = rt.VmInstance()
-        try:
-            drv = rt.get_driver(driver)
-            # local-task: every index is a fresh CPU device of its own; GPUs: the index-th device
-            self.device = drv.create_default_device() if driver.startswith("local") else \
-                drv.create_device_by_uri(f"{driver}://{device_index}")
-        except (RuntimeError, ValueError) as e:
-            raise ValueError(f"cannot open IREE device {driver}:{device_index} ({e}); hint: --device local-task "
-                             "works everywhere; hip/cuda need the GPU and a VMFB compiled for it") from e
+        self.device = _device(driver, device_index)
         index = rt.ParameterIndex()
         for p in parameters:
             index.load(str(p))
@@ -88,6 +81,25 @@ class Runner:
 
     def read_cache(self) -> np.ndarray:
         return self.cache.to_host()
+
+
+_DEVICES: dict[tuple[str, int], rt.HalDevice] = {}
+
+
+def _device(driver: str, index: int) -> rt.HalDevice:
+    """One device per (driver, index) for the life of the process, as iree.runtime's own cache does:
+    destroying a device while its buffers are still referenced crashes at exit.
+    local-task: every index is a CPU device of its own; hip/cuda: the index-th GPU."""
+    key = (driver, index)
+    if key not in _DEVICES:
+        try:
+            drv = rt.get_driver(driver)
+            _DEVICES[key] = drv.create_default_device() if driver.startswith("local") else \
+                drv.create_device_by_uri(f"{driver}://{index}")
+        except (RuntimeError, ValueError) as e:
+            raise ValueError(f"cannot open IREE device {driver}:{index} ({e}); hint: --device local-task works "
+                             "everywhere; hip/cuda need the GPU and a VMFB compiled for it") from e
+    return _DEVICES[key]
 
 
 def _i64(a) -> np.ndarray:
