@@ -45,7 +45,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-tokens-per-request", type=int, default=None,
                    help="refuse requests asking for more completion tokens (default: the context length)")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--model-name", default=None)
+    p.add_argument("--model-name", default=None, help="the name /v1/models lists (default: the export folder's)")
+    p.add_argument("--chat-template", default=None,
+                   help="built-in (chatml, llama2, llama3, mistral, vicuna) or a Jinja / tokenizer_config.json "
+                        "file; default: the model's own, else chatml")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if args.config:
@@ -61,6 +64,13 @@ def parse_args(argv=None) -> argparse.Namespace:
             if dest not in given:
                 setattr(args, dest, [Path(v) for v in value] if dest == "parameters" else
                         Path(value) if dest in ("vmfb", "model_config", "tokenizer") else value)
+    if args.chat_template:
+        from .chat_template import resolve_template
+
+        try:
+            resolve_template(args.chat_template, None)
+        except ValueError as e:
+            p.error(f"--chat-template: {e}")
     model_args = [args.vmfb, args.parameters, args.model_config]
     if any(model_args) and not all(model_args):
         p.error("give --vmfb, --parameters and --model-config together (or none of them for the default model)")
@@ -97,7 +107,7 @@ def load_engine(args, state: dict) -> None:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    state: dict = {"status": "starting"}
+    state: dict = {"status": "starting", "chat_template": args.chat_template}
     app = create_app(state)
 
     @app.on_event("startup")

@@ -44,18 +44,24 @@ def sampling_from(p: GenerateSamplingParams) -> SamplingParams:
 
 
 async def _events(seq: Sequence, request: Request) -> AsyncIterator[Event]:
-    """The sequence's events until its finish; a client that goes away cancels it (pages are freed)."""
-    while True:
-        try:
-            ev = await asyncio.wait_for(seq.events.get(), timeout=0.5)
-        except asyncio.TimeoutError:
-            if await request.is_disconnected():
-                seq.cancel()
+    """The sequence's events until its finish; a client that goes away cancels it (pages are freed).
+    Latencies and the finish reason are recorded for /metrics (once per sequence)."""
+    timer = request.app.state.metrics.timer(seq)
+    try:
+        while True:
+            try:
+                ev = await asyncio.wait_for(seq.events.get(), timeout=0.5)
+            except asyncio.TimeoutError:
+                if await request.is_disconnected():
+                    seq.cancel()
+                    return
+                continue
+            timer(ev)
+            yield ev
+            if ev.finish_reason:
                 return
-            continue
-        yield ev
-        if ev.finish_reason:
-            return
+    finally:
+        timer.close()
 
 
 def create_app(engine_ref: dict) -> FastAPI:

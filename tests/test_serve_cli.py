@@ -35,3 +35,10 @@ def test_errors(tmp_path, capsys):
     with pytest.raises(SystemExit):
         parse_args(["--config", str(bad)])
     assert "unknown key 'not_a_flag'" in capsys.readouterr().err
+
+
+def test_chat_template_flag(capsys):
+    assert parse_args(["--chat-template", "llama3"]).chat_template == "llama3"
+    with pytest.raises(SystemExit):
+        parse_args(["--chat-template", "no-such-template"])
+    assert "--chat-template" in capsys.readouterr().err

@@ -1,0 +1,173 @@
+"""Observability: Prometheus metrics (GET /metrics) and a structured access log ("aotllm.access").
+
+Each app gets its own `CollectorRegistry` (several apps may live in one process). Engine state (queue
+lengths, KV pages, token and prefix-cache counters) is read from the schedulers at scrape time; request
+latencies and finish reasons are recorded from the API layer as a sequence's events arrive, through a
+`SequenceTimer` per sequence.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from typing import Any, Callable, Iterator
+
+from fastapi import FastAPI, Response
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+access_log = logging.getLogger("aotllm.access")
+PREFIX = "aotllm"
+
+TTFT_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1.0, 2.5)
+E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class EngineCollector(Collector):
+    """Gauges and counters read from the engine's schedulers and page pools when scraped."""
+
+    def __init__(self, engine_ref: dict) -> None:
+        self.engine_ref = engine_ref
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self.engine_ref.get("engine")
+        scheds = list(engine.schedulers) if engine is not None else []
+
+        def family(kind: type, name: str, doc: str, value: Any) -> Metric:
+            m = kind(f"{PREFIX}_{name}", doc, labels=["device"])
+            for s in scheds:
+                m.add_metric([str(s.device_index)], float(value(s)))
+            return m
+
+        g, c = GaugeMetricFamily, CounterMetricFamily
+        yield family(g, "requests_running", "Sequences decoding or prefilling.", lambda s: len(s.running))
+        yield family(g, "requests_waiting", "Sequences waiting for a slot or for KV pages.", lambda s: len(s.waiting))
+        yield family(g, "kv_pages_total", "KV-cache pages usable by sequences.", lambda s: s.pool.stats().total)
+        yield family(g, "kv_pages_used", "KV-cache pages referenced by a sequence.", lambda s: s.pool.stats().used)
+        yield family(g, "kv_pages_cached", "Unreferenced KV pages kept for prefix reuse.",
+                     lambda s: s.pool.stats().cached)
+        yield family(c, "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
+                     lambda s: s.pool.stats().prefix_hit_tokens)
+        yield family(c, "prefix_cache_queries", "Prefix-cache lookups.", lambda s: s.pool.stats().prefix_queries)
+        yield family(c, "prefix_cache_hits", "Prefix-cache lookups that reused a page.",
+                     lambda s: s.pool.stats().prefix_hits)
+        yield family(c, "prompt_tokens", "Prompt tokens queued (once per sequence).",
+                     lambda s: s.counters.prompt_tokens)
+        yield family(c, "generation_tokens", "Tokens generated.", lambda s: s.counters.generated_tokens)
+        yield family(c, "preemptions", "Sequences preempted to free KV pages.", lambda s: s.counters.preemptions)
+        yield family(c, "scheduler_steps", "Scheduler steps run.", lambda s: s.counters.steps)
+
+
+class Metrics:
+    def __init__(self, engine_ref: dict) -> None:
+        self.registry = CollectorRegistry()
+        self.registry.register(EngineCollector(engine_ref))
+        r = self.registry
+        self.finished = Counter(f"{PREFIX}_requests_finished", "Sequences finished, by finish reason.",
+                                ["finish_reason"], registry=r)
+        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from submission to the first token.",
+                              buckets=TTFT_BUCKETS, registry=r)
+        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Time between two tokens of a sequence.",
+                             buckets=ITL_BUCKETS, registry=r)
+        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Time from submission to the finish.",
+                             buckets=E2E_BUCKETS, registry=r)
+        self._timed: set[int] = set()  # ids of the sequences a timer observes now
+
+    def timer(self, seq: Any) -> SequenceTimer:
+        """A timer for `seq`; a second one while the first is open is a no-op (layers may both observe)."""
+        if id(seq) in self._timed:
+            return SequenceTimer(None, seq.arrival)
+        self._timed.add(id(seq))
+        return SequenceTimer(self, seq.arrival, lambda: self._timed.discard(id(seq)))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class SequenceTimer:
+    """Feed it every event of one sequence (`timer(event)`), then `close()` (a sequence that never saw its
+    finish event, e.g. because the client went away, counts as cancelled)."""
+
+    def __init__(self, metrics: Metrics | None, arrival: float, on_close: Callable[[], None] | None = None) -> None:
+        self.metrics, self.arrival, self.on_close = metrics, arrival, on_close  # arrival: monotonic, at submission
+        self.last: float | None = None
+        self.finish_reason: str | None = None
+
+    def __call__(self, ev: Any) -> None:
+        if self.metrics is None:
+            return
+        now = time.monotonic()
+        if ev.token_ids:
+            if self.last is None:
+                self.metrics.ttft.observe(now - self.arrival)
+            else:
+                self.metrics.itl.observe((now - self.last) / len(ev.token_ids))
+            self.last = now
+        if ev.finish_reason and self.finish_reason is None:
+            self.finish_reason = ev.finish_reason
+            self.metrics.finished.labels(ev.finish_reason).inc()
+            if ev.finish_reason in ("stop", "length"):
+                self.metrics.e2e.observe(now - self.arrival)
+
+    def close(self) -> None:
+        if self.metrics is not None and self.finish_reason is None:
+            self.finish_reason = "cancelled"
+            self.metrics.finished.labels("cancelled").inc()
+        if self.on_close is not None:
+            self.on_close()
+            self.on_close = None
+
+
+class AccessLog:
+    """ASGI middleware: one structured line per HTTP request, logged when the response body is complete
+    (after the last chunk of a stream). Handlers add fields through `request.state.access` (a dict); the
+    request id is the X-Request-Id header, else the handler's id, else a fresh one; it is echoed back."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        t0 = time.monotonic()
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
+        fields: dict[str, Any] = {}
+        scope.setdefault("state", {})["access"] = fields
+        status = {"code": 500}
+
+        async def send_logged(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+                if given:
+                    message = {**message, "headers": [*message.get("headers", []),
+                                                      (b"x-request-id", given.encode("latin-1"))]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            client = scope.get("client")
+            line = {"request_id": given or fields.pop("id", None) or uuid.uuid4().hex,
+                    "method": scope.get("method"), "path": scope.get("path"), "status": status["code"],
+                    "duration_s": round(time.monotonic() - t0, 4), "client": client[0] if client else None,
+                    **fields}
+            if scope.get("path") not in ("/health", "/metrics") or status["code"] >= 400:
+                access_log.info(json.dumps(line, default=str), extra={"access": line})
+
+
+def add_metrics_routes(app: FastAPI, engine_ref: dict) -> Metrics:
+    """GET /metrics and the access log; the `Metrics` is also at `app.state.metrics`."""
+    metrics = Metrics(engine_ref)
+    app.state.metrics = metrics
+    app.add_middleware(AccessLog)
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    return metrics

@@ -1,0 +1,258 @@
+"""The OpenAI wire format: request models (pydantic), the error object, and how a request's sequences are
+shaped into OpenAI responses and stream chunks. The routes are in serve/openai_api.py."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from .sampling import SamplingParams
+from .scheduler import Event, Sequence
+
+LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+
+
+class OpenAIError(Exception):
+    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code, self.headers = \
+            status, message, type, param, code, headers
+
+    def response(self) -> JSONResponse:
+        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+        return JSONResponse(body, status_code=self.status, headers=self.headers)
+
+
+# -- requests ------------------------------------------------------------------------------------------------
+
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = False
+
+
+class SamplingRequest(BaseModel):
+    """The fields both endpoints share (OpenAI's, plus vLLM's extras). Nulls mean 'the default'."""
+    model_config = ConfigDict(extra="ignore")
+
+    model: str | None = None
+    max_tokens: int | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    n: int | None = None
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    user: str | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    ignore_eos: bool | None = False
+    stop_token_ids: list[int] | None = None
+
+    def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+        bias = {}
+        for key, value in (self.logit_bias or {}).items():
+            if not re.fullmatch(r"-?\d+", key.strip()):
+                raise OpenAIError(400, f"logit_bias keys must be token ids, got {key!r}", param="logit_bias")
+            bias[int(key)] = value
+
+        def given(value: Any, default: Any) -> Any:
+            return default if value is None else value
+
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=given(self.temperature, 1.0), top_k=given(self.top_k, 0),
+            top_p=given(self.top_p, 1.0), min_p=given(self.min_p, 0.0),
+            repetition_penalty=given(self.repetition_penalty, 1.0),
+            presence_penalty=given(self.presence_penalty, 0.0), frequency_penalty=given(self.frequency_penalty, 0.0),
+            logit_bias=bias, seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=bool(self.ignore_eos),
+            n=given(self.n, 1), logprobs=logprobs)
+
+
+class CompletionRequest(SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    logprobs: int | None = Field(None, ge=0, le=5)
+    echo: bool | None = False
+    suffix: str | None = None
+    best_of: int | None = None
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="allow")  # name, tool_calls, ...: passed to the template as sent
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+
+    def for_template(self) -> dict[str, Any]:
+        msg = self.model_dump()
+        msg["role"] = "system" if self.role == "developer" else self.role
+        if isinstance(self.content, list):
+            parts = []
+            for part in self.content:
+                if part.get("type") != "text" or not isinstance(part.get("text"), str):
+                    raise OpenAIError(400, f"only text content parts are supported, got {part.get('type')!r}",
+                                      param="messages")
+                parts.append(part["text"])
+            msg["content"] = "\n".join(parts)
+        return msg
+
+
+class ChatRequest(SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: list[dict[str, Any]] | None = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class TokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    content: str | None = None  # llama.cpp
+    text: str | None = None
+    prompt: str | None = None  # vLLM
+    add_special: bool | None = None
+    add_special_tokens: bool | None = None
+    with_pieces: bool = False
+
+
+class DetokenizeRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    tokens: list[int]
+
+
+async def parse_request(request: Request, model: type[BaseModel]) -> Any:
+    try:
+        return model.model_validate(json.loads(await request.body()))
+    except json.JSONDecodeError as e:
+        raise OpenAIError(400, f"the body is not valid JSON: {e}") from e
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first.get("loc", ()))
+        raise OpenAIError(400, f"invalid request: {where}: {first.get('msg')}" if where else str(first.get("msg")),
+                          param=where or None) from e
+
+
+# -- responses -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TokenLogprob:
+    text: str  # exactly the text this token added to the choice's text (pieces concatenate to it)
+    logprob: float
+    top: list[tuple[str, float]]
+
+
+@dataclass
+class Choice:
+    index: int
+    seq: Sequence
+    end_ids: set[int]  # tokens that end the sequence (they add no text and get no logprob entry)
+    text: list[str] = field(default_factory=list)
+    tokens: list[TokenLogprob] = field(default_factory=list)
+    offset: int = 0  # text_offset of the next token (completions logprobs)
+    finish_reason: str | None = None
+    error: str | None = None
+
+    def feed(self, ev: Event, piece: Any) -> list[TokenLogprob]:
+        new: list[TokenLogprob] = []
+        if self.seq.params.logprobs is not None:
+            for j, (tok, s) in enumerate(zip(ev.token_ids, ev.logprobs)):
+                text = ev.text if j == 0 else ""
+                if tok in self.end_ids and not text:
+                    continue
+                top = [(text if t == tok else piece(t), max(lp, LOGPROB_FLOOR)) for t, lp in (s.top_logprobs or [])]
+                new.append(TokenLogprob(text, max(s.logprob if s.logprob is not None else LOGPROB_FLOOR, LOGPROB_FLOOR),
+                                  top))
+        self.text.append(ev.text)
+        self.tokens += new
+        if ev.finish_reason:
+            self.finish_reason, self.error = ev.finish_reason, ev.error
+        return new
+
+    def completion_logprobs(self, tokens: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.seq.params.logprobs is None:
+            return None
+        out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        for t in tokens:
+            out["tokens"].append(t.text)
+            out["token_logprobs"].append(t.logprob)
+            out["top_logprobs"].append({**dict(t.top), t.text: t.logprob})
+            out["text_offset"].append(self.offset)
+            self.offset += len(t.text)
+        return out
+
+    def chat_logprobs(self, tokens: list[TokenLogprob]) -> dict[str, Any] | None:
+        if self.seq.params.logprobs is None:
+            return None
+
+        def entry(text: str, lp: float) -> dict[str, Any]:
+            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+
+        return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(s, lp) for s, lp in t.top]}
+                            for t in tokens], "refusal": None}
+
+
+@dataclass
+class Job:
+    """One request's sequences and how its responses are shaped."""
+    chat: bool
+    rid: str
+    model: str
+    prompt_tokens: int
+    choices: list[Choice]
+    piece: Any  # token id -> its text alone (for top_logprobs alternatives)
+    echo: list[str] = field(default_factory=list)  # per choice: the prompt text to echo (completions)
+    include_usage: bool = False
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    def usage(self) -> dict[str, int]:
+        done = sum(len(c.seq.output_ids) for c in self.choices)
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
+                "total_tokens": self.prompt_tokens + done}
+
+    def envelope(self, choices: list[dict], stream: bool) -> dict[str, Any]:
+        kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
+        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+
+    def chunk(self, c: Choice, text: str | None, tokens: list[TokenLogprob], finish: str | None = None,
+              role: bool = False) -> str:
+        if self.chat:
+            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            choice = {"index": c.index, "delta": delta, "logprobs": c.chat_logprobs(tokens) if tokens else None,
+                      "finish_reason": finish}
+        else:
+            choice = {"index": c.index, "text": text or "",
+                      "logprobs": c.completion_logprobs(tokens) if tokens else None, "finish_reason": finish}
+        body = self.envelope([choice], stream=True)
+        if self.include_usage:
+            body["usage"] = None
+        return f"data: {json.dumps(body)}\n\n"
+
+    def full(self) -> dict[str, Any]:
+        out = []
+        for c, echo in zip(self.choices, self.echo or [""] * len(self.choices)):
+            text = echo + "".join(c.text)
+            if self.chat:
+                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
+                            "logprobs": c.chat_logprobs(c.tokens), "finish_reason": c.finish_reason})
+            else:
+                out.append({"index": c.index, "text": text, "logprobs": c.completion_logprobs(c.tokens),
+                            "finish_reason": c.finish_reason})
+        return {**self.envelope(out, stream=False), "usage": self.usage()}
+
+
+# -- routes --------------------------------------------------------------------------------------------------
