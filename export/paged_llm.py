@@ -99,11 +99,13 @@ def export_forward(model: PagedLlama):
     dyn = {"tokens": {0: batch, 1: seq}, "start_positions": {0: batch}, "seq_lens": {0: batch},
            "page_ids": {0: batch, 1: cols}, "cache": {0: Dim("pages", min=2)}}
 
-    @fxb.export_program(name="forward", args=args, dynamic_shapes=dyn, strict=False)
     def _forward(m, tokens, start_positions, seq_lens, page_ids, cache):
         return m.forward(tokens, start_positions, seq_lens, page_ids, cache)
 
+    # No decomposition pass: it re-traces the whole program (half the export time), and torch-mlir
+    # lowers the remaining aten ops itself. (export_program traces right away: it must run inside.)
     with aot.decompositions.extend_aot_decompositions(from_current=False):
+        fxb.export_program(_forward, name="forward", args=args, dynamic_shapes=dyn, strict=False)
         return aot.export(fxb)
 
 
