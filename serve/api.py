@@ -116,6 +116,9 @@ def create_app(engine_ref: dict) -> FastAPI:
     from .openai_api import add_openai_routes  # the OpenAI-compatible API (/v1/...), /tokenize, /metrics
 
     add_openai_routes(app, engine_ref)
+    from .triton_api import add_triton_routes  # Triton / TensorRT-LLM backend style (/v2/...)
+
+    add_triton_routes(app, engine_ref)
     return app
 
 
