@@ -27,6 +27,10 @@ ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.25, 0.5, 1
 E2E_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
 
 
+# Probes: logged only when they fail.
+QUIET_PATHS = ("/health", "/metrics", "/v2/health/ready", "/v2/health/live")
+
+
 class EngineCollector(Collector):
     """Gauges and counters read from the engine's schedulers and page pools when scraped."""
 
@@ -156,7 +160,7 @@ class AccessLog:
                     "method": scope.get("method"), "path": scope.get("path"), "status": status["code"],
                     "duration_s": round(time.monotonic() - t0, 4), "client": client[0] if client else None,
                     **fields}
-            if scope.get("path") not in ("/health", "/metrics") or status["code"] >= 400:
+            if scope.get("path") not in QUIET_PATHS or status["code"] >= 400:
                 access_log.info(json.dumps(line, default=str), extra={"access": line})
 
 
