@@ -59,3 +59,11 @@ def smollm2_f32_artifacts(smollm2_path):
     from export.artifacts import build
 
     return build(smollm2_path)  # the same artifacts `python -m serve` builds for its default model
+
+
+@pytest.fixture(scope="session")
+def served_tiny(tiny_models, tmp_path_factory) -> Path:
+    """The tiny llama31 model, exported and compiled once for every server test module."""
+    from tests.server_util import export_served_tiny
+
+    return export_served_tiny(tiny_models["llama31"][2], tmp_path_factory.mktemp("served"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from pathlib import Path
 
 import uvicorn
 
@@ -48,3 +49,27 @@ class ServerThread:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+TINY_MODEL_NAME = "tiny-llama"
+
+
+def export_served_tiny(gguf_path: Path, out: Path, stride: int = 8) -> Path:
+    """The tiny llama31 model exported (prefill 1,4 / decode 1,4,8), compiled, with a char tokenizer."""
+    from compile import CompileRequest, compile_mlir
+    from export import paged_llm
+    from models.tokenizer import save_tokenizer
+    from tests.tiny import char_tokenizer
+
+    assert paged_llm.main(["--gguf-file", str(gguf_path), "--output-dir", str(out), "--bs-prefill", "1,4",
+                           "--bs-decode", "1,4,8", "--block-seq-stride", str(stride),
+                           "--device-block-count", "128"]) == 0
+    compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
+    save_tokenizer(*char_tokenizer(), out)
+    return out
+
+
+def tiny_config(out: Path, **kw) -> EngineConfig:
+    kw.setdefault("model_name", TINY_MODEL_NAME)
+    return EngineConfig(vmfb=out / "model.vmfb", parameters=[out / "model.irpa"], model_config=out / "config.json",
+                        tokenizer=out, **kw)

@@ -12,36 +12,25 @@ import pytest
 from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from compile import CompileRequest, compile_mlir
-from export import paged_llm
-from models.tokenizer import save_tokenizer
 from serve.api import create_app
 from serve.chat_template import BUILTIN_TEMPLATES, encode_prompt, render_chat
 from serve.engine import EngineConfig
 from serve.metrics import Metrics
 from serve.scheduler import Event
-from tests.server_util import ServerThread
+from tests.server_util import ServerThread, tiny_config
 from tests.tiny import char_tokenizer
 
-STRIDE = 8
 MODEL = "tiny-llama"
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
 
 
 @pytest.fixture(scope="module")
-def tiny_program(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("served_openai")
-    assert paged_llm.main(["--gguf-file", str(tiny_models["llama31"][2]), "--output-dir", str(out),
-                           "--bs-prefill", "1,4", "--bs-decode", "1,4,8", "--block-seq-stride", str(STRIDE),
-                           "--device-block-count", "128"]) == 0
-    compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
-    save_tokenizer(*char_tokenizer(), out)
-    return out
+def tiny_program(served_tiny):
+    return served_tiny
 
 
 def _cfg(out, **kw) -> EngineConfig:
-    return EngineConfig(vmfb=out / "model.vmfb", parameters=[out / "model.irpa"], model_config=out / "config.json",
-                        tokenizer=out, model_name=MODEL, **kw)
+    return tiny_config(out, model_name=MODEL, **kw)
 
 
 @pytest.fixture(scope="module")

@@ -8,35 +8,23 @@ import httpx
 import pytest
 import torch
 
-from compile import CompileRequest, compile_mlir
-from export import paged_llm
 from models.llama import PagedLlama
-from models.tokenizer import save_tokenizer
 from models.weights import load_weights
 from serve.engine import EngineConfig
 from tests.eager import greedy
-from tests.server_util import ServerThread
+from tests.server_util import ServerThread, tiny_config
 from tests.tiny import char_tokenizer
 
 STRIDE = 8
 
 
 @pytest.fixture(scope="module")
-def tiny_program(tiny_models, tmp_path_factory):
-    out = tmp_path_factory.mktemp("served")
-    gguf_path = tiny_models["llama31"][2]
-    assert paged_llm.main(["--gguf-file", str(gguf_path), "--output-dir", str(out), "--bs-prefill", "1,4",
-                           "--bs-decode", "1,4,8", "--block-seq-stride", str(STRIDE),
-                           "--device-block-count", "128"]) == 0
-    compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
-    save_tokenizer(*char_tokenizer(), out)
-    return out, gguf_path
+def tiny_program(served_tiny, tiny_models):
+    return served_tiny, tiny_models["llama31"][2]
 
 
 def _cfg(program, **kw) -> EngineConfig:
-    out, _ = program
-    return EngineConfig(vmfb=out / "model.vmfb", parameters=[out / "model.irpa"], model_config=out / "config.json",
-                        tokenizer=out, **kw)
+    return tiny_config(program[0], **kw)
 
 
 @pytest.fixture(scope="module")
