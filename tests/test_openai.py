@@ -310,6 +310,9 @@ def test_client_disconnects_cancel_and_free_pages(server):
                 break  # leaves the stream: the connection closes
     assert _wait_idle(server.engine)
     cancelled = 'aotllm_requests_finished_total{"finish_reason": "cancelled"}'
+    deadline = time.time() + 10  # recorded when the stream is torn down, which may trail the engine
+    while metrics(server).get(cancelled, 0) - before.get(cancelled, 0) < 2 and time.time() < deadline:
+        time.sleep(0.05)
     assert metrics(server)[cancelled] - before.get(cancelled, 0) == 2
 
 
@@ -351,6 +354,9 @@ def test_access_log_line_per_request(client):
         r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, user="alice",
                                            extra_body={"ignore_eos": True})
         list(client.completions.create(model=MODEL, prompt="s", max_tokens=2, stream=True))
+        deadline = time.time() + 10  # the server logs a stream after its last byte: that may come later
+        while not any(line["path"] == "/v1/completions" for line in handler.lines) and time.time() < deadline:
+            time.sleep(0.02)
     finally:
         logger.removeHandler(handler)
         logger.setLevel(old_level)
