@@ -197,7 +197,8 @@ def test_stream_disconnect_frees_the_pages(server):
         next(events), next(events)  # two pieces, then the client goes away
     deadline = time.time() + 30
     while time.time() < deadline and not (all(s.used == 0 for s in server.engine.pool_stats())
-                                          and all(s.load == 0 for s in server.engine.schedulers)):
+                                          and all(s.load == 0 for s in server.engine.schedulers)
+                                          and cancelled(server) == before + 1):  # counted at stream teardown
         time.sleep(0.1)
     assert all(s.used == 0 for s in server.engine.pool_stats()) and cancelled(server) == before + 1
     assert triton(server, CURL)["text_output"]
