@@ -46,7 +46,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bs-prefill", type=_int_list, default=[1, 4])
     p.add_argument("--bs-decode", type=_int_list, default=[1, 4, 8, 16])
     p.add_argument("--block-seq-stride", type=int, default=16)
-    p.add_argument("--device-block-count", type=int, default=512, help="default KV page count for the server")
+    p.add_argument("--device-block-count", type=int, default=512,
+                   help="KV pages the program holds (page 0 is padding); the server may use fewer")
     p.add_argument("--activation-dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default=None, help="default: activation dtype")
     p.add_argument("--top-k", type=int, default=None, help="decode returns on-device top-k (1: argmax)")
@@ -112,20 +113,23 @@ def export_forward(model: PagedLlama):
 _FORWARD_RE = re.compile(r"^(\s*)func\.func @forward\((.*)\) -> \((.*)\) (attributes .*)?\{$", re.M)
 
 
-def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: int | None) -> str:
+def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: int | None, pages: int) -> str:
     """Add public prefill_bs{N} / decode_bs{N} (the ABI in models/abi.py) around the traced `forward`.
 
-    They keep the dynamic signature, so IREE compiles the model once whatever the number of batch
-    sizes (static-shape wrappers, once inlined, trip IREE's scatter verifier and compile N copies).
+    The KV cache lives in the module, a mutable global of `pages` pages: each entry point loads it, calls
+    `forward` and stores the new cache. IREE updates a global in place; a cache passed as a mutable
+    argument was copied in and out on every call (O(pool size): 158 ms for 268 MB).
+    The entry points keep the dynamic signature, so IREE compiles the model once whatever the number
+    of batch sizes (static-shape wrappers, once inlined, trip IREE's scatter verifier).
     """
     m = _FORWARD_RE.search(mlir)
     if not m:
         raise RuntimeError("traced module has no @forward function")
     ind = m.group(1)
-    t_tok, t_start, t_lens, t_pages, t_cache = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(2))]
+    t_tok, t_start, t_lens, t_pages, _ = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(2))]
     t_logits, t_vcache = [t.strip() for t in re.split(r", (?=!torch)", m.group(3))]
-    t_cache = t_vcache.replace("!torch.vtensor", "!torch.tensor")  # a mutable argument
-    vocab = re.search(r"<\[\?,(\d+)\]", t_logits).group(1)
+    elems, dtype = re.fullmatch(r"!torch\.vtensor<\[\?,(\d+)\],(\w+)>", t_vcache).groups()
+    t_global, t_dyn = f"tensor<{pages}x{elems}x{dtype}>", f"tensor<?x{elems}x{dtype}>"
     call_types = f"({t_tok}, {t_start}, {t_lens}, {t_pages}, {t_vcache}) -> ({t_logits}, {t_vcache})"
 
     def body(name: str, params: str, call_args: str) -> list[str]:
@@ -138,19 +142,24 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
                     f"!torch.int, !torch.bool, !torch.bool -> {ret_types}",
                     f"{ind}  return %v, %i : {ret_types}"]
         return [f"{ind}func.func @{name}({params}) -> ({ret_types}) {{",
-                f"{ind}  %c = torch.copy.to_vtensor %cache : {t_vcache}",
+                f"{ind}  %g = util.global.load @kv_cache : {t_global}",
+                f"{ind}  %gd = tensor.cast %g : {t_global} to {t_dyn}",
+                f"{ind}  %c = torch_c.from_builtin_tensor %gd : {t_dyn} -> {t_vcache}",
                 f"{ind}  %r:2 = func.call @forward({call_args}, %c) : {call_types}",
-                f"{ind}  torch.overwrite.tensor.contents %r#1 overwrites %cache : {t_vcache}, {t_cache}",
+                f"{ind}  %n = torch_c.to_builtin_tensor %r#1 : {t_vcache} -> {t_dyn}",
+                f"{ind}  %ns = tensor.cast %n : {t_dyn} to {t_global}",
+                f"{ind}  util.global.store %ns, @kv_cache : {t_global}",
                 *tail, f"{ind}}}"]
 
-    out = []
+    out = [f"{ind}util.global private mutable @kv_cache = dense<0.0> : {t_global}",
+           f"{ind}func.func @read_kv_cache() -> {t_global} {{",  # for tests and debugging: a copy
+           f"{ind}  %g = util.global.load @kv_cache : {t_global}", f"{ind}  return %g : {t_global}", f"{ind}}}"]
     for bs in prefill_bs:
         out += body(f"prefill_bs{bs}", f"%tokens: {t_tok}, %start_positions: {t_start}, %seq_lens: {t_lens}, "
-                    f"%page_ids: {t_pages}, %cache: {t_cache}", "%tokens, %start_positions, %seq_lens, %page_ids")
+                    f"%page_ids: {t_pages}", "%tokens, %start_positions, %seq_lens, %page_ids")
     for bs in decode_bs:
         out += body(f"decode_bs{bs}", f"%tokens: {t_tok}, %seq_lens: {t_lens}, %start_positions: {t_start}, "
-                    f"%page_ids: {t_pages}, %cache: {t_cache}", "%tokens, %start_positions, %seq_lens, %page_ids")
-    assert vocab
+                    f"%page_ids: {t_pages}", "%tokens, %start_positions, %seq_lens, %page_ids")
     mlir = mlir[:m.start()] + m.group(0).replace("func.func @", "func.func private @", 1) + mlir[m.end():]
     end = [x.start() for x in re.finditer(r"^}$", mlir, re.M)][-1]  # the module's closing brace
     return mlir[:end] + "\n".join(out) + "\n" + mlir[end:]
@@ -199,7 +208,8 @@ def main(argv=None) -> int:
         with _Stage("tokenizer"):
             tok_files, tok_info = write_tokenizer(args, args.output_config.parent)
         with _Stage(f"write {args.output_mlir} (prefill_bs{args.bs_prefill}, decode_bs{args.bs_decode})"):
-            mlir = entry_points(str(output.mlir_module), args.bs_prefill, args.bs_decode, args.top_k)
+            mlir = entry_points(str(output.mlir_module), args.bs_prefill, args.bs_decode, args.top_k,
+                                args.device_block_count)
             args.output_mlir.write_text(mlir)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -2,12 +2,14 @@
 
 It carries shortfin's keys (so shortfin-style tools can read it) plus what our server needs.
 Entry points, for each exported batch size N (all integer tensors are int64):
-  prefill_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P], cache[pages,E]) -> logits[N,V]
-  decode_bs{N}(tokens[N,1], seq_lens[N], start_positions[N], page_ids[N,P], cache[pages,E]) -> logits[N,V]
+  prefill_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P]) -> logits[N,V]
+  decode_bs{N}(tokens[N,1], seq_lens[N], start_positions[N], page_ids[N,P]) -> logits[N,V]
      or, exported with top_k=K: (values[N,K] f32, indices[N,K] i64)
-(shortfin's argument order.) Positions start_positions[b] .. seq_lens[b]-1 are new; in decode
-start_positions = seq_lens - 1. Every dimension but E is dynamic (the server pads S to a multiple of
-block_seq_stride and N to an exported batch size); the cache is updated in place.
+  read_kv_cache() -> [device_block_count, E] (a copy, for tests and debugging)
+(shortfin's argument order, less the cache.) Positions start_positions[b] .. seq_lens[b]-1 are new; in
+decode start_positions = seq_lens - 1. Every dimension is dynamic (the server pads S to a multiple of
+block_seq_stride and N to an exported batch size). The KV cache is a mutable global of the module
+(device_block_count pages of E elements), updated in place: one cache per VM context, i.e. per device.
 """
 
 from __future__ import annotations

@@ -1,7 +1,8 @@
-"""The compiled program on IREE's runtime (torch-free): load a VMFB + parameter archives, own the KV cache.
+"""The compiled program on IREE's runtime (torch-free): load a VMFB + parameter archives.
 
 One `Runner` per device. It calls `prefill_bs{N}` / `decode_bs{N}` with numpy inputs; the KV cache is a
-device buffer that every call updates in place (it never comes back to the host unless asked).
+global of the program in this runner's VM context, updated in place by every call (it never comes back
+to the host unless asked).
 """
 
 from __future__ import annotations
@@ -15,7 +16,6 @@ import iree.runtime as rt
 
 from models.abi import ModelABI
 
-_NP_DTYPES = {"float32": np.float32, "float16": np.float16}
 
 
 @dataclass
@@ -31,9 +31,11 @@ class Runner:
                  driver: str = "local-task", device_index: int = 0):
         t0 = time.perf_counter()
         self.abi = abi
-        self.page_count = page_count or abi.paged_kv_cache.device_block_count
-        if self.page_count < 2:
-            raise ValueError("the KV pool needs at least 2 pages (page 0 is the padding page)")
+        held = abi.paged_kv_cache.device_block_count
+        self.page_count = page_count or held
+        if not 2 <= self.page_count <= held:
+            raise ValueError(f"{self.page_count} KV pages asked for; the program holds {held} (page 0 is the "
+                             f"padding page): use 2..{held}, or re-export with --device-block-count")
         self.instance = rt.VmInstance()
         self.device = _device(driver, device_index)
         index = rt.ParameterIndex()
@@ -44,11 +46,6 @@ class Runner:
         self.module = rt.VmModule.mmap(self.instance, str(vmfb))
         self.context = rt.VmContext(self.instance, [hal, params, self.module])
         self._fns: dict[str, rt.FunctionInvoker] = {}
-        kv_dtype = abi.paged_kv_cache.kv_cache_dtype
-        if kv_dtype not in _NP_DTYPES:
-            raise ValueError(f"KV cache dtype {kv_dtype} is not supported by the runner yet")
-        elems = abi.paged_kv_cache.paged_kv_block_size_elements_per_device[0]
-        self.cache = rt.asdevicearray(self.device, np.zeros((self.page_count, elems), _NP_DTYPES[kv_dtype]))
         self.load_seconds = time.perf_counter() - t0
 
     def _fn(self, name: str) -> rt.FunctionInvoker:
@@ -66,21 +63,22 @@ class Runner:
                 page_ids: np.ndarray) -> np.ndarray:
         """tokens [N, S] (S a multiple of the page size) -> last-position logits [N, V]."""
         out = self._fn(f"prefill_bs{tokens.shape[0]}")(
-            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids), self.cache)
+            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
         return out.to_host()
 
     def decode(self, tokens: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray) -> DecodeOut:
         """One token per sequence at position seq_lens - 1 (seq_len 0: an unused, padding slot)."""
         seq_lens = _i64(seq_lens)
         out = self._fn(f"decode_bs{tokens.shape[0]}")(_i64(tokens).reshape(-1, 1), seq_lens, seq_lens - 1,
-                                                      _i64(page_ids), self.cache)
+                                                      _i64(page_ids))
         if self.abi.top_k is None:
             return DecodeOut(logits=out.to_host())
         values, indices = out
         return DecodeOut(top_values=values.to_host(), top_indices=indices.to_host())
 
     def read_cache(self) -> np.ndarray:
-        return self.cache.to_host()
+        """The KV pages this runner uses, copied to the host (tests)."""
+        return self._fn("read_kv_cache")().to_host()[: self.page_count]
 
 
 _DEVICES: dict[tuple[str, int], rt.HalDevice] = {}
