@@ -67,3 +67,18 @@ def served_tiny(tiny_models, tmp_path_factory) -> Path:
     from tests.server_util import export_served_tiny
 
     return export_served_tiny(tiny_models["llama31"][2], tmp_path_factory.mktemp("served"))
+
+
+@pytest.fixture(scope="module")
+def tiny_program(served_tiny) -> Path:
+    return served_tiny
+
+
+@pytest.fixture(scope="module")
+def server(tiny_program):
+    """A server over the tiny program for one test module (test_server.py has its own)."""
+    from tests.server_util import ServerThread, tiny_config
+
+    s = ServerThread(tiny_config(tiny_program, max_queue=64))
+    yield s
+    s.stop()

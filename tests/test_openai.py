@@ -17,27 +17,15 @@ from serve.chat_template import BUILTIN_TEMPLATES, encode_prompt, render_chat
 from serve.engine import EngineConfig
 from serve.metrics import Metrics
 from serve.scheduler import Event
-from tests.server_util import ServerThread, tiny_config
+from tests.server_util import TINY_MODEL_NAME, ServerThread, tiny_config
 from tests.tiny import char_tokenizer
 
-MODEL = "tiny-llama"
+MODEL = TINY_MODEL_NAME
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Name a colour."}]
-
-
-@pytest.fixture(scope="module")
-def tiny_program(served_tiny):
-    return served_tiny
 
 
 def _cfg(out, **kw) -> EngineConfig:
     return tiny_config(out, model_name=MODEL, **kw)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_program):
-    s = ServerThread(_cfg(tiny_program, max_queue=64))
-    yield s
-    s.stop()
 
 
 @pytest.fixture(scope="module")

@@ -10,27 +10,15 @@ from fastapi.testclient import TestClient
 
 from serve.api import create_app
 from serve.engine import EngineConfig
-from tests.server_util import ServerThread, tiny_config
+from tests.server_util import TINY_MODEL_NAME, ServerThread, tiny_config
 from tests.tiny import char_tokenizer
 
-MODEL = "tiny-llama"
+MODEL = TINY_MODEL_NAME
 CURL = {"text_input": "What is machine learning?", "max_tokens": 20, "bad_words": "", "stop_words": ""}
-
-
-@pytest.fixture(scope="module")
-def tiny_program(served_tiny):
-    return served_tiny
 
 
 def _cfg(out, **kw) -> EngineConfig:
     return tiny_config(out, model_name=MODEL, **kw)
-
-
-@pytest.fixture(scope="module")
-def server(tiny_program):
-    s = ServerThread(_cfg(tiny_program, max_queue=64))
-    yield s
-    s.stop()
 
 
 def post(server, path, payload, **kw):
