@@ -161,7 +161,7 @@ class PagedLlama(nn.Module):
         """-> (logits [B, V] of each sequence's last position in this call, the updated cache).
 
         Functional (the cache is threaded through the blocks and returned); the exported entry points
-        write the new cache back into their cache argument in place.
+        store the new cache in the program's KV-cache global.
         """
         h, cache = self._blocks(tokens, start_positions, seq_lens, page_ids, cache)
         last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import json
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -245,12 +244,10 @@ def load_weights(gguf_file=None, hf_dir=None, irpa_file=None) -> ModelWeights:
     given = [x for x in (gguf_file, hf_dir, irpa_file) if x]
     if len(given) != 1:
         raise ModelError("give exactly one of --gguf-file, --hf-dir, --irpa-file")
-    t0 = time.perf_counter()
     for value, reader in ((gguf_file, read_gguf), (hf_dir, read_hf), (irpa_file, read_irpa)):
         if value:
             if not Path(value).exists():
                 raise ModelError(f"{value}: no such file or directory")
             weights = reader(Path(value))
     weights.validate()
-    weights.load_seconds = time.perf_counter() - t0
     return weights

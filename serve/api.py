@@ -25,7 +25,7 @@ def error(code: int, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": message, "code": code}, status_code=code, headers=headers)
 
 
-def _validation_message(exc: ValidationError | RequestValidationError) -> str:
+def validation_message(exc: ValidationError | RequestValidationError) -> str:
     parts = []
     for e in exc.errors():
         where = ".".join(str(x) for x in e.get("loc", ()) if x != "body")
@@ -43,7 +43,7 @@ def sampling_from(p: GenerateSamplingParams) -> SamplingParams:
         ignore_eos=p.ignore_eos, n=p.n)
 
 
-async def _events(seq: Sequence, request: Request) -> AsyncIterator[Event]:
+async def sequence_events(seq: Sequence, request: Request) -> AsyncIterator[Event]:
     """The sequence's events until its finish; a client that goes away cancels it (pages are freed).
     Latencies and the finish reason are recorded for /metrics (once per sequence)."""
     timer = request.app.state.metrics.timer(seq)
@@ -70,7 +70,7 @@ def create_app(engine_ref: dict) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError):
-        return error(400, _validation_message(exc))
+        return error(400, validation_message(exc))
 
     def engine() -> Engine | None:
         return engine_ref.get("engine")
@@ -92,7 +92,7 @@ def create_app(engine_ref: dict) -> FastAPI:
         except json.JSONDecodeError as e:
             return error(400, f"malformed JSON: {e}")
         except ValidationError as e:
-            return error(400, _validation_message(e))
+            return error(400, validation_message(e))
         except ValueError as e:
             return error(400, str(e))
         rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
@@ -104,10 +104,10 @@ def create_app(engine_ref: dict) -> FastAPI:
             for prompt, rid in zip(prompts, rids):
                 groups.append(eng.submit(eng.encode(prompt), params, rid))
         except BadRequest as e:
-            _cancel(groups)
+            cancel_groups(groups)
             return error(400, str(e))
         except QueueFull as e:
-            _cancel(groups)
+            cancel_groups(groups)
             return error(503, str(e), {"Retry-After": "1"})
         if req.stream:
             return StreamingResponse(_stream(groups, request), media_type="text/event-stream")
@@ -122,7 +122,7 @@ def create_app(engine_ref: dict) -> FastAPI:
     return app
 
 
-def _cancel(groups: list[list[Sequence]]) -> None:
+def cancel_groups(groups: list[list[Sequence]]) -> None:
     for g in groups:
         for seq in g:
             seq.cancel()
@@ -132,7 +132,7 @@ async def _collect(req: GenerateRequest, prompts, groups, request: Request):
     async def one(seq: Sequence) -> Completion:
         text = []
         err = None
-        async for ev in _events(seq, request):
+        async for ev in sequence_events(seq, request):
             text.append(ev.text)
             err = ev.error or err
         if err:
@@ -143,7 +143,7 @@ async def _collect(req: GenerateRequest, prompts, groups, request: Request):
     try:
         results = await asyncio.gather(*(one(s) for g in groups for s in g))
     except RuntimeError as e:
-        _cancel(groups)
+        cancel_groups(groups)
         return error(500, f"generation failed: {e}")
     if any(s.finish_reason == "cancelled" for g in groups for s in g):
         return error(499, "the client closed the request")
@@ -160,7 +160,7 @@ async def _stream(groups: list[list[Sequence]], request: Request) -> AsyncIterat
     queue: asyncio.Queue = asyncio.Queue()
 
     async def pump(index: int, seq: Sequence):
-        async for ev in _events(seq, request):
+        async for ev in sequence_events(seq, request):
             await queue.put((index, seq, ev))
         await queue.put((index, seq, None))
 

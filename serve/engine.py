@@ -57,17 +57,16 @@ class Engine:
         if self.tok_info.eos_id is not None:
             eos.add(self.tok_info.eos_id)
         self.eos_ids = sorted(eos)
-        pages = cfg.kv_pages or self.abi.paged_kv_cache.device_block_count
         self.schedulers = []
         for i in cfg.device_ids:
-            runner = Runner(cfg.vmfb, cfg.parameters, self.abi, pages, cfg.device, i)
-            pool = PagePool(pages, self.abi.block_seq_stride, cfg.prefix_caching)
+            runner = Runner(cfg.vmfb, cfg.parameters, self.abi, cfg.kv_pages, cfg.device, i)
+            pool = PagePool(runner.page_count, self.abi.block_seq_stride, cfg.prefix_caching)
             self.schedulers.append(Scheduler(runner, pool, self.abi, self.eos_ids, cfg.max_running,
                                              cfg.max_tokens_per_step, i))
         self._tasks: list[asyncio.Task] = []
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: %d device(s), %d KV pages of %d tokens each", self.load_seconds,
-                 len(self.schedulers), pages, self.abi.block_seq_stride)
+                 len(self.schedulers), self.schedulers[0].pool.total + 1, self.abi.block_seq_stride)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(s.run_forever()) for s in self.schedulers]

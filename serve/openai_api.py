@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from .api import cancel_groups, sequence_events
 from .chat_template import ChatTemplateError, encode_prompt, render_chat, resolve_template
 from .engine import BadRequest, Engine, QueueFull
 from .metrics import add_metrics_routes
@@ -29,7 +30,7 @@ from .openai_protocol import (
     Job,
 )
 from .sampling import SamplingParams
-from .scheduler import Event, Sequence
+from .scheduler import Sequence
 
 
 
@@ -168,7 +169,7 @@ async def _run(request: Request, eng: Engine, req: SamplingRequest, model: str, 
         for i, ids in enumerate(prompts):
             groups.append(eng.submit(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}"))
     except (BadRequest, QueueFull) as e:
-        _cancel(groups)
+        cancel_groups(groups)
         if isinstance(e, QueueFull):
             raise OpenAIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from e
         raise OpenAIError(400, str(e), param=_bad_param(str(e)) or ("messages" if chat else "prompt")) from e
@@ -201,38 +202,19 @@ def _piece_fn(eng: Engine) -> Any:
     return piece
 
 
-def _cancel(groups: list[list[Sequence]]) -> None:
-    from .api import _cancel as cancel
-
-    cancel(groups)
-
-
-async def _observed(seq: Sequence, request: Request) -> AsyncIterator[Event]:
-    """api._events (which cancels the sequence if the client goes away), timed for /metrics."""
-    from .api import _events
-
-    timer = request.app.state.metrics.timer(seq)
-    try:
-        async for ev in _events(seq, request):
-            timer(ev)
-            yield ev
-    finally:
-        timer.close()
-
-
 def _log_usage(job: Job, access: dict) -> None:
     access.update(job.usage(), finish_reasons=[c.finish_reason for c in job.choices])
 
 
 async def _collect(job: Job, request: Request, access: dict) -> JSONResponse:
     async def one(c: Choice) -> None:
-        async for ev in _observed(c.seq, request):
+        async for ev in sequence_events(c.seq, request):
             c.feed(ev, job.piece)
 
     try:
         await asyncio.gather(*(one(c) for c in job.choices))
     finally:
-        _cancel([[c.seq for c in job.choices if not c.finish_reason]])
+        cancel_groups([[c.seq for c in job.choices if not c.finish_reason]])
         _log_usage(job, access)
     failed = next((c for c in job.choices if c.finish_reason == "error"), None)
     if failed:
@@ -247,7 +229,7 @@ async def _stream(job: Job, request: Request, access: dict) -> AsyncIterator[str
 
     async def pump(c: Choice) -> None:
         try:
-            async for ev in _observed(c.seq, request):
+            async for ev in sequence_events(c.seq, request):
                 await queue.put((c, ev))
         finally:
             queue.put_nowait((c, None))
@@ -280,7 +262,7 @@ async def _stream(job: Job, request: Request, access: dict) -> AsyncIterator[str
                 yield f"data: {json.dumps({**job.envelope([], stream=True), 'usage': job.usage()})}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or we are done): nothing keeps pages past this point
-        _cancel([[c.seq for c in job.choices if not c.seq.finish_reason]])
+        cancel_groups([[c.seq for c in job.choices if not c.seq.finish_reason]])
         for t in tasks:
             t.cancel()
         _log_usage(job, access)

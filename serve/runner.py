@@ -7,7 +7,6 @@ to the host unless asked).
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,7 +28,6 @@ class DecodeOut:
 class Runner:
     def __init__(self, vmfb: Path, parameters: list[Path], abi: ModelABI, page_count: int | None = None,
                  driver: str = "local-task", device_index: int = 0):
-        t0 = time.perf_counter()
         self.abi = abi
         held = abi.paged_kv_cache.device_block_count
         self.page_count = page_count or held
@@ -46,7 +44,6 @@ class Runner:
         self.module = rt.VmModule.mmap(self.instance, str(vmfb))
         self.context = rt.VmContext(self.instance, [hal, params, self.module])
         self._fns: dict[str, rt.FunctionInvoker] = {}
-        self.load_seconds = time.perf_counter() - t0
 
     def _fn(self, name: str) -> rt.FunctionInvoker:
         if name not in self._fns:

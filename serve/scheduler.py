@@ -50,7 +50,6 @@ class Sequence:
     finish_reason: str | None = None
     cancelled: bool = False
     arrival: float = field(default_factory=time.monotonic)
-    first_token_time: float | None = None
     order: int = field(default_factory=itertools.count().__next__)
 
     @property
@@ -233,8 +232,6 @@ class Scheduler:
     def _emit(self, seq: Sequence, sampled: Sampled) -> None:
         if seq.finish_reason:
             return
-        if seq.first_token_time is None:
-            seq.first_token_time = time.monotonic()
         tok = sampled.token_id
         seq.output_ids.append(tok)
         self.counters.generated_tokens += 1

@@ -30,7 +30,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .api import _events, _validation_message
+from .api import sequence_events, validation_message
 from .engine import Engine, QueueFull
 from .sampling import SamplingParams
 from .scheduler import Sequence
@@ -197,7 +197,7 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
     try:
         req = TritonGenerateRequest.model_validate(json.loads(await request.body()))
     except ValidationError as e:
-        raise TritonError(400, _validation_message(e)) from e
+        raise TritonError(400, validation_message(e)) from e
     except ValueError as e:  # (json.JSONDecodeError, UnicodeDecodeError)
         raise TritonError(400, f"malformed JSON: {e}") from e
     if not req.text_input:
@@ -229,7 +229,7 @@ async def _collect(seq: Sequence, request: Request, head: dict[str, Any], req: T
     logprobs: list[float] = []
     error = None
     try:
-        async for ev in _events(seq, request):
+        async for ev in sequence_events(seq, request):
             pieces.append(ev.text)
             logprobs += [s.logprob or 0.0 for s in ev.logprobs]
             error = ev.error or error
@@ -253,7 +253,7 @@ async def _stream(seq: Sequence, request: Request, head: dict[str, Any],
                   req: TritonGenerateRequest) -> AsyncIterator[str]:
     cum = 0.0
     try:
-        async for ev in _events(seq, request):
+        async for ev in sequence_events(seq, request):
             if ev.error:
                 yield _data({"error": f"generation failed: {ev.error}"})
                 return

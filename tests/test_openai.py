@@ -307,7 +307,7 @@ def test_client_disconnects_cancel_and_free_pages(server):
 def test_sequence_timer_counts_once_per_sequence():
     seq = SimpleNamespace(arrival=time.monotonic())
     m = Metrics({})
-    outer, inner = m.timer(seq), m.timer(seq)  # api._events and the OpenAI layer may both observe
+    outer, inner = m.timer(seq), m.timer(seq)  # two observers of one sequence
     for ev in (Event(text="a", token_ids=[5]), Event(text="b", token_ids=[6]), Event(finish_reason="stop")):
         inner(ev)
         outer(ev)
