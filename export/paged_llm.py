@@ -114,7 +114,8 @@ _FORWARD_RE = re.compile(r"^(\s*)func\.func @forward\((.*)\) -> \((.*)\) (attrib
 
 
 def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: int | None, pages: int) -> str:
-    """Add public prefill_bs{N} / decode_bs{N} (the ABI in models/abi.py) around the traced `forward`.
+    """Add public prefill_bs{N} / decode_bs{N} / embed_bs{N} (the ABI in models/abi.py) around the traced
+    `forward`; embed_bs{N} is prefill returning every position's hidden states instead of the logits.
 
     The KV cache lives in the module, a mutable global of `pages` pages: each entry point loads it, calls
     `forward` and stores the new cache. IREE updates a global in place; a cache passed as a mutable
@@ -127,13 +128,15 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
         raise RuntimeError("traced module has no @forward function")
     ind = m.group(1)
     t_tok, t_start, t_lens, t_pages, _ = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(2))]
-    t_logits, t_vcache = [t.strip() for t in re.split(r", (?=!torch)", m.group(3))]
+    t_logits, t_hidden, t_vcache = [t.strip() for t in re.split(r", (?=!torch)", m.group(3))]
     elems, dtype = re.fullmatch(r"!torch\.vtensor<\[\?,(\d+)\],(\w+)>", t_vcache).groups()
     t_global, t_dyn = f"tensor<{pages}x{elems}x{dtype}>", f"tensor<?x{elems}x{dtype}>"
-    call_types = f"({t_tok}, {t_start}, {t_lens}, {t_pages}, {t_vcache}) -> ({t_logits}, {t_vcache})"
+    call_types = f"({t_tok}, {t_start}, {t_lens}, {t_pages}, {t_vcache}) -> ({t_logits}, {t_hidden}, {t_vcache})"
 
     def body(name: str, params: str, call_args: str) -> list[str]:
         ret_types, tail = t_logits, [f"{ind}  return %r#0 : {t_logits}"]
+        if name.startswith("embed"):
+            ret_types, tail = t_hidden, [f"{ind}  return %r#1 : {t_hidden}"]
         if name.startswith("decode") and top_k:
             ret_types = f"!torch.vtensor<[?,{top_k}],f32>, !torch.vtensor<[?,{top_k}],si64>"
             tail = [f"{ind}  %k = torch.constant.int {top_k}", f"{ind}  %dim = torch.constant.int -1",
@@ -145,8 +148,8 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
                 f"{ind}  %g = util.global.load @kv_cache : {t_global}",
                 f"{ind}  %gd = tensor.cast %g : {t_global} to {t_dyn}",
                 f"{ind}  %c = torch_c.from_builtin_tensor %gd : {t_dyn} -> {t_vcache}",
-                f"{ind}  %r:2 = func.call @forward({call_args}, %c) : {call_types}",
-                f"{ind}  %n = torch_c.to_builtin_tensor %r#1 : {t_vcache} -> {t_dyn}",
+                f"{ind}  %r:3 = func.call @forward({call_args}, %c) : {call_types}",
+                f"{ind}  %n = torch_c.to_builtin_tensor %r#2 : {t_vcache} -> {t_dyn}",
                 f"{ind}  %ns = tensor.cast %n : {t_dyn} to {t_global}",
                 f"{ind}  util.global.store %ns, @kv_cache : {t_global}",
                 *tail, f"{ind}}}"]
@@ -155,8 +158,9 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
            f"{ind}func.func @read_kv_cache() -> {t_global} {{",  # for tests and debugging: a copy
            f"{ind}  %g = util.global.load @kv_cache : {t_global}", f"{ind}  return %g : {t_global}", f"{ind}}}"]
     for bs in prefill_bs:
-        out += body(f"prefill_bs{bs}", f"%tokens: {t_tok}, %start_positions: {t_start}, %seq_lens: {t_lens}, "
-                    f"%page_ids: {t_pages}", "%tokens, %start_positions, %seq_lens, %page_ids")
+        for kind in ("prefill", "embed"):
+            out += body(f"{kind}_bs{bs}", f"%tokens: {t_tok}, %start_positions: {t_start}, %seq_lens: {t_lens}, "
+                        f"%page_ids: {t_pages}", "%tokens, %start_positions, %seq_lens, %page_ids")
     for bs in decode_bs:
         out += body(f"decode_bs{bs}", f"%tokens: {t_tok}, %seq_lens: {t_lens}, %start_positions: {t_start}, "
                     f"%page_ids: {t_pages}", "%tokens, %start_positions, %seq_lens, %page_ids")
@@ -233,6 +237,8 @@ def main(argv=None) -> int:
         vocab_size=c.vocab_size,
         activation_dtype=args.activation_dtype,
         attention_head_count=c.num_heads,
+        hidden_size=c.hidden_size,
+        has_embed=True,
         bos_token_id=tok_info.bos_id if tok_info else None,
         eos_token_ids=sorted(set(tok_info.eot_ids)) if tok_info else [],
         add_bos_token=bool(tok_info and tok_info.add_bos),

@@ -5,6 +5,8 @@ Entry points, for each exported batch size N (all integer tensors are int64):
   prefill_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P]) -> logits[N,V]
   decode_bs{N}(tokens[N,1], seq_lens[N], start_positions[N], page_ids[N,P]) -> logits[N,V]
      or, exported with top_k=K: (values[N,K] f32, indices[N,K] i64)
+  embed_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P]) -> hidden[N,S,H]
+     prefill (it fills the cache too) returning every position's final-normed hidden states
   read_kv_cache() -> [device_block_count, E] (a copy, for tests and debugging)
 (shortfin's argument order, less the cache.) Positions start_positions[b] .. seq_lens[b]-1 are new; in
 decode start_positions = seq_lens - 1. Every dimension is dynamic (the server pads S to a multiple of
@@ -48,6 +50,8 @@ class ModelABI:
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)
     add_bos_token: bool = False
+    hidden_size: int = 0
+    has_embed: bool = False  # embed_bs{N} exported for each prefill batch size
     tensor_parallelism_size: int = 1
     tokenizer_files: list[str] = field(default_factory=list)
     source: str = ""

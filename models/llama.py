@@ -158,15 +158,16 @@ class PagedLlama(nn.Module):
         return model.eval()
 
     def forward(self, tokens, start_positions, seq_lens, page_ids, cache):
-        """-> (logits [B, V] of each sequence's last position in this call, the updated cache).
+        """-> (logits [B, V] of each sequence's last position in this call, final-normed hidden states
+        [B, S, hidden] of every position (embeddings), the updated cache).
 
         Functional (the cache is threaded through the blocks and returned); the exported entry points
-        store the new cache in the program's KV-cache global.
+        store the new cache in the program's KV-cache global and return the output they need.
         """
         h, cache = self._blocks(tokens, start_positions, seq_lens, page_ids, cache)
         last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)
         h_last = torch.gather(h, 1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
-        return self.logits(h_last), cache
+        return self.logits(h_last), h, cache
 
     def _blocks(self, tokens, start_positions, seq_lens, page_ids, cache):
         c = self.config
@@ -200,7 +201,7 @@ class PagedLlama(nn.Module):
     # Eager entry points with the exported programs' in-place cache semantics.
     def hidden_states(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Final-normed hidden states [B, S, hidden] of every position (updates `cache`)."""
-        h, new_cache = self._blocks(tokens, start_positions, seq_lens, page_ids, cache)
+        _, h, new_cache = self.forward(tokens, start_positions, seq_lens, page_ids, cache)
         cache.copy_(new_cache)
         return h
 
@@ -210,7 +211,7 @@ class PagedLlama(nn.Module):
 
     def prefill(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Logits [B, vocab] of each sequence's last position in this chunk (updates `cache`)."""
-        logits, new_cache = self.forward(tokens, start_positions, seq_lens, page_ids, cache)
+        logits, _, new_cache = self.forward(tokens, start_positions, seq_lens, page_ids, cache)
         cache.copy_(new_cache)
         return logits
 

@@ -45,6 +45,7 @@ class EngineConfig:
     prefix_caching: bool = True
     max_tokens_per_request: int | None = None
     model_name: str = "default"
+    pooling: str = "mean"  # embeddings: mean or last hidden state, then L2-normalised
 
 
 class Engine:
@@ -86,20 +87,10 @@ class Engine:
             params.validate(self.abi.vocab_size)
         except ValueError as e:
             raise BadRequest(str(e)) from e
-        if not prompt_ids:
-            raise BadRequest("the prompt is empty; give some text or input_ids")
         cap = self.cfg.max_tokens_per_request
         if cap and params.max_tokens > cap:
             raise BadRequest(f"max tokens {params.max_tokens} is above this server's limit of {cap} per request")
-        limit = self.abi.max_seq_len
-        if len(prompt_ids) >= limit:
-            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {limit}: shorten it")
-        pool_tokens = (self.schedulers[0].pool.total) * self.abi.block_seq_stride
-        if len(prompt_ids) + 1 > pool_tokens:
-            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the KV pool holds {pool_tokens}: "
-                             "shorten it or start the server with more --kv-pages")
-        if sum(s.load for s in self.schedulers) + params.n > self.cfg.max_queue:
-            raise QueueFull(f"{self.cfg.max_queue} requests are queued or running; retry shortly")
+        self._check_prompt(prompt_ids, params.n)
         rid = rid or uuid.uuid4().hex
         seqs = []
         for i in range(params.n):
@@ -109,9 +100,39 @@ class Engine:
                 sampler=Sampler(params, prompt_ids, seed),
                 detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
                 stops=StopMatcher(params.stop))
-            min(self.schedulers, key=lambda s: s.load).add(seq)
+            self._least_loaded().add(seq)
             seqs.append(seq)
         return seqs
+
+    def embed(self, prompt_ids: list[int], rid: str | None = None) -> Sequence:
+        """Queue an embedding of the prompt (pooled per --pooling); its `events` get one Event(embedding)."""
+        if not self.abi.has_embed:
+            raise BadRequest("this model's export has no embed_bs{N} entry points; re-export it with this "
+                             "version of export.paged_llm to serve /v1/embeddings")
+        self._check_prompt(prompt_ids, 1)
+        params = SamplingParams(max_tokens=0)
+        seq = Sequence(rid=rid or uuid.uuid4().hex, prompt_ids=list(prompt_ids), params=params,
+                       sampler=Sampler(params, prompt_ids, None),
+                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), stops=StopMatcher([]),
+                       pooling=self.cfg.pooling)
+        self._least_loaded().add(seq)
+        return seq
+
+    def _least_loaded(self) -> Scheduler:
+        return min(self.schedulers, key=lambda s: s.load)
+
+    def _check_prompt(self, prompt_ids: list[int], n: int) -> None:
+        if not prompt_ids:
+            raise BadRequest("the prompt is empty; give some text or input_ids")
+        limit = self.abi.max_seq_len
+        if len(prompt_ids) >= limit:
+            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {limit}: shorten it")
+        pool_tokens = (self.schedulers[0].pool.total) * self.abi.block_seq_stride
+        if len(prompt_ids) + 1 > pool_tokens:
+            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the KV pool holds {pool_tokens}: "
+                             "shorten it or start the server with more --kv-pages")
+        if sum(s.load for s in self.schedulers) + n > self.cfg.max_queue:
+            raise QueueFull(f"{self.cfg.max_queue} requests are queued or running; retry shortly")
 
     # -- observability
     def pool_stats(self):

@@ -5,12 +5,14 @@ object {"error": {"message", "type", "param", "code"}}; unknown request fields a
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import re
 import time
 import uuid
 from typing import Any, AsyncIterator
 
+import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
@@ -25,6 +27,7 @@ from .openai_protocol import (
     ChatRequest,
     TokenizeRequest,
     DetokenizeRequest,
+    EmbeddingRequest,
     parse_request,
     Choice,
     Job,
@@ -120,6 +123,52 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
             max_tokens = max(1, eng.abi.max_seq_len - len(ids))
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         return await _run(request, eng, req, model, "chatcmpl", [ids], params, [], chat=True)
+
+    @app.post("/v1/embeddings")
+    async def embeddings(request: Request) -> dict:
+        eng = engine()
+        req: EmbeddingRequest = await parse_request(request, EmbeddingRequest)
+        model = check_model(eng, req.model)
+        if req.encoding_format not in ("float", "base64"):
+            raise OpenAIError(400, "encoding_format must be float or base64", param="encoding_format")
+        if req.dimensions is not None and req.dimensions != eng.abi.hidden_size:
+            raise OpenAIError(400, f"this model's embeddings have {eng.abi.hidden_size} dimensions; "
+                                   f"{req.dimensions} asked for", param="dimensions")
+        prompts = req.prompts()
+        if not prompts:
+            raise OpenAIError(400, "the input is empty", param="input")
+        ids = [_call(eng.encode, p, param="input") for p in prompts]
+        rid = f"embd-{uuid.uuid4().hex}"
+        getattr(request.state, "access", {}).update(id=rid, model=model, user=req.user, inputs=len(ids))
+        seqs: list[Sequence] = []
+        try:
+            for i, x in enumerate(ids):
+                seqs.append(eng.embed(x, f"{rid}-{i}"))
+        except (BadRequest, QueueFull) as e:
+            cancel_groups([seqs])
+            if isinstance(e, QueueFull):
+                raise OpenAIError(503, str(e), type="server_error", code="queue_full",
+                                  headers={"Retry-After": "1"}) from e
+            raise OpenAIError(400, f"input {len(seqs)}: {e}", param="input") from e
+
+        async def one(seq: Sequence) -> np.ndarray:
+            vec, err = None, None
+            async for ev in sequence_events(seq, request):
+                vec, err = ev.embedding if ev.embedding is not None else vec, ev.error or err
+            if vec is None:
+                raise OpenAIError(500, f"embedding failed: {err or seq.finish_reason}", type="server_error")
+            return vec
+
+        try:
+            vecs = await asyncio.gather(*(one(s) for s in seqs))
+        finally:
+            cancel_groups([seqs])  # (no-op for finished sequences)
+        n_tokens = sum(len(x) for x in ids)
+        data = [{"object": "embedding", "index": i,
+                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                 if req.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vecs)]
+        return {"object": "list", "data": data, "model": model,
+                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:

@@ -129,6 +129,19 @@ class TokenizeRequest(BaseModel):
     with_pieces: bool = False
 
 
+class EmbeddingRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    input: str | list[str] | list[int] | list[list[int]]
+    model: str | None = None
+    encoding_format: str = "float"  # or "base64" (little-endian float32: what the openai client asks for)
+    dimensions: int | None = None
+    user: str | None = None
+
+    def prompts(self) -> list[str | list[int]]:
+        x = self.input
+        return [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
+
+
 class DetokenizeRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
     tokens: list[int]

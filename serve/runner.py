@@ -63,6 +63,16 @@ class Runner:
             _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
         return out.to_host()
 
+    def embed(self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray,
+              page_ids: np.ndarray) -> np.ndarray:
+        """prefill that returns every position's final-normed hidden states [N, S, H] (f32)."""
+        if not self.abi.has_embed:
+            raise ValueError("this export has no embed_bs{N} entry points; re-export it with this version "
+                             "of export.paged_llm to serve embeddings")
+        out = self._fn(f"embed_bs{tokens.shape[0]}")(
+            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
+        return out.to_host().astype(np.float32, copy=False)
+
     def decode(self, tokens: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray) -> DecodeOut:
         """One token per sequence at position seq_lens - 1 (seq_len 0: an unused, padding slot)."""
         seq_lens = _i64(seq_lens)

@@ -33,6 +33,7 @@ class Event:
     logprobs: list[Sampled] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
+    embedding: np.ndarray | None = None  # an embedding request's pooled, L2-normalised vector
 
 
 @dataclass
@@ -49,6 +50,8 @@ class Sequence:
     computed: int = 0          # tokens whose K/V are in the cache
     finish_reason: str | None = None
     cancelled: bool = False
+    pooling: str | None = None  # "mean" | "last": an embedding request (prefill only, no tokens out)
+    pooled: np.ndarray | None = None  # running sum (mean) or last hidden state of what is prefilled
     arrival: float = field(default_factory=time.monotonic)
     order: int = field(default_factory=itertools.count().__next__)
 
@@ -128,11 +131,13 @@ class Scheduler:
         for seq, out in zip(decode, decode_out):
             seq.computed += 1
             self._emit(seq, out)
-        for (seq, end), logits in zip(prefill, prefill_out):
-            seq.computed = end
+        for (seq, end), out in zip(prefill, prefill_out):
+            new, seq.computed = end - seq.computed, end
             self.pool.register(seq.tokens, seq.pages, seq.computed)
-            if end == seq.prefill_target and not seq.output_ids:
-                self._emit(seq, seq.sampler.sample(logits))
+            if seq.pooling:
+                self._pool(seq, out[:new])
+            elif end == seq.prefill_target and not seq.output_ids:
+                self._emit(seq, seq.sampler.sample(out))
 
     def _pages_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
@@ -152,7 +157,7 @@ class Scheduler:
         self.counters.preemptions += 1
         self.running.remove(seq)
         self.pool.release(seq.pages)
-        seq.pages, seq.computed = [], 0
+        seq.pages, seq.computed, seq.pooled = [], 0, None
         self.waiting.insert(0, seq)
 
     def _plan_decode(self) -> list[Sequence]:
@@ -179,7 +184,7 @@ class Scheduler:
         while self.waiting and budget > 0 and len(self.running) < self.max_running \
                 and len(plan) < self.abi.prefill_batch_sizes[-1]:
             seq = self.waiting[0]
-            if not seq.pages:
+            if not seq.pages and not seq.pooling:  # (embeddings need every position's hidden state)
                 seq.pages = self.pool.match_prefix(seq.tokens[:seq.prefill_target + 1])
                 seq.computed = len(seq.pages) * self.page_size
             end = min(seq.prefill_target, seq.computed + budget)
@@ -210,22 +215,26 @@ class Scheduler:
                     decode_out.append(s.sampler.sample(out.logits[j]))
                 else:
                     decode_out.append(s.sampler.sample_top_k(out.top_values[j], out.top_indices[j]))
-        prefill_out = []
+        prefill_out = [None] * len(prefill)  # last-position logits, or an embedding's hidden states [S, H]
         sizes = self.abi.prefill_batch_sizes
-        for i in range(0, len(prefill), sizes[-1]):
-            group = prefill[i:i + sizes[-1]]
-            bs = next(b for b in sizes if b >= len(group))
-            width = max(end - s.computed for s, end in group)
-            width = self._pages_needed(width) * self.page_size
-            toks = np.zeros((bs, width), np.int64)
-            start = np.zeros(bs, np.int64)
-            lens = np.zeros(bs, np.int64)
-            for j, (s, end) in enumerate(group):
-                chunk = s.tokens[s.computed:end]
-                toks[j, :len(chunk)] = chunk
-                start[j], lens[j] = s.computed, end
-            logits = self.runner.prefill(toks, start, lens, _page_table([s.pages for s, _ in group], bs))
-            prefill_out.extend(logits[:len(group)])
+        for embed in (False, True):
+            items = [(i, s, end) for i, (s, end) in enumerate(prefill) if bool(s.pooling) == embed]
+            for k in range(0, len(items), sizes[-1]):
+                group = items[k:k + sizes[-1]]
+                bs = next(b for b in sizes if b >= len(group))
+                width = max(end - s.computed for _, s, end in group)
+                width = self._pages_needed(width) * self.page_size
+                toks = np.zeros((bs, width), np.int64)
+                start = np.zeros(bs, np.int64)
+                lens = np.zeros(bs, np.int64)
+                for j, (_, s, end) in enumerate(group):
+                    chunk = s.tokens[s.computed:end]
+                    toks[j, :len(chunk)] = chunk
+                    start[j], lens[j] = s.computed, end
+                run = self.runner.embed if embed else self.runner.prefill
+                out = run(toks, start, lens, _page_table([s.pages for _, s, _ in group], bs))
+                for j, (i, _, _) in enumerate(group):
+                    prefill_out[i] = out[j]
         return decode_out, prefill_out
 
     # -- results
@@ -251,6 +260,19 @@ class Scheduler:
         seq.events.put_nowait(Event(text=text, token_ids=[tok], logprobs=[sampled]))
         if finish:
             self._finish(seq, finish)
+
+    def _pool(self, seq: Sequence, hidden: np.ndarray) -> None:
+        """Fold a prefilled chunk's hidden states [n, H] into the embedding; finish when the prompt is in."""
+        if seq.pooling == "last":
+            seq.pooled = hidden[-1].astype(np.float64)
+        else:
+            seq.pooled = hidden.sum(0, dtype=np.float64) + (0 if seq.pooled is None else seq.pooled)
+        if seq.computed < seq.prefill_target:
+            return
+        vec = seq.pooled / (seq.computed if seq.pooling == "mean" else 1)
+        vec /= max(float(np.linalg.norm(vec)), 1e-12)
+        seq.events.put_nowait(Event(embedding=vec.astype(np.float32)))
+        self._finish(seq, "stop")
 
     def _finish(self, seq: Sequence, reason: str, error: str | None = None) -> None:
         if seq in self.running:

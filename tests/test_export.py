@@ -107,6 +107,21 @@ def test_chunked_prefill_then_decode_scattered_pages(f32_program):
     _check_cache(runner, cache, 1e-4)
 
 
+def test_embed_returns_every_position_hidden_state_and_fills_the_cache(f32_program):
+    runner, model, cache = _pair(f32_program)
+    tokens = torch.randint(0, 128, (21,), generator=torch.Generator().manual_seed(3)).tolist()
+    pages = np.array([[6, 2, 10], [0, 0, 0]])
+    # a chunk at batch 2 (one padding row), then the rest from start position 8
+    for chunk, start, end in [(tokens[:8], 0, 8), (padded(tokens[8:], STRIDE), 8, 21)]:
+        args = (np.array([chunk, [0] * len(chunk)]), np.array([start, 0]), np.array([end, 0]), pages)
+        got = runner.embed(*args)
+        with torch.no_grad():
+            want = model.hidden_states(*(torch.tensor(a) for a in args), cache).numpy()
+        assert got.shape == want.shape == (2, len(chunk), model.config.hidden_size)
+        assert np.abs(got[0, :end - start] - want[0, :end - start]).max() <= 1e-4
+    _check_cache(runner, cache, 1e-4)
+
+
 def test_f16_with_on_device_top_k(f16_topk_program):
     runner, model, cache = _pair(f16_topk_program)
     prompt = list(range(3, 20))

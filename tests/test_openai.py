@@ -245,6 +245,63 @@ def test_malformed_json_is_400(server):
     assert r.status_code == 400 and "not valid JSON" in r.json()["error"]["message"]
 
 
+def eager_embedding(tiny_models, ids, pooling):
+    import numpy as np
+    import torch
+
+    from models.llama import PagedLlama
+    from models.weights import load_weights
+    from tests.eager import padded
+
+    model = PagedLlama.from_weights(load_weights(gguf_file=tiny_models["llama31"][2]), 8)
+    pages = list(range(1, 1 + -(-len(ids) // 8)))
+    with torch.no_grad():
+        h = model.hidden_states(torch.tensor([padded(ids, 8)]), torch.tensor([0]), torch.tensor([len(ids)]),
+                                torch.tensor([pages]), model.allocate_cache(len(pages) + 1))[0, :len(ids)].double()
+    v = (h.mean(0) if pooling == "mean" else h[-1]).numpy()
+    return v / np.linalg.norm(v)
+
+
+def test_embeddings_match_eager_and_are_deterministic(server, client, tiny_models):
+    import numpy as np
+
+    texts = ["hello world", "a different text", "hello world"]
+    r = client.embeddings.create(model=MODEL, input=texts)  # the client asks for base64
+    vecs = [np.array(d.embedding) for d in r.data]
+    assert [d.index for d in r.data] == [0, 1, 2] and r.model == MODEL
+    ids = [char_tokenizer()[0].encode(t).ids for t in texts]
+    assert r.usage.prompt_tokens == r.usage.total_tokens == sum(len(x) for x in ids)
+    assert np.array_equal(vecs[0], vecs[2]) and not np.allclose(vecs[0], vecs[1])
+    for v, x in zip(vecs, ids):
+        assert abs(np.linalg.norm(v) - 1) < 1e-5
+        assert np.abs(v - eager_embedding(tiny_models, x, "mean")).max() <= 1e-4
+    plain = httpx.post(f"{server.url}/v1/embeddings", json={"input": ids[1], "encoding_format": "float"}).json()
+    assert np.abs(np.array(plain["data"][0]["embedding"]) - vecs[1]).max() <= 1e-6
+
+
+def test_embeddings_last_pooling_over_chunked_prefill(tiny_program, tiny_models):
+    import numpy as np
+
+    s = ServerThread(_cfg(tiny_program, pooling="last", max_tokens_per_step=8))
+    try:
+        c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
+        text = "a prompt of more than three pages of eight tokens"
+        got = np.array(c.embeddings.create(model=MODEL, input=text, encoding_format="float").data[0].embedding)
+        want = eager_embedding(tiny_models, char_tokenizer()[0].encode(text).ids, "last")
+        assert np.abs(got - want).max() <= 1e-4
+        assert s.engine.pool_stats()[0].used == 0
+    finally:
+        s.stop()
+
+
+@pytest.mark.parametrize("body,param", [({"input": []}, "input"), ({"input": "x", "dimensions": 3}, "dimensions"),
+                                        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+                                        ({"input": [[999999]]}, "input")])
+def test_bad_embedding_requests_are_400(server, body, param):
+    r = httpx.post(f"{server.url}/v1/embeddings", json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
 def test_tokenize_round_trip(server):
     tok = char_tokenizer()[0]
     text = "Hello, world!"
@@ -403,5 +460,12 @@ def test_smollm2_chat(smollm2_path, smollm2_f32_artifacts, smollm2_reference):
         greedy = c.completions.create(model="smollm2", prompt=SMOL_PROMPT, temperature=0, max_tokens=32,
                                       extra_body={"ignore_eos": True})
         assert greedy.choices[0].text == tok.decode(ref)
+        # embeddings: related sentences lie closer than unrelated ones
+        import numpy as np
+
+        texts = ["The cat sat on the mat.", "A kitten was sitting on the rug.",
+                 "Quarterly tax returns must be filed by April."]
+        e = [np.array(d.embedding) for d in c.embeddings.create(model="smollm2", input=texts).data]
+        assert len(e[0]) == 576 and float(e[0] @ e[1]) > float(e[0] @ e[2])
     finally:
         s.stop()
