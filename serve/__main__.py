@@ -1,4 +1,4 @@
-"""python -m serve: the aotllm HTTP server.
+"""python -m serve: the aotllm HTTP server (and, with --grpc-port, ppl.llm.serving's gRPC service).
 
 With no model arguments it serves the embedded default, SmolLM2-135M-Instruct: exported and compiled
 into ~/.cache/aotllm on first use (minutes, with progress), reused afterwards.
@@ -38,6 +38,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device-ids", "--device_ids", dest="device_ids", type=int, nargs="+", default=[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--grpc-port", type=int, default=None,
+                   help="also serve ppl.llm.serving's gRPC LLMService (llm.proto) on this port, same --host")
     p.add_argument("--kv-pages", type=int, help="KV pages per device (default: the export's device_block_count)")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoding at once per device")
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running before 503s")
@@ -114,6 +116,17 @@ def main(argv=None) -> int:
     async def _startup():
         state["loop"] = asyncio.get_running_loop()
         threading.Thread(target=load_engine, args=(args, state), daemon=True).start()
+
+    if args.grpc_port is not None:
+        from .grpc_api import start_grpc_server  # (imports the generated stubs: only when asked for)
+
+        @app.on_event("startup")
+        async def _start_grpc():
+            app.state.grpc_server = await start_grpc_server(state, app.state.metrics, args.host, args.grpc_port)
+
+        @app.on_event("shutdown")
+        async def _stop_grpc():
+            await app.state.grpc_server.stop(grace=1.0)  # open streams are cancelled, their sequences too
 
     t0 = time.perf_counter()
     log.info("serving on http://%s:%d (model loading in the background)", args.host, args.port)
