@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from compile import CompileRequest, compile_mlir, vmfb_cache_dir
+from models.abi import ModelABI
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -34,6 +35,11 @@ class Artifacts:
     @property
     def config(self) -> Path:
         return self.dir / "config.json"
+
+    @property
+    def parameters(self) -> list[Path]:
+        """model.irpa, and with tensor parallelism its rank files."""
+        return [self.dir / name for name in ModelABI.load(self.config).parameter_files] or [self.irpa]
 
 
 def _hash_path(h, path: Path) -> None:
@@ -72,7 +78,8 @@ def build(gguf: Path, export_args: list[str] | None = None) -> Artifacts:
             raise RuntimeError(f"export failed (exit {result.returncode}); command: {' '.join(cmd)}")
         (out / ".complete").write_text(f"{time.perf_counter() - t0:.1f} s\n")
     if not art.vmfb.is_file():
-        compile_mlir(CompileRequest(out / "model.mlir"), art.vmfb)
+        devices = ModelABI.load(art.config).tensor_parallelism_size
+        compile_mlir(CompileRequest(out / "model.mlir", devices=devices), art.vmfb)
     return art
 
 

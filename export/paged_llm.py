@@ -52,6 +52,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default=None, help="default: activation dtype")
     p.add_argument("--top-k", type=int, default=None, help="decode returns on-device top-k (1: argmax)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
+    p.add_argument("--tensor-parallelism-size", type=int, default=None,
+                   help="N devices (default: the --irpa-file's sharding, else 1); unsharded weights are sharded "
+                        "here as `python -m sharding` does")
     args = p.parse_args(argv)
     if not args.output_dir and not (args.output_mlir and args.output_config and args.output_irpa):
         p.error("give --output-dir, or all of --output-mlir, --output-config and --output-irpa")
@@ -88,26 +91,49 @@ def export_forward(model: PagedLlama):
     Tracing costs ~14 s for SmolLM2, so it is done once: `entry_points` adds the prefill_bs{N} /
     decode_bs{N} functions around it. The traced function is pure (it returns the new cache), so no
     functionalisation pass is needed; the entry points store the new cache in the module's global.
+    With tp > 1 each rank's parameters are placed on its device (`stream.affinity`), the rest on device 0.
     """
     from iree.turbine import aot
 
+    if model.tp > 1:
+        _turbine_custom_op_compat()
+        for name, param in model.named_parameters():
+            rank = int(name.split(".")[1]) if name.startswith("rank.") else 0
+            aot.DeviceTensorTrait(rank).set(param)
     aot.externalize_module_parameters(model, external_scope="model")
     fxb = aot.FxProgramsBuilder(model)
     i64 = torch.int64
     batch, seq, cols = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=1 << 16), Dim("cols", min=1, max=1 << 14)
+    caches = model.allocate_cache(4)
+    caches = caches if isinstance(caches, list) else [caches]
     args = (torch.zeros(2, 3, dtype=i64), torch.zeros(2, dtype=i64), torch.ones(2, dtype=i64),
-            torch.ones(2, 3, dtype=i64), model.allocate_cache(4))
-    dyn = {"tokens": {0: batch, 1: seq}, "start_positions": {0: batch}, "seq_lens": {0: batch},
-           "page_ids": {0: batch, 1: cols}, "cache": {0: Dim("pages", min=2)}}
+            torch.ones(2, 3, dtype=i64), *caches)
+    pages = Dim("pages", min=2)
+    dyn = ({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, ({0: pages},) * len(caches))
 
-    def _forward(m, tokens, start_positions, seq_lens, page_ids, cache):
-        return m.forward(tokens, start_positions, seq_lens, page_ids, cache)
+    def _forward(m, tokens, start_positions, seq_lens, page_ids, *caches):
+        return m.forward(tokens, start_positions, seq_lens, page_ids, *caches)
 
     # No decomposition pass: it re-traces the whole program (half the export time), and torch-mlir
     # lowers the remaining aten ops itself. (export_program traces right away: it must run inside.)
     with aot.decompositions.extend_aot_decompositions(from_current=False):
         fxb.export_program(_forward, name="forward", args=args, dynamic_shapes=dyn, strict=False)
         return aot.export(fxb)
+
+
+def _turbine_custom_op_compat() -> None:
+    """iree-turbine 3.9's custom-op expansion (the device transfers of tensor parallelism) calls
+    `Type.isinstance(x)`, which the MLIR bindings of iree-base-compiler 3.13 no longer have; the
+    bindings downcast types themselves, so Python's isinstance is the same test."""
+    import iree.compiler.ir as ir
+
+    for name in dir(ir):
+        cls = getattr(ir, name)
+        if isinstance(cls, type) and name[:1].isupper() and not hasattr(cls, "isinstance"):
+            try:
+                cls.isinstance = staticmethod(lambda v, cls=cls: isinstance(v, cls))
+            except (TypeError, AttributeError):  # (immutable builtins)
+                pass
 
 
 _FORWARD_RE = re.compile(r"^(\s*)func\.func @forward\((.*)\) -> \((.*)\) (attributes .*)?\{$", re.M)
@@ -127,11 +153,14 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
     if not m:
         raise RuntimeError("traced module has no @forward function")
     ind = m.group(1)
-    t_tok, t_start, t_lens, t_pages, _ = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(2))]
-    t_logits, t_hidden, t_vcache = [t.strip() for t in re.split(r", (?=!torch)", m.group(3))]
+    t_tok, t_start, t_lens, t_pages, *_ = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(2))]
+    t_logits, t_hidden, t_vcache, *more = [t.strip() for t in re.split(r", (?=!torch)", m.group(3))]
+    tp = 1 + len(more)  # one KV-cache slab per device, each device's the same shape
     elems, dtype = re.fullmatch(r"!torch\.vtensor<\[\?,(\d+)\],(\w+)>", t_vcache).groups()
     t_global, t_dyn = f"tensor<{pages}x{elems}x{dtype}>", f"tensor<?x{elems}x{dtype}>"
-    call_types = f"({t_tok}, {t_start}, {t_lens}, {t_pages}, {t_vcache}) -> ({t_logits}, {t_hidden}, {t_vcache})"
+    caches = ", ".join([t_vcache] * tp)
+    call_types = f"({t_tok}, {t_start}, {t_lens}, {t_pages}, {caches}) -> ({t_logits}, {t_hidden}, {caches})"
+    cache_args = ", ".join(f"%c{r}" for r in range(tp))
 
     def body(name: str, params: str, call_args: str) -> list[str]:
         ret_types, tail = t_logits, [f"{ind}  return %r#0 : {t_logits}"]
@@ -144,19 +173,25 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
                     f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {t_logits}, !torch.int, "
                     f"!torch.int, !torch.bool, !torch.bool -> {ret_types}",
                     f"{ind}  return %v, %i : {ret_types}"]
-        return [f"{ind}func.func @{name}({params}) -> ({ret_types}) {{",
-                f"{ind}  %g = util.global.load @kv_cache : {t_global}",
-                f"{ind}  %gd = tensor.cast %g : {t_global} to {t_dyn}",
-                f"{ind}  %c = torch_c.from_builtin_tensor %gd : {t_dyn} -> {t_vcache}",
-                f"{ind}  %r:3 = func.call @forward({call_args}, %c) : {call_types}",
-                f"{ind}  %n = torch_c.to_builtin_tensor %r#2 : {t_vcache} -> {t_dyn}",
-                f"{ind}  %ns = tensor.cast %n : {t_dyn} to {t_global}",
-                f"{ind}  util.global.store %ns, @kv_cache : {t_global}",
-                *tail, f"{ind}}}"]
+        lines = [f"{ind}func.func @{name}({params}) -> ({ret_types}) {{"]
+        for r in range(tp):
+            lines += [f"{ind}  %g{r} = util.global.load @{_cache_global(r)} : {t_global}",
+                      f"{ind}  %gd{r} = tensor.cast %g{r} : {t_global} to {t_dyn}",
+                      f"{ind}  %c{r} = torch_c.from_builtin_tensor %gd{r} : {t_dyn} -> {t_vcache}"]
+        lines.append(f"{ind}  %r:{2 + tp} = func.call @forward({call_args}, {cache_args}) : {call_types}")
+        for r in range(tp):
+            lines += [f"{ind}  %n{r} = torch_c.to_builtin_tensor %r#{2 + r} : {t_vcache} -> {t_dyn}",
+                      f"{ind}  %ns{r} = tensor.cast %n{r} : {t_dyn} to {t_global}",
+                      f"{ind}  util.global.store %ns{r}, @{_cache_global(r)} : {t_global}"]
+        return lines + tail + [f"{ind}}}"]
 
-    out = [f"{ind}util.global private mutable @kv_cache = dense<0.0> : {t_global}",
-           f"{ind}func.func @read_kv_cache() -> {t_global} {{",  # for tests and debugging: a copy
-           f"{ind}  %g = util.global.load @kv_cache : {t_global}", f"{ind}  return %g : {t_global}", f"{ind}}}"]
+    out = []
+    for r in range(tp):  # rank r's slab lives on device r
+        affinity = f" {{stream.affinity = #hal.device.promise<@__device_{r}>}}" if tp > 1 else ""
+        out += [f"{ind}util.global private mutable @{_cache_global(r)}{affinity} = dense<0.0> : {t_global}",
+                f"{ind}func.func @read_{_cache_global(r)}() -> {t_global} {{",  # tests and debugging: a copy
+                f"{ind}  %g = util.global.load @{_cache_global(r)} : {t_global}", f"{ind}  return %g : {t_global}",
+                f"{ind}}}"]
     for bs in prefill_bs:
         for kind in ("prefill", "embed"):
             out += body(f"{kind}_bs{bs}", f"%tokens: {t_tok}, %start_positions: {t_start}, %seq_lens: {t_lens}, "
@@ -169,6 +204,10 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
     return mlir[:end] + "\n".join(out) + "\n" + mlir[end:]
 
 
+def _cache_global(rank: int) -> str:
+    return "kv_cache" if rank == 0 else f"kv_cache_{rank}"
+
+
 def model_state(model: PagedLlama, weights: ModelWeights) -> ModelWeights:
     """The weights as the exported program names and types them."""
     import ml_dtypes
@@ -176,7 +215,7 @@ def model_state(model: PagedLlama, weights: ModelWeights) -> ModelWeights:
     tensors = {k: v.detach().contiguous().numpy() if v.dtype != torch.bfloat16 else
                v.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
                for k, v in model.state_dict().items()}
-    return ModelWeights(weights.config, tensors, weights.source)
+    return ModelWeights(weights.config, tensors, weights.source, model.tp)
 
 
 def main(argv=None) -> int:
@@ -198,12 +237,27 @@ def main(argv=None) -> int:
     try:
         with _Stage("load weights"):
             weights = load_weights(args.gguf_file, args.hf_dir, args.irpa_file)
+            tp = args.tensor_parallelism_size or weights.tp
+            if weights.tp not in (1, tp):
+                raise ModelError(f"{weights.source} is sharded {weights.tp} ways, not {tp}; re-shard the "
+                                 "unsharded model with python -m sharding")
+            if tp > 1 and weights.tp == 1:
+                from sharding import shard_tensors
+
+                weights = shard_tensors(weights, tp)
         args.output_mlir.parent.mkdir(parents=True, exist_ok=True)
-        with _Stage(f"write parameters {args.output_irpa}"):
-            model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, DTYPES[kv_dtype_name])
-            write_irpa(model_state(model, weights), args.output_irpa)
+        with _Stage(f"write parameters {args.output_irpa}" + (f" + {tp} rank files" if tp > 1 else "")):
+            model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, DTYPES[kv_dtype_name], tp)
+            if tp > 1:
+                from sharding import write_sharded
+
+                param_files = write_sharded(model_state(model, weights), args.output_irpa)
+            else:
+                write_irpa(model_state(model, weights), args.output_irpa)
+                param_files = [args.output_irpa]
         with _Stage("trace"):  # shapes only: the weights are external parameters
-            model = PagedLlama.uninitialized(weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name])
+            model = PagedLlama.uninitialized(weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name],
+                                             tp)
             output = export_forward(model)
         with _Stage("tokenizer"):
             tok_files, tok_info = write_tokenizer(args, args.output_config.parent)
@@ -232,13 +286,15 @@ def main(argv=None) -> int:
             block_seq_stride=args.block_seq_stride,
             device_block_count=args.device_block_count,
             kv_cache_dtype=kv_dtype_name,
-            paged_kv_block_size_elements_per_device=[model.page_elems],
+            paged_kv_block_size_elements_per_device=[model.page_elems] * tp,
         ),
         vocab_size=c.vocab_size,
         activation_dtype=args.activation_dtype,
         attention_head_count=c.num_heads,
         hidden_size=c.hidden_size,
         has_embed=True,
+        tensor_parallelism_size=tp,
+        parameter_files=[p.name for p in param_files],
         bos_token_id=tok_info.bos_id if tok_info else None,
         eos_token_ids=sorted(set(tok_info.eot_ids)) if tok_info else [],
         add_bos_token=bool(tok_info and tok_info.add_bos),

@@ -7,7 +7,8 @@ Entry points, for each exported batch size N (all integer tensors are int64):
      or, exported with top_k=K: (values[N,K] f32, indices[N,K] i64)
   embed_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P]) -> hidden[N,S,H]
      prefill (it fills the cache too) returning every position's final-normed hidden states
-  read_kv_cache() -> [device_block_count, E] (a copy, for tests and debugging)
+  read_kv_cache() -> [device_block_count, E] (a copy, for tests and debugging; with tensor parallelism
+     also read_kv_cache_{r}() for device r's slab)
 (shortfin's argument order, less the cache.) Positions start_positions[b] .. seq_lens[b]-1 are new; in
 decode start_positions = seq_lens - 1. Every dimension is dynamic (the server pads S to a multiple of
 block_seq_stride and N to an exported batch size). The KV cache is a mutable global of the module
@@ -52,7 +53,8 @@ class ModelABI:
     add_bos_token: bool = False
     hidden_size: int = 0
     has_embed: bool = False  # embed_bs{N} exported for each prefill batch size
-    tensor_parallelism_size: int = 1
+    tensor_parallelism_size: int = 1  # > 1: one program over that many devices (one KV slab on each)
+    parameter_files: list[str] = field(default_factory=list)  # next to config.json: model.irpa [+ rank files]
     tokenizer_files: list[str] = field(default_factory=list)
     source: str = ""
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LlamaConfig
+from .tp import shard_config
 from .weights import ModelWeights
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,8 +78,9 @@ class Block(nn.Module):
         self.ffn_up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
         self.ffn_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, layer: int, cache, write_rows, read_pages, mask):
-        """Returns (x, cache): the cache is threaded through functionally (see PagedLlama.forward)."""
+    def attention(self, x, layer: int, cache, cos, sin, write_rows, read_pages, mask):
+        """-> (the attention sublayer's output (before the residual add), the cache with this call's K/V).
+        With a head-sharded config (models.tp.shard_config) this is one rank's partial sum."""
         c = self.c
         B, S, _ = x.shape
         h = self.attn_norm(x)
@@ -112,20 +114,39 @@ class Block(nn.Module):
         probs = torch.softmax(scores, dim=-1).view(B * KV, rep * S, T)
         attn = torch.bmm(probs, vg).view(B, KV, rep, S, D)
         attn = _to(attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * D), x.dtype)
-        x = x + self.attn_output(attn)
+        return self.attn_output(attn), cache
+
+    def feed_forward(self, x):
+        """The FFN sublayer's output (before the residual add); a rank's partial sum when sharded."""
         h = self.ffn_norm(x)
-        return x + self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h)), cache
+        return self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+
+
+class Rank(nn.Module):
+    """One tensor-parallel rank's slices of every block (see models.tp)."""
+
+    def __init__(self, c: LlamaConfig):
+        super().__init__()
+        self.blk = nn.ModuleList(Block(c) for _ in range(c.num_layers))
 
 
 class PagedLlama(nn.Module):
-    def __init__(self, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None):
+    """tp > 1: Megatron-style tensor parallelism over `tp` IREE devices (models.tp): rank r's block slices
+    and KV-cache slab live on device r; the embedding, final norm and head on device 0."""
+
+    def __init__(self, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
+                 tp: int = 1):
         super().__init__()
         self.config = c = config
         self.block_seq_stride = block_seq_stride
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype
+        self.tp = tp
         self.token_embd = nn.Embedding(c.vocab_size, c.hidden_size)
-        self.blk = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        if tp == 1:
+            self.blk = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        else:
+            self.rank = nn.ModuleList(Rank(shard_config(c, tp)) for _ in range(tp))
         self.output_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.output = None if c.tied_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
         self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
@@ -133,43 +154,77 @@ class PagedLlama(nn.Module):
 
     @property
     def page_elems(self) -> int:
+        """Elements of one KV page on one device (each device holds num_kv_heads / tp heads)."""
         c = self.config
-        return c.num_layers * 2 * self.block_seq_stride * c.num_kv_heads * c.head_dim
+        return c.num_layers * 2 * self.block_seq_stride * (c.num_kv_heads // self.tp) * c.head_dim
 
-    def allocate_cache(self, page_count: int) -> torch.Tensor:
-        return torch.zeros(page_count, self.page_elems, dtype=self.kv_dtype)
+    def allocate_cache(self, page_count: int) -> torch.Tensor | list[torch.Tensor]:
+        """The KV cache: one tensor, or with tp > 1 one slab per device."""
+        caches = [torch.zeros(page_count, self.page_elems, dtype=self.kv_dtype) for _ in range(self.tp)]
+        return caches[0] if self.tp == 1 else caches
 
     @classmethod
-    def from_weights(cls, weights: ModelWeights, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None):
+    def from_weights(cls, weights: ModelWeights, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
+                     tp: int = 1):
+        """From unsharded weights, or tensor-parallel ones (sharding.shard_tensors) when tp > 1."""
         with torch.device("meta"):
-            model = cls(weights.config, block_seq_stride, dtype, kv_dtype)
+            model = cls(weights.config, block_seq_stride, dtype, kv_dtype, tp)
         state = {k: torch.from_numpy(np.array(v, dtype=np.float32)).to(dtype) for k, v in weights.tensors.items()}
         model.load_state_dict(state, strict=True, assign=True)
         model.inv_freq = rope_inv_freq(weights.config)
         return model.eval()
 
     @classmethod
-    def uninitialized(cls, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None):
+    def uninitialized(cls, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
+                      tp: int = 1):
         """Right shapes, garbage values, no initialisation cost: what export traces."""
         with torch.device("meta"):
-            model = cls(config, block_seq_stride, dtype, kv_dtype)
+            model = cls(config, block_seq_stride, dtype, kv_dtype, tp)
         model = model.to_empty(device="cpu")
         model.inv_freq = rope_inv_freq(config)
         return model.eval()
 
-    def forward(self, tokens, start_positions, seq_lens, page_ids, cache):
+    def forward(self, tokens, start_positions, seq_lens, page_ids, *caches):
         """-> (logits [B, V] of each sequence's last position in this call, final-normed hidden states
-        [B, S, hidden] of every position (embeddings), the updated cache).
+        [B, S, hidden] of every position (embeddings), the updated cache (tp > 1: each device's slab)).
 
         Functional (the cache is threaded through the blocks and returned); the exported entry points
-        store the new cache in the program's KV-cache global and return the output they need.
+        store the new cache in the program's KV-cache global(s) and return the output they need.
         """
-        h, cache = self._blocks(tokens, start_positions, seq_lens, page_ids, cache)
+        h, caches = self._blocks(tokens, start_positions, seq_lens, page_ids, list(caches))
         last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)
         h_last = torch.gather(h, 1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
-        return self.logits(h_last), h, cache
+        return self.logits(h_last), h, *caches
 
-    def _blocks(self, tokens, start_positions, seq_lens, page_ids, cache):
+    def _blocks(self, tokens, start_positions, seq_lens, page_ids, caches: list):
+        """-> (final-normed hidden states [B, S, hidden], the updated caches).
+
+        With tp > 1 every rank keeps a replica of the residual stream on its device; each sublayer's
+        partial outputs are all-reduced (models.tp.all_reduce) before the residual add."""
+        x = self.token_embd(tokens)
+        inputs = (tokens, start_positions, seq_lens, page_ids)
+        if self.tp == 1:
+            ranks, lays, xs = [self], [self._layout(*inputs)], [x]
+        else:
+            from .tp import all_reduce, to_device
+
+            ranks = list(self.rank)
+            # Each device derives the layout from its own copy of the inputs: IREE 3.13 mis-sized the
+            # transfer of a derived index tensor (only its first row arrived).
+            lays = [self._layout(*[to_device(r, t) for t in inputs]) for r in range(self.tp)]
+            xs = [to_device(r, x) for r in range(self.tp)]
+        for i in range(self.config.num_layers):
+            parts = []
+            for r, rank in enumerate(ranks):
+                out, caches[r] = rank.blk[i].attention(xs[r], i, caches[r], *lays[r])
+                parts.append(out)
+            xs = [x + p for x, p in zip(xs, parts if self.tp == 1 else all_reduce(parts))]
+            parts = [rank.blk[i].feed_forward(x) for rank, x in zip(ranks, xs)]
+            xs = [x + p for x, p in zip(xs, parts if self.tp == 1 else all_reduce(parts))]
+        return self.output_norm(xs[0]), caches
+
+    def _layout(self, tokens, start_positions, seq_lens, page_ids):
+        """What every layer shares: rope (cos, sin), then (write_rows, read_pages, mask)."""
         c = self.config
         B, S = tokens.shape
         stride = self.block_seq_stride
@@ -192,18 +247,20 @@ class PagedLlama(nn.Module):
         last_visible = torch.minimum(pos, seq_lens.unsqueeze(1) - 1)
         key_pos = torch.arange(P * stride, dtype=pos.dtype)
         mask = (key_pos.view(1, 1, -1) > last_visible.unsqueeze(-1)).view(B, 1, 1, S, P * stride)
+        return cos, sin, write_rows, read_pages, mask
 
-        x = self.token_embd(tokens)
-        for i, block in enumerate(self.blk):
-            x, cache = block(x, cos, sin, i, cache, write_rows, read_pages, mask)
-        return self.output_norm(x), cache
+    # Eager entry points with the exported programs' in-place cache semantics (`cache`: a tensor, or with
+    # tp > 1 the list of slabs from allocate_cache).
+    def _run(self, tokens, start_positions, seq_lens, page_ids, cache):
+        caches = cache if isinstance(cache, list) else [cache]
+        logits, h, *new = self.forward(tokens, start_positions, seq_lens, page_ids, *caches)
+        for c, n in zip(caches, new):
+            c.copy_(n)
+        return logits, h
 
-    # Eager entry points with the exported programs' in-place cache semantics.
     def hidden_states(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Final-normed hidden states [B, S, hidden] of every position (updates `cache`)."""
-        _, h, new_cache = self.forward(tokens, start_positions, seq_lens, page_ids, cache)
-        cache.copy_(new_cache)
-        return h
+        return self._run(tokens, start_positions, seq_lens, page_ids, cache)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         w = self.token_embd.weight if self.output is None else self.output.weight
@@ -211,9 +268,7 @@ class PagedLlama(nn.Module):
 
     def prefill(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Logits [B, vocab] of each sequence's last position in this chunk (updates `cache`)."""
-        logits, _, new_cache = self.forward(tokens, start_positions, seq_lens, page_ids, cache)
-        cache.copy_(new_cache)
-        return logits
+        return self._run(tokens, start_positions, seq_lens, page_ids, cache)[0]
 
     def decode(self, tokens, seq_lens, page_ids, cache) -> torch.Tensor:
         """One new token per sequence (at position seq_lens - 1): logits [B, vocab] (updates `cache`)."""

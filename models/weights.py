@@ -16,6 +16,7 @@ import ml_dtypes
 import numpy as np
 
 from .config import LlamaConfig, ModelError, config_from_hf
+from .tp import shard_config
 
 CONFIG_KEY = "__aotllm_config__"
 
@@ -43,23 +44,26 @@ class ModelWeights:
     config: LlamaConfig
     tensors: dict[str, np.ndarray] = field(repr=False)
     source: Path
+    tp: int = 1  # > 1: tensor-parallel names and slices (sharding.shard_tensors): rank.{r}.blk.{i}.*
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         c = self.config
-        q, kv = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
         shapes = {"token_embd.weight": (c.vocab_size, c.hidden_size), "output_norm.weight": (c.hidden_size,)}
         if not c.tied_embeddings:
             shapes["output.weight"] = (c.vocab_size, c.hidden_size)
-        per_layer = {
-            "attn_norm.weight": (c.hidden_size,), "ffn_norm.weight": (c.hidden_size,),
-            "attn_q.weight": (q, c.hidden_size), "attn_k.weight": (kv, c.hidden_size),
-            "attn_v.weight": (kv, c.hidden_size), "attn_output.weight": (c.hidden_size, q),
-            "ffn_gate.weight": (c.intermediate_size, c.hidden_size),
-            "ffn_up.weight": (c.intermediate_size, c.hidden_size),
-            "ffn_down.weight": (c.hidden_size, c.intermediate_size),
-        }
-        for i in range(c.num_layers):
-            shapes.update({f"blk.{i}.{k}": v for k, v in per_layer.items()})
+        ranks = [("", c)] if self.tp == 1 else [(f"rank.{r}.", shard_config(c, self.tp)) for r in range(self.tp)]
+        for prefix, rc in ranks:
+            q, kv = rc.num_heads * rc.head_dim, rc.num_kv_heads * rc.head_dim
+            per_layer = {
+                "attn_norm.weight": (c.hidden_size,), "ffn_norm.weight": (c.hidden_size,),
+                "attn_q.weight": (q, c.hidden_size), "attn_k.weight": (kv, c.hidden_size),
+                "attn_v.weight": (kv, c.hidden_size), "attn_output.weight": (c.hidden_size, q),
+                "ffn_gate.weight": (rc.intermediate_size, c.hidden_size),
+                "ffn_up.weight": (rc.intermediate_size, c.hidden_size),
+                "ffn_down.weight": (c.hidden_size, rc.intermediate_size),
+            }
+            for i in range(c.num_layers):
+                shapes.update({f"{prefix}blk.{i}.{k}": v for k, v in per_layer.items()})
         return shapes
 
     def validate(self) -> None:
@@ -229,15 +233,29 @@ def read_irpa_meta(path: Path):
     return index, entries, meta
 
 
+def rank_paths(path: Path, tp: int) -> list[Path]:
+    """model.irpa -> [model.rank0.irpa, ...]: where a tensor-parallel model's rank slices are."""
+    path = Path(path)
+    return [path.with_name(f"{path.stem}.rank{r}{path.suffix}") for r in range(tp)]
+
+
 def read_irpa(path: Path) -> ModelWeights:
+    """An IRPA written by export.paged_llm or sharding (then with its rank files, found next to it)."""
     _, entries, meta = read_irpa_meta(path)
+    tp = int(meta.get("tensor_parallelism_size", 1))
     tensors = {}
-    for name, info in meta["tensors"].items():
-        if name not in entries:
-            raise ModelError(f"{path}: missing tensor {name!r}")
-        raw = np.asarray(entries[name].file_view)
-        tensors[name] = raw.view(_np_dtype(info["dtype"])).reshape(info["shape"])
-    return ModelWeights(LlamaConfig.from_json(meta["config"]), tensors, Path(path))
+    for file in [Path(path)] + (rank_paths(path, tp) if tp > 1 else []):
+        if file != Path(path):
+            if not file.is_file():
+                raise ModelError(f"{path} is sharded {tp} ways but {file} is missing; hint: keep the "
+                                 "model.rank*.irpa files `python -m sharding` wrote next to it")
+            _, entries, meta = read_irpa_meta(file)
+        for name, info in meta["tensors"].items():
+            if name not in entries:
+                raise ModelError(f"{file}: missing tensor {name!r}")
+            raw = np.asarray(entries[name].file_view)
+            tensors[name] = raw.view(_np_dtype(info["dtype"])).reshape(info["shape"])
+    return ModelWeights(LlamaConfig.from_json(meta["config"]), tensors, Path(path), tp)
 
 
 def load_weights(gguf_file=None, hf_dir=None, irpa_file=None) -> ModelWeights:

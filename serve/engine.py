@@ -58,12 +58,17 @@ class Engine:
         if self.tok_info.eos_id is not None:
             eos.add(self.tok_info.eos_id)
         self.eos_ids = sorted(eos)
-        self.schedulers = []
-        for i in cfg.device_ids:
-            runner = Runner(cfg.vmfb, cfg.parameters, self.abi, cfg.kv_pages, cfg.device, i)
+        tp = self.abi.tensor_parallelism_size
+        if len(cfg.device_ids) % tp:
+            raise ValueError(f"the model is sharded over {tp} devices (tensor parallelism): give --device-ids in "
+                             f"groups of {tp} (one replica each), not {cfg.device_ids}")
+        self.schedulers = []  # one per replica: a device, or a group of tp devices
+        for k in range(0, len(cfg.device_ids), tp):
+            ids = cfg.device_ids[k:k + tp]
+            runner = Runner(cfg.vmfb, cfg.parameters, self.abi, cfg.kv_pages, cfg.device, ids)
             pool = PagePool(runner.page_count, self.abi.block_seq_stride, cfg.prefix_caching)
             self.schedulers.append(Scheduler(runner, pool, self.abi, self.eos_ids, cfg.max_running,
-                                             cfg.max_tokens_per_step, i))
+                                             cfg.max_tokens_per_step, ids[0]))
         self._tasks: list[asyncio.Task] = []
         self.load_seconds = time.perf_counter() - t0
         log.info("engine ready in %.1f s: %d device(s), %d KV pages of %d tokens each", self.load_seconds,

@@ -26,21 +26,34 @@ class DecodeOut:
 
 
 class Runner:
+    """`device_ids`: one device, or with tensor parallelism the program's N devices (rank r on the r-th)."""
+
     def __init__(self, vmfb: Path, parameters: list[Path], abi: ModelABI, page_count: int | None = None,
-                 driver: str = "local-task", device_index: int = 0):
+                 driver: str = "local-task", device_ids: list[int] | None = None):
         self.abi = abi
+        device_ids = device_ids or list(range(abi.tensor_parallelism_size))
+        if len(device_ids) != abi.tensor_parallelism_size:
+            raise ValueError(f"the program runs on {abi.tensor_parallelism_size} devices (tensor parallelism); "
+                             f"{len(device_ids)} given: {device_ids}")
         held = abi.paged_kv_cache.device_block_count
         self.page_count = page_count or held
         if not 2 <= self.page_count <= held:
             raise ValueError(f"{self.page_count} KV pages asked for; the program holds {held} (page 0 is the "
                              f"padding page): use 2..{held}, or re-export with --device-block-count")
+        missing = [str(p) for p in parameters if not Path(p).is_file()]
+        if missing:
+            raise ValueError(f"parameter files not found: {missing}")
+        if len(parameters) < len(abi.parameter_files):
+            raise ValueError(f"the program needs the parameter files {abi.parameter_files}; {len(parameters)} given "
+                             "(hint: --parameters OUT/model.irpa OUT/model.rank*.irpa)")
         self.instance = rt.VmInstance()
-        self.device = _device(driver, device_index)
+        self.devices = [_device(driver, i) for i in device_ids]
+        self.device = self.devices[0]  # where the inputs go and the outputs come from
         index = rt.ParameterIndex()
         for p in parameters:
             index.load(str(p))
         params = rt.create_io_parameters_module(self.instance, index.create_provider(scope="model"))
-        hal = rt.create_hal_module(self.instance, self.device)
+        hal = rt.create_hal_module(self.instance, devices=self.devices)
         self.module = rt.VmModule.mmap(self.instance, str(vmfb))
         self.context = rt.VmContext(self.instance, [hal, params, self.module])
         self._fns: dict[str, rt.FunctionInvoker] = {}
@@ -61,7 +74,7 @@ class Runner:
         """tokens [N, S] (S a multiple of the page size) -> last-position logits [N, V]."""
         out = self._fn(f"prefill_bs{tokens.shape[0]}")(
             _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
-        return out.to_host()
+        return _host(out)
 
     def embed(self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray,
               page_ids: np.ndarray) -> np.ndarray:
@@ -71,7 +84,7 @@ class Runner:
                              "of export.paged_llm to serve embeddings")
         out = self._fn(f"embed_bs{tokens.shape[0]}")(
             _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
-        return out.to_host().astype(np.float32, copy=False)
+        return _host(out).astype(np.float32, copy=False)
 
     def decode(self, tokens: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray) -> DecodeOut:
         """One token per sequence at position seq_lens - 1 (seq_len 0: an unused, padding slot)."""
@@ -79,13 +92,13 @@ class Runner:
         out = self._fn(f"decode_bs{tokens.shape[0]}")(_i64(tokens).reshape(-1, 1), seq_lens, seq_lens - 1,
                                                       _i64(page_ids))
         if self.abi.top_k is None:
-            return DecodeOut(logits=out.to_host())
+            return DecodeOut(logits=_host(out))
         values, indices = out
-        return DecodeOut(top_values=values.to_host(), top_indices=indices.to_host())
+        return DecodeOut(top_values=_host(values), top_indices=_host(indices))
 
-    def read_cache(self) -> np.ndarray:
-        """The KV pages this runner uses, copied to the host (tests)."""
-        return self._fn("read_kv_cache")().to_host()[: self.page_count]
+    def read_cache(self, rank: int = 0) -> np.ndarray:
+        """The KV pages this runner uses (with tensor parallelism: device `rank`'s slab), copied to the host."""
+        return _host(self._fn("read_kv_cache" + (f"_{rank}" if rank else ""))())[: self.page_count]
 
 
 _DEVICES: dict[tuple[str, int], rt.HalDevice] = {}
@@ -105,6 +118,12 @@ def _device(driver: str, index: int) -> rt.HalDevice:
             raise ValueError(f"cannot open IREE device {driver}:{index} ({e}); hint: --device local-task works "
                              "everywhere; hip/cuda need the GPU and a VMFB compiled for it") from e
     return _DEVICES[key]
+
+
+def _host(a: rt.DeviceArray) -> np.ndarray:
+    """A host copy: to_host() may map the device buffer, and a mapped result was seen overwritten by later
+    calls (a KV-cache read after a call of another program)."""
+    return np.array(a.to_host())
 
 
 def _i64(a) -> np.ndarray:

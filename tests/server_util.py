@@ -71,5 +71,6 @@ def export_served_tiny(gguf_path: Path, out: Path, stride: int = 8) -> Path:
 
 def tiny_config(out: Path, **kw) -> EngineConfig:
     kw.setdefault("model_name", TINY_MODEL_NAME)
-    return EngineConfig(vmfb=out / "model.vmfb", parameters=[out / "model.irpa"], model_config=out / "config.json",
-                        tokenizer=out, **kw)
+    kw.setdefault("vmfb", out / "model.vmfb")
+    kw.setdefault("parameters", [out / "model.irpa"])
+    return EngineConfig(model_config=out / "config.json", tokenizer=out, **kw)
