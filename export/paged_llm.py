@@ -18,7 +18,7 @@ from torch.export import Dim
 from models.abi import ModelABI, PagedKVCache
 from models.config import ModelError
 from models.llama import DTYPES, PagedLlama
-from models.weights import ModelWeights, load_weights, open_gguf, write_irpa
+from models.weights import ModelWeights, load_weights, write_irpa
 
 MODULE_NAME = "module"
 
@@ -310,21 +310,16 @@ def main(argv=None) -> int:
 
 
 def write_tokenizer(args, out_dir: Path):
-    """Tokenizer files next to config.json: from the GGUF's vocabulary or the HF folder's files."""
-    from models.tokenizer import load_tokenizer, save_tokenizer, tokenizer_from_gguf
+    """Tokenizer files next to config.json: from the GGUF's vocabulary, the HF folder's or the IRPA's."""
+    from models.tokenizer import save_tokenizer, tokenizer_near_weights
 
-    if args.gguf_file and "tokenizer.ggml.model" in open_gguf(args.gguf_file).fields:
-        tok, info = tokenizer_from_gguf(open_gguf(args.gguf_file))
-    elif args.hf_dir and (args.hf_dir / "tokenizer.json").is_file():
-        tok, info = load_tokenizer(args.hf_dir)
-    elif args.irpa_file and (args.irpa_file.parent / "tokenizer.json").is_file():
-        tok, info = load_tokenizer(args.irpa_file.parent)
-    else:
+    found = tokenizer_near_weights(args.gguf_file, args.hf_dir, args.irpa_file)
+    if found is None:
         print("[export] no tokenizer found next to the weights; the server will need --tokenizer",
               file=sys.stderr)
         return [], None
-    save_tokenizer(tok, info, out_dir)
-    return ["tokenizer.json", "tokenizer_config.json"], info
+    save_tokenizer(*found, out_dir)
+    return ["tokenizer.json", "tokenizer_config.json"], found[1]
 
 
 if __name__ == "__main__":

@@ -236,6 +236,16 @@ def save_tokenizer(tok: Tokenizer, info: TokenizerInfo, out_dir: str | os.PathLi
     (out / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
 
 
+def tokenizer_near_weights(gguf_file=None, hf_dir=None, irpa_file=None) -> tuple[Tokenizer, TokenizerInfo] | None:
+    """The tokenizer that goes with a model's weights: the GGUF's vocabulary, the HF folder's files, or the
+    files next to an IRPA (export and sharding write them there); None when there is none."""
+    if gguf_file:
+        reader = gguf.GGUFReader(gguf_file)
+        return tokenizer_from_gguf(reader) if "tokenizer.ggml.model" in reader.fields else None
+    folder = Path(hf_dir) if hf_dir else Path(irpa_file).parent if irpa_file else None
+    return load_tokenizer(folder) if folder and (folder / "tokenizer.json").is_file() else None
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}

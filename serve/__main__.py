@@ -51,6 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--chat-template", default=None,
                    help="built-in (chatml, llama2, llama3, mistral, vicuna) or a Jinja / tokenizer_config.json "
                         "file; default: the model's own, else chatml")
+    p.add_argument("--pooling", choices=("mean", "last"), default="mean",
+                   help="/v1/embeddings: mean of the final hidden states, or the last one (then L2-normalised)")
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if args.config:
@@ -94,7 +96,7 @@ def load_engine(args, state: dict) -> None:
             tokenizer=args.tokenizer or args.model_config.parent, device=args.device, device_ids=args.device_ids,
             kv_pages=args.kv_pages, max_running=args.max_running, max_queue=args.max_queue,
             max_tokens_per_step=args.max_tokens_per_step, prefix_caching=args.prefix_caching,
-            max_tokens_per_request=args.max_tokens_per_request,
+            max_tokens_per_request=args.max_tokens_per_request, pooling=args.pooling,
             model_name=args.model_name or Path(args.model_config).parent.name)
         state["status"] = "loading the model"
         engine = Engine(cfg)

@@ -85,7 +85,7 @@ def create_app(engine_ref: dict) -> FastAPI:
     async def generate(request: Request):
         eng = engine()
         if eng is None:
-            return error(503, "the model is still loading", {"Retry-After": "5"})
+            return error(503, engine_ref.get("status", "the model is still loading"), {"Retry-After": "5"})
         try:
             req = GenerateRequest.model_validate(json.loads(await request.body()))
             prompts = req.prompts()

@@ -71,8 +71,9 @@ class Engine:
                                              cfg.max_tokens_per_step, ids[0]))
         self._tasks: list[asyncio.Task] = []
         self.load_seconds = time.perf_counter() - t0
-        log.info("engine ready in %.1f s: %d device(s), %d KV pages of %d tokens each", self.load_seconds,
-                 len(self.schedulers), self.schedulers[0].pool.total + 1, self.abi.block_seq_stride)
+        log.info("engine ready in %.1f s: %d replica(s) on %d device(s) each, %d KV pages of %d tokens each",
+                 self.load_seconds, len(self.schedulers), tp, self.schedulers[0].pool.total + 1,
+                 self.abi.block_seq_stride)
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(s.run_forever()) for s in self.schedulers]

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from models.config import ModelError
+from models.tokenizer import save_tokenizer, tokenizer_near_weights
 from models.weights import load_weights
 
 from . import shard_tensors, write_sharded
@@ -36,6 +37,10 @@ def main(argv=None) -> int:
         if weights.tp != 1:
             raise ModelError(f"{weights.source} is already sharded {weights.tp} ways; shard the unsharded model")
         paths = write_sharded(shard_tensors(weights, args.tensor_parallelism_size), args.output_irpa)
+        tokenizer = tokenizer_near_weights(args.gguf_file, args.hf_dir, args.irpa_file)
+        if tokenizer:  # for the export of OUT/model.irpa to find
+            save_tokenizer(*tokenizer, args.output_irpa.parent)
+            paths.append(args.output_irpa.parent / "tokenizer.json")
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

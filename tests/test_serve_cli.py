@@ -42,3 +42,11 @@ def test_chat_template_flag(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--chat-template", "no-such-template"])
     assert "--chat-template" in capsys.readouterr().err
+
+
+def test_pooling_flag(capsys):
+    assert parse_args([]).pooling == "mean"
+    assert parse_args(["--pooling", "last"]).pooling == "last"
+    with pytest.raises(SystemExit):
+        parse_args(["--pooling", "cls"])
+    assert "--pooling" in capsys.readouterr().err

@@ -50,7 +50,9 @@ def programs(mha, tmp_path_factory):
                             "2", "--output-irpa", str(root / "sharded" / "model.irpa")], cwd=ROOT,
                            capture_output=True, text=True)
     assert shard.returncode == 0, shard.stderr
+    save_tokenizer(*char_tokenizer(), root / "sharded")  # as sharding writes a GGUF's tokenizer there
     out[2] = export_tp("--irpa-file", root / "sharded" / "model.irpa", root / "tp2", None)
+    assert ModelABI.load(out[2] / "config.json").tokenizer_files == ["tokenizer.json", "tokenizer_config.json"]
     for tp, folder in out.items():
         compile_mlir(CompileRequest(folder / "model.mlir", devices=tp), folder / "model.vmfb")
         save_tokenizer(*char_tokenizer(), folder)
