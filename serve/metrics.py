@@ -64,6 +64,10 @@ class EngineCollector(Collector):
         yield family(c, "generation_tokens", "Tokens generated.", lambda s: s.counters.generated_tokens)
         yield family(c, "preemptions", "Sequences preempted to free KV pages.", lambda s: s.counters.preemptions)
         yield family(c, "scheduler_steps", "Scheduler steps run.", lambda s: s.counters.steps)
+        yield family(c, "step_seconds", "Wall time of the scheduler steps that ran the program.",
+                     lambda s: s.counters.step_seconds)
+        yield family(c, "device_seconds", "Time inside the program's calls (device time plus the result copy); "
+                     "step_seconds minus this is the host's share.", lambda s: s.counters.device_seconds)
 
 
 class Metrics:

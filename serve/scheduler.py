@@ -74,6 +74,8 @@ class Counters:
     generated_tokens: int = 0
     preemptions: int = 0
     steps: int = 0
+    step_seconds: float = 0.0  # wall time of the steps that ran the program
+    device_seconds: float = 0.0  # of which inside the program's calls (the rest is host work)
 
 
 class Scheduler:
@@ -127,6 +129,7 @@ class Scheduler:
                              "hint: start the server with more --kv-pages")
             await asyncio.sleep(0)
             return
+        t0 = time.perf_counter()
         decode_out, prefill_out = await asyncio.to_thread(self._execute, decode, prefill)
         for seq, out in zip(decode, decode_out):
             seq.computed += 1
@@ -138,6 +141,7 @@ class Scheduler:
                 self._pool(seq, out[:new])
             elif end == seq.prefill_target and not seq.output_ids:
                 self._emit(seq, seq.sampler.sample(out))
+        self.counters.step_seconds += time.perf_counter() - t0
 
     def _pages_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
@@ -209,7 +213,9 @@ class Scheduler:
             lens = np.zeros(bs, np.int64)
             for j, s in enumerate(group):
                 toks[j], lens[j] = s.tokens[-1], len(s.tokens)
+            t0 = time.perf_counter()
             out = self.runner.decode(toks, lens, pages)
+            self.counters.device_seconds += time.perf_counter() - t0
             for j, s in enumerate(group):
                 if out.logits is not None:
                     decode_out.append(s.sampler.sample(out.logits[j]))
@@ -232,7 +238,9 @@ class Scheduler:
                     toks[j, :len(chunk)] = chunk
                     start[j], lens[j] = s.computed, end
                 run = self.runner.embed if embed else self.runner.prefill
+                t0 = time.perf_counter()
                 out = run(toks, start, lens, _page_table([s.pages for _, s, _ in group], bs))
+                self.counters.device_seconds += time.perf_counter() - t0
                 for j, (i, _, _) in enumerate(group):
                     prefill_out[i] = out[j]
         return decode_out, prefill_out

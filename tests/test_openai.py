@@ -331,6 +331,7 @@ def test_metrics_move_with_traffic(server, client):
     assert delta("aotllm_time_to_first_token_seconds_count{}") == 1
     assert delta("aotllm_inter_token_latency_seconds_count{}") == 4
     assert delta("aotllm_e2e_request_latency_seconds_count{}") == 1
+    assert 0 < delta("aotllm_device_seconds_total" + dev) < delta("aotllm_step_seconds_total" + dev)
     assert after["aotllm_kv_pages_total" + dev] == 127 and after["aotllm_requests_running" + dev] >= 0
     for name in ("aotllm_kv_pages_used", "aotllm_kv_pages_cached", "aotllm_requests_waiting",
                  "aotllm_prefix_cache_hit_tokens_total"):

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# One serving comparison in one run: our server (the embedded SmolLM2, f32 program) and llama.cpp's
+# llama-server (scripts/build_llama_server.sh) on the same model at F16 and F32, each under the same
+# load from `python -m bench.serving` (openai backend: /v1/completions streamed), then one table.
+#   scripts/bench_serving.sh [OUT_DIR]     (env: CONCURRENCY=16 PROMPTS=32 INPUT_LEN=32 OUTPUT_LEN=128)
+# Also a single-stream run against our idle server: TTFT of a short prompt.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT="${1:-bench-results}"; mkdir -p "$OUT"
+PY="${PYTHON:-python}"
+C="${CONCURRENCY:-16}"; N="${PROMPTS:-32}"; I="${INPUT_LEN:-32}"; O="${OUTPUT_LEN:-128}"
+CACHE="${AOTLLM_CACHE:-$HOME/.cache/aotllm}"
+GGUF="$("$PY" -c 'from models.default_model import smollm2_gguf; print(smollm2_gguf())')"
+LLAMA_SERVER="$(PYTHON="$PY" scripts/build_llama_server.sh)"
+pids=()
+trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
+
+wait_ready() {  # URL
+  for _ in $(seq 600); do curl -sf "$1" >/dev/null 2>&1 && return 0; sleep 1; done
+  echo "server at $1 did not become ready" >&2; return 1
+}
+bench() {  # URL LABEL JSON [extra args]
+  "$PY" -m bench.serving --url "$1" --backend openai --label "$2" --num-prompts "$N" --concurrency "$C" \
+    --input-len "$I" --output-len "$O" --ignore-eos --disable-tqdm --json "$3" "${@:4}"
+}
+
+"$PY" -m serve --port 8000 --max-running "$C" > "$OUT/aotllm-server.log" 2>&1 & pids+=($!)
+wait_ready http://127.0.0.1:8000/health
+curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_total' > "$OUT/aotllm-metrics-before.txt" || true
+bench http://127.0.0.1:8000 "aotllm f32" "$OUT/aotllm.json"
+curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_total' > "$OUT/aotllm-metrics-after.txt" || true
+"$PY" -m bench.serving --url http://127.0.0.1:8000 --backend openai --label "aotllm f32, 1 stream" \
+  --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --ignore-eos --disable-tqdm --json "$OUT/aotllm-single.json"
+kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+
+for dt in F16 F32; do
+  model="${GGUF%.gguf}.llama-cpp-$dt.gguf"
+  [[ -f "$model" ]] || "$PY" -c "from bench import llama_cpp; from pathlib import Path; import sys; \
+lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'F16': 'float16', 'F32': 'float32'}[sys.argv[2]])" "$GGUF" "$dt"
+  "$LLAMA_SERVER" -m "$model" --port 8001 --parallel "$C" -c $((C * 512)) --threads "$(nproc)" \
+    --no-webui > "$OUT/llama-server-$dt.log" 2>&1 & pids+=($!)
+  wait_ready http://127.0.0.1:8001/health
+  bench http://127.0.0.1:8001 "llama-server $dt --parallel $C" "$OUT/llama-server-$dt.json"
+  "$PY" -m bench.serving --url http://127.0.0.1:8001 --backend openai --label "llama-server $dt, 1 stream" \
+    --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --ignore-eos --disable-tqdm --json "$OUT/llama-server-$dt-single.json"
+  kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+done
+"$PY" -m bench.serving --compare "$OUT/aotllm.json" "$OUT/llama-server-F16.json" "$OUT/llama-server-F32.json" \
+  "$OUT/aotllm-single.json" "$OUT/llama-server-F16-single.json" "$OUT/llama-server-F32-single.json"
+echo "server step time (seconds, before / after the concurrent run):"; cat "$OUT"/aotllm-metrics-*.txt
