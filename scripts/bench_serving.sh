@@ -47,4 +47,5 @@ lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'
 done
 "$PY" -m bench.serving --compare "$OUT/aotllm.json" "$OUT/llama-server-F16.json" "$OUT/llama-server-F32.json" \
   "$OUT/aotllm-single.json" "$OUT/llama-server-F16-single.json" "$OUT/llama-server-F32-single.json"
-echo "server step time (seconds, before / after the concurrent run):"; cat "$OUT"/aotllm-metrics-*.txt
+echo "our server's step time in the concurrent run (seconds; device = inside the program's calls):"
+for f in before after; do echo "$f:"; cat "$OUT/aotllm-metrics-$f.txt"; done
