@@ -3,7 +3,8 @@
 # llama-server (scripts/build_llama_server.sh) on the same model at F16 and F32, each under the same
 # load from `python -m bench.serving` (openai backend: /v1/completions streamed), then one table.
 #   scripts/bench_serving.sh [OUT_DIR]     (env: CONCURRENCY=16 PROMPTS=32 INPUT_LEN=32 OUTPUT_LEN=128)
-# Also a single-stream run against our idle server: TTFT of a short prompt.
+# Then single-stream runs on the idle servers: TTFT of a short prompt (other prompts than the first
+# run's: --seed 1, so no prefix-cache hits).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT="${1:-bench-results}"; mkdir -p "$OUT"
@@ -30,7 +31,7 @@ curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_t
 bench http://127.0.0.1:8000 "aotllm f32" "$OUT/aotllm.json"
 curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_total' > "$OUT/aotllm-metrics-after.txt" || true
 "$PY" -m bench.serving --url http://127.0.0.1:8000 --backend openai --label "aotllm f32, 1 stream" \
-  --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --ignore-eos --disable-tqdm --json "$OUT/aotllm-single.json"
+  --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --seed 1 --ignore-eos --disable-tqdm --json "$OUT/aotllm-single.json"
 kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 
 for dt in F16 F32; do
@@ -42,7 +43,7 @@ lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'
   wait_ready http://127.0.0.1:8001/health
   bench http://127.0.0.1:8001 "llama-server $dt --parallel $C" "$OUT/llama-server-$dt.json"
   "$PY" -m bench.serving --url http://127.0.0.1:8001 --backend openai --label "llama-server $dt, 1 stream" \
-    --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --ignore-eos --disable-tqdm --json "$OUT/llama-server-$dt-single.json"
+    --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --seed 1 --ignore-eos --disable-tqdm --json "$OUT/llama-server-$dt-single.json"
   kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 done
 "$PY" -m bench.serving --compare "$OUT/aotllm.json" "$OUT/llama-server-F16.json" "$OUT/llama-server-F32.json" \

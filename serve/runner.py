@@ -71,7 +71,7 @@ class Runner:
 
     def prefill(self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray,
                 page_ids: np.ndarray) -> np.ndarray:
-        """tokens [N, S] (S a multiple of the page size) -> last-position logits [N, V]."""
+        """tokens [N, S] (any S: positions past a sequence's seq_len are padding) -> last-position logits [N, V]."""
         out = self._fn(f"prefill_bs{tokens.shape[0]}")(
             _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
         return _host(out)

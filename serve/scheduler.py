@@ -228,8 +228,9 @@ class Scheduler:
             for k in range(0, len(items), sizes[-1]):
                 group = items[k:k + sizes[-1]]
                 bs = next(b for b in sizes if b >= len(group))
+                # exactly the longest chunk: the program takes any length (padding to a page multiple
+                # cost a 24-token prompt a third more prefill time)
                 width = max(end - s.computed for _, s, end in group)
-                width = self._pages_needed(width) * self.page_size
                 toks = np.zeros((bs, width), np.int64)
                 start = np.zeros(bs, np.int64)
                 lens = np.zeros(bs, np.int64)
