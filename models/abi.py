@@ -10,8 +10,8 @@ Entry points, for each exported batch size N (all integer tensors are int64):
   read_kv_cache() -> [device_block_count, E] (a copy, for tests and debugging; with tensor parallelism
      also read_kv_cache_{r}() for device r's slab)
 (shortfin's argument order, less the cache.) Positions start_positions[b] .. seq_lens[b]-1 are new; in
-decode start_positions = seq_lens - 1. Every dimension is dynamic (the server pads S to a multiple of
-block_seq_stride and N to an exported batch size). The KV cache is a mutable global of the module
+decode start_positions = seq_lens - 1. Every dimension is dynamic (the server pads N to an exported batch
+size; S is the longest chunk of the call, positions past a sequence's seq_len are padding). The KV cache is a mutable global of the module
 (device_block_count pages of E elements), updated in place: one cache per VM context, i.e. per device.
 """
 
