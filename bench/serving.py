@@ -75,8 +75,10 @@ class BenchError(Exception):
 
 
 def _client(timeout_s: float) -> httpx.AsyncClient:
+    """A fresh connection per request, as vLLM's benchmark opens a session per request: a pooled
+    keep-alive connection the server has closed meanwhile failed a request against llama-server."""
     return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=None))
+                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
 
 
 async def _prompts(cfg: RunConfig, counter: TokenCounter | None) -> list[Prompt]:
