@@ -100,6 +100,18 @@ def _error_text(err: Any) -> str:
     return str(err.get("message", err)) if isinstance(err, dict) else str(err)
 
 
+def _event_object(data: str, state: StreamState) -> dict | None:
+    """An event's JSON object, or None with `state.error` set (not JSON, or the server's error event)."""
+    obj = _json(data)
+    if not isinstance(obj, dict):
+        state.error = f"not JSON: {data[:100]!r}"
+        return None
+    if obj.get("error"):
+        state.error = _error_text(obj["error"])
+        return None
+    return obj
+
+
 class GenerateBackend(Backend):
     """shortfin's /generate: our server's JSON events, or shortfin's raw text events."""
 
@@ -156,12 +168,8 @@ class OpenAIBackend(Backend):
         return body
 
     def parse(self, data: str, state: StreamState) -> bool:
-        obj = _json(data)
-        if not isinstance(obj, dict):
-            state.error = f"not JSON: {data[:100]!r}"
-            return False
-        if obj.get("error"):
-            state.error = _error_text(obj["error"])
+        obj = _event_object(data, state)
+        if obj is None:
             return False
         usage = obj.get("usage") or {}
         if isinstance(usage.get("completion_tokens"), int):
@@ -197,12 +205,8 @@ class TritonBackend(Backend):
         return body
 
     def parse(self, data: str, state: StreamState) -> bool:
-        obj = _json(data)
-        if not isinstance(obj, dict):
-            state.error = f"not JSON: {data[:100]!r}"
-            return False
-        if obj.get("error"):
-            state.error = _error_text(obj["error"])
+        obj = _event_object(data, state)
+        if obj is None:
             return False
         text = obj.get("text_output") or ""
         state.text += text
@@ -249,10 +253,7 @@ async def send(client: httpx.AsyncClient, backend: Backend, index: int, prompt: 
                 if state.error:
                     break
         out.latency_s = time.perf_counter() - st
-    except httpx.HTTPError as e:
-        out.error = f"{type(e).__name__}: {e}"
-        return out
-    except Exception as e:  # noqa: BLE001 - a benchmark reports whatever broke a request and goes on
+    except Exception as e:  # noqa: BLE001 - HTTP errors, or whatever else broke a request: reported, and on
         out.error = f"{type(e).__name__}: {e}"
         return out
     backend.check(state, max_tokens, out.chunks)

@@ -164,8 +164,8 @@ def find_program(folder: Path) -> Program:
     from models.abi import ModelABI
 
     abi = ModelABI.load(folder / "config.json")
-    names = getattr(abi, "parameter_files", None) or ["model.irpa"]
-    return Program(folder, vmfbs[0], [folder / n for n in names], folder / "config.json")
+    return Program(folder, vmfbs[0], [folder / n for n in abi.parameter_files or ["model.irpa"]],
+                   folder / "config.json")
 
 
 def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[str]) -> Program:
@@ -176,7 +176,7 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
             "--bs-decode", ",".join(str(b) for b in sorted(set(plan.decode_batches) | {1})),
             "--block-seq-stride", str(stride), "--device-block-count", str(pages), *extra]
     art = build(gguf, args)
-    return Program(art.dir, art.vmfb, [art.irpa], art.config)
+    return Program(art.dir, art.vmfb, art.parameters, art.config)
 
 
 def irpa_weight_bytes(irpa: Path) -> int:

@@ -90,7 +90,7 @@ def load_engine(args, state: dict) -> None:
 
             state["status"] = "exporting and compiling the default model (first start only)"
             art = build(smollm2_gguf())
-            args.vmfb, args.parameters, args.model_config = art.vmfb, [art.irpa], art.config
+            args.vmfb, args.parameters, args.model_config = art.vmfb, art.parameters, art.config
         cfg = EngineConfig(
             vmfb=args.vmfb, parameters=args.parameters, model_config=args.model_config,
             tokenizer=args.tokenizer or args.model_config.parent, device=args.device, device_ids=args.device_ids,

@@ -33,6 +33,7 @@ from typing import AsyncIterator
 
 import grpc
 
+from .api import cancel_groups
 from .engine import BadRequest, Engine, QueueFull
 from .metrics import Metrics, access_log
 from .sampling import SamplingParams
@@ -177,10 +178,10 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                                     f"req[{i}] (id {req.id}): {_field_message(str(e))}") from e
                 jobs.append(Job(req.id, seq, special))
         except QueueFull as e:
-            _cancel(jobs)
+            cancel_groups([[j.seq for j in jobs]])
             raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
         except CallError:
-            _cancel(jobs)
+            cancel_groups([[j.seq for j in jobs]])
             raise
         return jobs
 
@@ -204,7 +205,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             status = grpc.StatusCode.CANCELLED
             raise
         finally:
-            _cancel(jobs)
+            cancel_groups([[j.seq for j in jobs]])
             line = {"request_id": rid, "method": "gRPC",
                     "path": METHOD, "status": status.name, "duration_s": round(time.monotonic() - t0, 4),
                     "client": peer, "n": len(request.req)}
@@ -237,12 +238,6 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
         finally:
             for t in tasks:
                 t.cancel()
-
-
-def _cancel(jobs: list[Job]) -> None:
-    for j in jobs:
-        if not j.seq.finish_reason:
-            j.seq.cancel()
 
 
 def _ascii(text: str) -> str:

@@ -4,8 +4,8 @@ final norm, output head, the config) + `model.rank{r}.irpa` (rank r's slices, se
 Splits (GGUF/[out, in] layout): attn_q / attn_k / attn_v rows by whole heads, ffn_gate / ffn_up rows by
 FFN columns ("column-parallel"); attn_output and ffn_down columns to match ("row-parallel", their
 outputs are partial sums); attn_norm / ffn_norm copied to every rank. The embedding and the head stay
-whole on device 0: for the vocabularies and widths we serve, their one matmul per step costs less than
-the extra gather/all-reduce a vocabulary split would add on local-task devices.
+whole on device 0 (not measured against a vocabulary split: on one CPU the local-task devices share the
+same cores, so a timing here measures contention, not the layout).
 """
 
 from __future__ import annotations
@@ -16,11 +16,6 @@ import numpy as np
 
 from models.tp import shard_config
 from models.weights import ModelWeights, rank_paths, write_irpa
-
-ROW_SPLIT = ("attn_q.weight", "attn_k.weight", "attn_v.weight", "ffn_gate.weight", "ffn_up.weight")
-COL_SPLIT = ("attn_output.weight", "ffn_down.weight")
-REPLICATED = ("attn_norm.weight", "ffn_norm.weight")
-
 
 def shard_tensors(weights: ModelWeights, tp: int) -> ModelWeights:
     """Unsharded weights -> the same model under tensor-parallel names (`rank.{r}.blk.{i}.*`)."""
