@@ -30,7 +30,9 @@ from .offline import EngineRun, Plan, Timing, time_it, weight_bytes_read
 
 PACKAGE = "llama-cpp-python==0.3.36"
 FTYPES = {"float32": ("LLAMA_FTYPE_ALL_F32", "F32", 0), "float16": ("LLAMA_FTYPE_MOSTLY_F16", "F16", 1),
-          "bfloat16": ("LLAMA_FTYPE_MOSTLY_BF16", "BF16", 30)}  # (ftype, name, ggml_type of the KV cache)
+          "bfloat16": ("LLAMA_FTYPE_MOSTLY_BF16", "BF16", 30),
+          "w8a8": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0", 0)}  # (ftype, name, ggml_type of the KV cache)
+KV_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
 
 _log_callback = None  # keeps the ctypes callback alive
 
@@ -197,7 +199,7 @@ def measure(lib, path: Path, dtype: str, plan: Plan, data: dict, threads: int,
         lib.llama_free(ctx)
     lib.llama_model_free(model)
     return EngineRun("llama.cpp", dtype, weight_bytes_read(sizes), timings, str(path),
-                     {"tensor_types": types, "threads": threads, "kv_cache_type": FTYPES[dtype][1],
+                     {"tensor_types": types, "threads": threads, "kv_cache_type": KV_NAMES[FTYPES[dtype][2]],
                       "llama_cpp_python": getattr(lib, "__version__", "?")})
 
 

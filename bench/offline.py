@@ -42,8 +42,8 @@ import numpy as np
 from . import membw
 from .report import print_table, write_json
 
-DTYPES = ("float32", "float16", "bfloat16")
-SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+DTYPES = ("float32", "float16", "bfloat16", "w8a8")  # w8a8: f32 activations, export --quantization w8a8
+SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "w8a8": "w8a8/q8_0"}
 
 
 @dataclass
@@ -172,7 +172,8 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
     from export.artifacts import build
 
     pages = max(512, plan.pages_needed(stride) + 1)
-    args = ["--activation-dtype", dtype, "--bs-prefill", "1,4",
+    dtype_args = ["--quantization", "w8a8"] if dtype == "w8a8" else ["--activation-dtype", dtype]
+    args = [*dtype_args, "--bs-prefill", "1,4",
             "--bs-decode", ",".join(str(b) for b in sorted(set(plan.decode_batches) | {1})),
             "--block-seq-stride", str(stride), "--device-block-count", str(pages), *extra]
     art = build(gguf, args)
@@ -249,7 +250,8 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
         log(f"  decode bs{b:<3d}: {1000 * sec / steps:8.2f} ms/step  {b * steps / sec:8.1f} tok/s")
     del runner
     gc.collect()
-    return EngineRun("aotllm", abi.activation_dtype, irpa_weight_bytes(prog.parameters[0]), timings,
+    dtype = abi.quantization if abi.quantization != "none" else abi.activation_dtype
+    return EngineRun("aotllm", dtype, irpa_weight_bytes(prog.parameters[0]), timings,
                      str(prog.dir), {"vmfb": str(prog.vmfb), "vocab_size": abi.vocab_size})
 
 
@@ -364,7 +366,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--program", type=Path, action="append", default=[],
                    help="measure an existing export folder instead of building (repeatable)")
     p.add_argument("--dtype", action="append", choices=DTYPES,
-                   help="activation/weight dtype of the program to build (repeatable; default float32)")
+                   help="activation/weight dtype of the program to build (repeatable; default float32); w8a8 is "
+                        "compared with llama.cpp's Q8_0")
     p.add_argument("--export-args", default="", help="extra export.paged_llm arguments for the built programs")
     p.add_argument("--prefill-lens", type=_int_list, default=[128, 512])
     p.add_argument("--decode-batches", type=_int_list, default=[1, 4, 16])

@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +18,7 @@ from torch.export import Dim
 
 from models.abi import ModelABI, PagedKVCache
 from models.config import ModelError
-from models.llama import DTYPES, PagedLlama
+from models.llama import DTYPES, QUANTIZATIONS, PagedLlama
 from models.weights import ModelWeights, load_weights, write_irpa
 
 MODULE_NAME = "module"
@@ -50,6 +51,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="KV pages the program holds (page 0 is padding); the server may use fewer")
     p.add_argument("--activation-dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default=None, help="default: activation dtype")
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
+                   help="w8a8: int8 weights and per-token int8 activations (models.quant), calibrated here on "
+                        "a built-in text; f32 activations only, tensor parallelism 1")
+    p.add_argument("--static-decode", action=argparse.BooleanOptionalAction, default=True,
+                   help="trace each decode batch size with static shapes (fast one-token steps; one more trace and "
+                        "compile each); --no-static-decode: decode shares prefill's dynamic trace")
     p.add_argument("--top-k", type=int, default=None, help="decode returns on-device top-k (1: argmax)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--tensor-parallelism-size", type=int, default=None,
@@ -85,12 +92,17 @@ class _Stage:
             print(f"[export] {self.name}: {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def export_forward(model: PagedLlama):
-    """Trace `PagedLlama.forward` once, every dimension dynamic but the page size (weights external).
+def export_forward(model: PagedLlama, static_decode: list[int] = ()):
+    """Trace `PagedLlama.forward` as `forward`, every dimension dynamic but the page size (weights
+    external), and as `forward_decode_bs{B}` for each B in `static_decode`: batch B and one token static,
+    only the page-table width and the page count dynamic.
 
-    Tracing costs ~14 s for SmolLM2, so it is done once: `entry_points` adds the prefill_bs{N} /
-    decode_bs{N} functions around it. The traced function is pure (it returns the new cache), so no
-    functionalisation pass is needed; the entry points store the new cache in the module's global.
+    Why both: with a dynamic batch IREE's data tiling lays the weight matmuls out for a general row count
+    (8-row tiles with AVX2) instead of a matrix-vector product, and a one-token decode step pays for it
+    (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Benchmarks"). Prefill and embed share the dynamic trace, so IREE compiles one prefill whatever the
+    number of prefill batch sizes; each static decode costs one more trace (~14 s for SmolLM2) and compile.
+    `entry_points` adds the public prefill_bs{N} / decode_bs{N} functions around them. The traced
+    functions are pure (they return the new cache); the entry points store it in the module's global.
     With tp > 1 each rank's parameters are placed on its device (`stream.affinity`), the rest on device 0.
     """
     from iree.turbine import aot
@@ -106,18 +118,24 @@ def export_forward(model: PagedLlama):
     batch, seq, cols = Dim("batch", min=1, max=1024), Dim("seq", min=1, max=1 << 16), Dim("cols", min=1, max=1 << 14)
     caches = model.allocate_cache(4)
     caches = caches if isinstance(caches, list) else [caches]
-    args = (torch.zeros(2, 3, dtype=i64), torch.zeros(2, dtype=i64), torch.ones(2, dtype=i64),
-            torch.ones(2, 3, dtype=i64), *caches)
     pages = Dim("pages", min=2)
-    dyn = ({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, ({0: pages},) * len(caches))
+    cache_dims = ({0: pages},) * len(caches)
 
     def _forward(m, tokens, start_positions, seq_lens, page_ids, *caches):
         return m.forward(tokens, start_positions, seq_lens, page_ids, *caches)
 
+    def args(b: int, s: int):
+        return (torch.zeros(b, s, dtype=i64), torch.zeros(b, dtype=i64), torch.ones(b, dtype=i64),
+                torch.ones(b, 3, dtype=i64), *caches)
+
     # No decomposition pass: it re-traces the whole program (half the export time), and torch-mlir
     # lowers the remaining aten ops itself. (export_program traces right away: it must run inside.)
     with aot.decompositions.extend_aot_decompositions(from_current=False):
-        fxb.export_program(_forward, name="forward", args=args, dynamic_shapes=dyn, strict=False)
+        fxb.export_program(_forward, name="forward", args=args(2, 3), strict=False,
+                           dynamic_shapes=({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, cache_dims))
+        for b in static_decode:
+            fxb.export_program(_forward, name=f"forward_decode_bs{b}", args=args(b, 1), strict=False,
+                               dynamic_shapes=(None, None, None, {1: cols}, cache_dims))
         return aot.export(fxb)
 
 
@@ -136,41 +154,66 @@ def _turbine_custom_op_compat() -> None:
                 pass
 
 
-_FORWARD_RE = re.compile(r"^(\s*)func\.func @forward\((.*)\) -> \((.*)\) (attributes .*)?\{$", re.M)
+_TRACED_RE = re.compile(r"^(\s*)func\.func @(forward\w*)\((.*)\) -> \((.*)\) (attributes .*)?\{$", re.M)
+
+
+@dataclass
+class _Traced:
+    """One traced forward's signature: its argument and result types."""
+
+    name: str
+    tokens: str
+    start: str
+    lens: str
+    pages: str
+    logits: str
+    hidden: str
+    caches: list[str]
 
 
 def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: int | None, pages: int) -> str:
     """Add public prefill_bs{N} / decode_bs{N} / embed_bs{N} (the ABI in models/abi.py) around the traced
-    `forward`; embed_bs{N} is prefill returning every position's hidden states instead of the logits.
+    `forward` (and `forward_decode_bs{N}` where traced); embed_bs{N} is prefill returning every position's
+    hidden states instead of the logits.
 
     The KV cache lives in the module, a mutable global of `pages` pages: each entry point loads it, calls
-    `forward` and stores the new cache. IREE updates a global in place; a cache passed as a mutable
-    argument was copied in and out on every call (O(pool size): 158 ms for 268 MB).
-    The entry points keep the dynamic signature, so IREE compiles the model once whatever the number
-    of batch sizes (static-shape wrappers, once inlined, trip IREE's scatter verifier).
+    the traced function and stores the new cache. IREE updates a global in place; a cache passed as a
+    mutable argument was copied in and out on every call (O(pool size): 158 ms for 268 MB).
+    Entry points around `forward` keep its dynamic signature (static-shape wrappers around a dynamic
+    trace, once inlined, trip IREE's scatter verifier: static shapes need their own trace).
     """
-    m = _FORWARD_RE.search(mlir)
-    if not m:
+    traced, ind = {}, None
+    for m in _TRACED_RE.finditer(mlir):
+        ind = m.group(1)
+        args = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(3))]
+        logits, hidden, *caches = [t.strip() for t in re.split(r", (?=!torch)", m.group(4))]
+        traced[m.group(2)] = _Traced(m.group(2), *args[:4], logits, hidden, caches)
+    if "forward" not in traced:
         raise RuntimeError("traced module has no @forward function")
-    ind = m.group(1)
-    t_tok, t_start, t_lens, t_pages, *_ = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(2))]
-    t_logits, t_hidden, t_vcache, *more = [t.strip() for t in re.split(r", (?=!torch)", m.group(3))]
-    tp = 1 + len(more)  # one KV-cache slab per device, each device's the same shape
+    t_vcache = traced["forward"].caches[0]
+    tp = len(traced["forward"].caches)  # one KV-cache slab per device, each device's the same shape
     elems, dtype = re.fullmatch(r"!torch\.vtensor<\[\?,(\d+)\],(\w+)>", t_vcache).groups()
     t_global, t_dyn = f"tensor<{pages}x{elems}x{dtype}>", f"tensor<?x{elems}x{dtype}>"
-    caches = ", ".join([t_vcache] * tp)
-    call_types = f"({t_tok}, {t_start}, {t_lens}, {t_pages}, {caches}) -> ({t_logits}, {t_hidden}, {caches})"
     cache_args = ", ".join(f"%c{r}" for r in range(tp))
 
-    def body(name: str, params: str, call_args: str) -> list[str]:
-        ret_types, tail = t_logits, [f"{ind}  return %r#0 : {t_logits}"]
+    def body(name: str, fn: _Traced) -> list[str]:
+        caches = ", ".join(fn.caches)
+        call_types = (f"({fn.tokens}, {fn.start}, {fn.lens}, {fn.pages}, {caches}) -> "
+                      f"({fn.logits}, {fn.hidden}, {caches})")
+        if name.startswith("decode"):  # shortfin's order: seq_lens before start_positions
+            params = f"%tokens: {fn.tokens}, %seq_lens: {fn.lens}, %start_positions: {fn.start}, "
+        else:
+            params = f"%tokens: {fn.tokens}, %start_positions: {fn.start}, %seq_lens: {fn.lens}, "
+        params += f"%page_ids: {fn.pages}"
+        ret_types, tail = fn.logits, [f"{ind}  return %r#0 : {fn.logits}"]
         if name.startswith("embed"):
-            ret_types, tail = t_hidden, [f"{ind}  return %r#1 : {t_hidden}"]
+            ret_types, tail = fn.hidden, [f"{ind}  return %r#1 : {fn.hidden}"]
         if name.startswith("decode") and top_k:
-            ret_types = f"!torch.vtensor<[?,{top_k}],f32>, !torch.vtensor<[?,{top_k}],si64>"
+            rows = re.match(r"!torch\.vtensor<\[(\?|\d+),", fn.logits).group(1)
+            ret_types = f"!torch.vtensor<[{rows},{top_k}],f32>, !torch.vtensor<[{rows},{top_k}],si64>"
             tail = [f"{ind}  %k = torch.constant.int {top_k}", f"{ind}  %dim = torch.constant.int -1",
                     f"{ind}  %true = torch.constant.bool true",
-                    f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {t_logits}, !torch.int, "
+                    f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {fn.logits}, !torch.int, "
                     f"!torch.int, !torch.bool, !torch.bool -> {ret_types}",
                     f"{ind}  return %v, %i : {ret_types}"]
         lines = [f"{ind}func.func @{name}({params}) -> ({ret_types}) {{"]
@@ -178,7 +221,8 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
             lines += [f"{ind}  %g{r} = util.global.load @{_cache_global(r)} : {t_global}",
                       f"{ind}  %gd{r} = tensor.cast %g{r} : {t_global} to {t_dyn}",
                       f"{ind}  %c{r} = torch_c.from_builtin_tensor %gd{r} : {t_dyn} -> {t_vcache}"]
-        lines.append(f"{ind}  %r:{2 + tp} = func.call @forward({call_args}, {cache_args}) : {call_types}")
+        lines.append(f"{ind}  %r:{2 + tp} = func.call @{fn.name}(%tokens, %start_positions, %seq_lens, "
+                     f"%page_ids, {cache_args}) : {call_types}")
         for r in range(tp):
             lines += [f"{ind}  %n{r} = torch_c.to_builtin_tensor %r#{2 + r} : {t_vcache} -> {t_dyn}",
                       f"{ind}  %ns{r} = tensor.cast %n{r} : {t_dyn} to {t_global}",
@@ -194,12 +238,11 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
                 f"{ind}}}"]
     for bs in prefill_bs:
         for kind in ("prefill", "embed"):
-            out += body(f"{kind}_bs{bs}", f"%tokens: {t_tok}, %start_positions: {t_start}, %seq_lens: {t_lens}, "
-                        f"%page_ids: {t_pages}", "%tokens, %start_positions, %seq_lens, %page_ids")
+            out += body(f"{kind}_bs{bs}", traced["forward"])
     for bs in decode_bs:
-        out += body(f"decode_bs{bs}", f"%tokens: {t_tok}, %seq_lens: {t_lens}, %start_positions: {t_start}, "
-                    f"%page_ids: {t_pages}", "%tokens, %start_positions, %seq_lens, %page_ids")
-    mlir = mlir[:m.start()] + m.group(0).replace("func.func @", "func.func private @", 1) + mlir[m.end():]
+        out += body(f"decode_bs{bs}", traced.get(f"forward_decode_bs{bs}", traced["forward"]))
+    for name in traced:
+        mlir = re.sub(rf"func\.func @{name}\(", f"func.func private @{name}(", mlir, count=1)
     end = [x.start() for x in re.finditer(r"^}$", mlir, re.M)][-1]  # the module's closing brace
     return mlir[:end] + "\n".join(out) + "\n" + mlir[end:]
 
@@ -238,6 +281,9 @@ def main(argv=None) -> int:
         with _Stage("load weights"):
             weights = load_weights(args.gguf_file, args.hf_dir, args.irpa_file)
             tp = args.tensor_parallelism_size or weights.tp
+            if any(k.endswith(".weight_scale") for k in weights.tensors):
+                raise ModelError(f"{weights.source} holds w8a8-quantized weights; hint: export from the float "
+                                 "model (GGUF or HF folder) with --quantization w8a8")
             if weights.tp not in (1, tp):
                 raise ModelError(f"{weights.source} is sharded {weights.tp} ways, not {tp}; re-shard the "
                                  "unsharded model with python -m sharding")
@@ -248,6 +294,8 @@ def main(argv=None) -> int:
         args.output_mlir.parent.mkdir(parents=True, exist_ok=True)
         with _Stage(f"write parameters {args.output_irpa}" + (f" + {tp} rank files" if tp > 1 else "")):
             model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, DTYPES[kv_dtype_name], tp)
+            if args.quantization == "w8a8":
+                model = quantize_w8a8(model, args)
             if tp > 1:
                 from sharding import write_sharded
 
@@ -257,8 +305,8 @@ def main(argv=None) -> int:
                 param_files = [args.output_irpa]
         with _Stage("trace"):  # shapes only: the weights are external parameters
             model = PagedLlama.uninitialized(weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name],
-                                             tp)
-            output = export_forward(model)
+                                             tp, args.quantization)
+            output = export_forward(model, args.bs_decode if args.static_decode else [])
         with _Stage("tokenizer"):
             tok_files, tok_info = write_tokenizer(args, args.output_config.parent)
         with _Stage(f"write {args.output_mlir} (prefill_bs{args.bs_prefill}, decode_bs{args.bs_decode})"):
@@ -290,6 +338,7 @@ def main(argv=None) -> int:
         ),
         vocab_size=c.vocab_size,
         activation_dtype=args.activation_dtype,
+        quantization=args.quantization,
         attention_head_count=c.num_heads,
         hidden_size=c.hidden_size,
         has_embed=True,
@@ -307,6 +356,24 @@ def main(argv=None) -> int:
     print(f"[export] wrote {args.output_mlir}, {args.output_irpa}, {args.output_config} "
           f"in {time.perf_counter() - t_start:.1f} s", file=sys.stderr)
     return 0
+
+
+def quantize_w8a8(model: PagedLlama, args) -> PagedLlama:
+    from models.quant import CALIBRATION_TEXT
+    from models.tokenizer import tokenizer_near_weights
+
+    if model.tp > 1 or model.dtype != torch.float32:
+        raise ModelError("--quantization w8a8 needs --activation-dtype float32 and tensor parallelism 1 "
+                         f"(got {args.activation_dtype}, {model.tp} devices)")
+    found = tokenizer_near_weights(args.gguf_file, args.hf_dir, args.irpa_file)
+    if found is not None:
+        ids = found[0].encode(CALIBRATION_TEXT, add_special_tokens=False).ids
+    else:
+        print("[export] w8a8: no tokenizer next to the weights; calibrating on 256 random token ids "
+              "(less accurate than text)", file=sys.stderr)
+        ids = torch.randint(0, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+    with _Stage(f"w8a8: calibrate on {len(ids)} tokens, quantize"):
+        return model.quantize_w8a8(ids)
 
 
 def write_tokenizer(args, out_dir: Path):

@@ -10,8 +10,9 @@ Entry points, for each exported batch size N (all integer tensors are int64):
   read_kv_cache() -> [device_block_count, E] (a copy, for tests and debugging; with tensor parallelism
      also read_kv_cache_{r}() for device r's slab)
 (shortfin's argument order, less the cache.) Positions start_positions[b] .. seq_lens[b]-1 are new; in
-decode start_positions = seq_lens - 1. Every dimension is dynamic (the server pads N to an exported batch
-size; S is the longest chunk of the call, positions past a sequence's seq_len are padding). The KV cache is a mutable global of the module
+decode start_positions = seq_lens - 1. prefill/embed dimensions are dynamic (the server pads N to an
+exported batch size; S is the longest chunk of the call, positions past a sequence's seq_len are padding);
+decode_bs{N} is static in N and its token column unless exported with --no-static-decode; P is dynamic. The KV cache is a mutable global of the module
 (device_block_count pages of E elements), updated in place: one cache per VM context, i.e. per device.
 """
 
@@ -47,6 +48,7 @@ class ModelABI:
     # ours
     vocab_size: int = 0
     activation_dtype: str = "float32"
+    quantization: str = "none"  # or "w8a8" (models.quant: int8 weights and activations)
     attention_head_count: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)

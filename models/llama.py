@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LlamaConfig
+from .quant import Int8Linear, input_absmax, quantize_linear
 from .tp import shard_config
 from .weights import ModelWeights
 
@@ -64,19 +65,28 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _to(out.flatten(-2), x.dtype)
 
 
+QUANTIZATIONS = ("none", "w8a8")
+PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+
+
+def _linear(quantization: str):
+    return Int8Linear if quantization == "w8a8" else lambda i, o: nn.Linear(i, o, bias=False)
+
+
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, quantization: str = "none"):
         super().__init__()
         self.c = c
+        linear = _linear(quantization)
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.attn_q = nn.Linear(c.hidden_size, c.num_heads * c.head_dim, bias=False)
-        self.attn_k = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.attn_v = nn.Linear(c.hidden_size, c.num_kv_heads * c.head_dim, bias=False)
-        self.attn_output = nn.Linear(c.num_heads * c.head_dim, c.hidden_size, bias=False)
+        self.attn_q = linear(c.hidden_size, c.num_heads * c.head_dim)
+        self.attn_k = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.attn_v = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
+        self.attn_output = linear(c.num_heads * c.head_dim, c.hidden_size)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.ffn_gate = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.ffn_up = nn.Linear(c.hidden_size, c.intermediate_size, bias=False)
-        self.ffn_down = nn.Linear(c.intermediate_size, c.hidden_size, bias=False)
+        self.ffn_gate = linear(c.hidden_size, c.intermediate_size)
+        self.ffn_up = linear(c.hidden_size, c.intermediate_size)
+        self.ffn_down = linear(c.intermediate_size, c.hidden_size)
 
     def attention(self, x, layer: int, cache, cos, sin, write_rows, read_pages, mask):
         """-> (the attention sublayer's output (before the residual add), the cache with this call's K/V).
@@ -112,7 +122,13 @@ class Block(nn.Module):
         scores = torch.bmm(qg, kg).view(B, KV, rep, S, T) * (D ** -0.5)
         scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
         probs = torch.softmax(scores, dim=-1).view(B * KV, rep * S, T)
-        attn = torch.bmm(probs, vg).view(B, KV, rep, S, D)
+        if isinstance(S, int) and S == 1:
+            # A one-token step traced with static shapes (export.paged_llm's decode): IREE 3.13 fails to
+            # compile this bmm for some static batches ("'affine.delinearize_index' op no basis element
+            # may be statically non-positive" at B * KV = 16 or 48); the product is small, so reduce it.
+            attn = (probs.view(B * KV, rep, T, 1) * vg.view(B * KV, 1, T, D)).sum(2).view(B, KV, rep, S, D)
+        else:
+            attn = torch.bmm(probs, vg).view(B, KV, rep, S, D)
         attn = _to(attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * D), x.dtype)
         return self.attn_output(attn), cache
 
@@ -132,23 +148,27 @@ class Rank(nn.Module):
 
 class PagedLlama(nn.Module):
     """tp > 1: Megatron-style tensor parallelism over `tp` IREE devices (models.tp): rank r's block slices
-    and KV-cache slab live on device r; the embedding, final norm and head on device 0."""
+    and KV-cache slab live on device r; the embedding, final norm and head on device 0.
+    quantization "w8a8": every projection and the head are models.quant.Int8Linear (the head then has its
+    own int8 copy of a tied embedding table); made from a float model by `quantize_w8a8`."""
 
     def __init__(self, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
-                 tp: int = 1):
+                 tp: int = 1, quantization: str = "none"):
         super().__init__()
         self.config = c = config
         self.block_seq_stride = block_seq_stride
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype
         self.tp = tp
+        self.quantization = quantization
         self.token_embd = nn.Embedding(c.vocab_size, c.hidden_size)
         if tp == 1:
-            self.blk = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+            self.blk = nn.ModuleList(Block(c, quantization) for _ in range(c.num_layers))
         else:
             self.rank = nn.ModuleList(Rank(shard_config(c, tp)) for _ in range(tp))
         self.output_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.output = None if c.tied_embeddings else nn.Linear(c.hidden_size, c.vocab_size, bias=False)
+        tied = c.tied_embeddings and quantization == "none"
+        self.output = None if tied else _linear(quantization)(c.hidden_size, c.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
         self.to(dtype)
 
@@ -176,12 +196,36 @@ class PagedLlama(nn.Module):
 
     @classmethod
     def uninitialized(cls, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
-                      tp: int = 1):
+                      tp: int = 1, quantization: str = "none"):
         """Right shapes, garbage values, no initialisation cost: what export traces."""
         with torch.device("meta"):
-            model = cls(config, block_seq_stride, dtype, kv_dtype, tp)
+            model = cls(config, block_seq_stride, dtype, kv_dtype, tp, quantization)
         model = model.to_empty(device="cpu")
         model.inv_freq = rope_inv_freq(config)
+        return model.eval()
+
+    @torch.no_grad()
+    def quantize_w8a8(self, calibration_ids: list[int]) -> "PagedLlama":
+        """This float (tp = 1) model in W8A8 (models.quant), smoothed with its own activations on
+        `calibration_ids` (one prompt)."""
+        c, stride = self.config, self.block_seq_stride
+        names = [f"blk.{i}.{p}" for i in range(c.num_layers) for p in PROJECTIONS]
+        n = len(calibration_ids)
+        pages = -(-n // stride)
+        hidden = []
+        absmax = input_absmax(self, names, lambda: hidden.append(self.hidden_states(
+            torch.tensor([calibration_ids]), torch.tensor([0]), torch.tensor([n]),
+            torch.arange(1, pages + 1).view(1, -1), self.allocate_cache(pages + 1))))
+        absmax["output"] = hidden[0][0].abs().amax(0)
+        with torch.device("meta"):
+            model = PagedLlama(c, stride, self.dtype, self.kv_dtype, 1, "w8a8")
+        state = {k: v for k, v in self.state_dict().items() if k.rsplit(".", 1)[0] not in absmax}
+        head = self.token_embd.weight if self.output is None else self.output.weight
+        weights = {**{n: self.get_submodule(n).weight for n in names}, "output": head}
+        for name, w in weights.items():
+            state.update({f"{name}.{k}": v for k, v in quantize_linear(w, absmax[name]).items()})
+        model.load_state_dict(state, strict=True, assign=True)
+        model.inv_freq = self.inv_freq
         return model.eval()
 
     def forward(self, tokens, start_positions, seq_lens, page_ids, *caches):
@@ -263,8 +307,7 @@ class PagedLlama(nn.Module):
         return self._run(tokens, start_positions, seq_lens, page_ids, cache)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        w = self.token_embd.weight if self.output is None else self.output.weight
-        return _f32(F.linear(h, w))
+        return _f32(F.linear(h, self.token_embd.weight) if self.output is None else self.output(h))
 
     def prefill(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Logits [B, vocab] of each sequence's last position in this chunk (updates `cache`)."""

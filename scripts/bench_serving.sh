@@ -3,6 +3,7 @@
 # llama-server (scripts/build_llama_server.sh) on the same model at F16 and F32, each under the same
 # load from `python -m bench.serving` (openai backend: /v1/completions streamed), then one table.
 #   scripts/bench_serving.sh [OUT_DIR]     (env: CONCURRENCY=16 PROMPTS=32 INPUT_LEN=32 OUTPUT_LEN=128)
+# W8A8=1 adds our server on the `--quantization w8a8` program and llama-server on a Q8_0 GGUF.
 # Then single-stream runs on the idle servers: TTFT of a short prompt (other prompts than the first
 # run's: --seed 1, so no prefix-cache hits).
 set -euo pipefail
@@ -25,19 +26,30 @@ bench() {  # URL LABEL JSON [extra args]
     --input-len "$I" --output-len "$O" --ignore-eos --disable-tqdm --json "$3" "${@:4}"
 }
 
-"$PY" -m serve --port 8000 --max-running "$C" > "$OUT/aotllm-server.log" 2>&1 & pids+=($!)
-wait_ready http://127.0.0.1:8000/health
-curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_total' > "$OUT/aotllm-metrics-before.txt" || true
-bench http://127.0.0.1:8000 "aotllm f32" "$OUT/aotllm.json"
-curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_total' > "$OUT/aotllm-metrics-after.txt" || true
-"$PY" -m bench.serving --url http://127.0.0.1:8000 --backend openai --label "aotllm f32, 1 stream" \
-  --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --seed 1 --ignore-eos --disable-tqdm --json "$OUT/aotllm-single.json"
-kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+ours() {  # NAME LABEL [python -m serve model arguments]
+  "$PY" -m serve --port 8000 --max-running "$C" "${@:3}" > "$OUT/$1-server.log" 2>&1 & pids+=($!)
+  wait_ready http://127.0.0.1:8000/health
+  curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_total' > "$OUT/$1-metrics-before.txt" || true
+  bench http://127.0.0.1:8000 "$2" "$OUT/$1.json"
+  curl -s http://127.0.0.1:8000/metrics | grep -E '^aotllm_(step|device)_seconds_total' > "$OUT/$1-metrics-after.txt" || true
+  "$PY" -m bench.serving --url http://127.0.0.1:8000 --backend openai --label "$2, 1 stream" \
+    --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --seed 1 --ignore-eos --disable-tqdm --json "$OUT/$1-single.json"
+  kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
+}
 
-for dt in F16 F32; do
+ours aotllm "aotllm f32"
+LLAMA_TYPES=(F16 F32); RUNS=(aotllm)
+if [[ "${W8A8:-0}" == 1 ]]; then
+  read -r VMFB IRPA CONFIG DIR < <("$PY" -c "from export.artifacts import build; from models.default_model import \
+smollm2_gguf; a = build(smollm2_gguf(), ['--quantization', 'w8a8']); print(a.vmfb, a.irpa, a.config, a.dir)")
+  ours aotllm-w8a8 "aotllm w8a8" --vmfb "$VMFB" --parameters "$IRPA" --model-config "$CONFIG" --tokenizer "$DIR"
+  LLAMA_TYPES+=(Q8_0); RUNS+=(aotllm-w8a8)
+fi
+
+for dt in "${LLAMA_TYPES[@]}"; do
   model="${GGUF%.gguf}.llama-cpp-$dt.gguf"
   [[ -f "$model" ]] || "$PY" -c "from bench import llama_cpp; from pathlib import Path; import sys; \
-lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'F16': 'float16', 'F32': 'float32'}[sys.argv[2]])" "$GGUF" "$dt"
+lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'F16': 'float16', 'F32': 'float32', 'Q8_0': 'w8a8'}[sys.argv[2]])" "$GGUF" "$dt"
   "$LLAMA_SERVER" -m "$model" --port 8001 --parallel "$C" -c $((C * 512)) --threads "$(nproc)" \
     --no-webui > "$OUT/llama-server-$dt.log" 2>&1 & pids+=($!)
   wait_ready http://127.0.0.1:8001/health
@@ -46,7 +58,9 @@ lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'
     --num-prompts 8 --concurrency 1 --input-len 24 --output-len 32 --seed 1 --ignore-eos --disable-tqdm --json "$OUT/llama-server-$dt-single.json"
   kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 done
-"$PY" -m bench.serving --compare "$OUT/aotllm.json" "$OUT/llama-server-F16.json" "$OUT/llama-server-F32.json" \
-  "$OUT/aotllm-single.json" "$OUT/llama-server-F16-single.json" "$OUT/llama-server-F32-single.json"
-echo "our server's step time in the concurrent run (seconds; device = inside the program's calls):"
-for f in before after; do echo "$f:"; cat "$OUT/aotllm-metrics-$f.txt"; done
+"$PY" -m bench.serving --compare $(for r in "${RUNS[@]}"; do echo "$OUT/$r.json"; done) \
+  $(for dt in "${LLAMA_TYPES[@]}"; do echo "$OUT/llama-server-$dt.json"; done) \
+  $(for r in "${RUNS[@]}"; do echo "$OUT/$r-single.json"; done) \
+  $(for dt in "${LLAMA_TYPES[@]}"; do echo "$OUT/llama-server-$dt-single.json"; done)
+echo "our server's step time in the concurrent runs (seconds; device = inside the program's calls):"
+for r in "${RUNS[@]}"; do for f in before after; do echo "$r $f:"; cat "$OUT/$r-metrics-$f.txt"; done; done
