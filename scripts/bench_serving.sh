@@ -40,9 +40,7 @@ ours() {  # NAME LABEL [python -m serve model arguments]
 ours aotllm "aotllm f32"
 LLAMA_TYPES=(F16 F32); RUNS=(aotllm)
 if [[ "${W8A8:-0}" == 1 ]]; then
-  read -r VMFB IRPA CONFIG DIR < <("$PY" -c "from export.artifacts import build; from models.default_model import \
-smollm2_gguf; a = build(smollm2_gguf(), ['--quantization', 'w8a8']); print(a.vmfb, a.irpa, a.config, a.dir)")
-  ours aotllm-w8a8 "aotllm w8a8" --vmfb "$VMFB" --parameters "$IRPA" --model-config "$CONFIG" --tokenizer "$DIR"
+  ours aotllm-w8a8 "aotllm w8a8" --quantization w8a8
   LLAMA_TYPES+=(Q8_0); RUNS+=(aotllm-w8a8)
 fi
 

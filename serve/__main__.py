@@ -34,6 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-config", "--model_config", dest="model_config", type=Path, help="the export's config.json")
     p.add_argument("--tokenizer", "--tokenizer_json", dest="tokenizer", type=Path,
                    help="tokenizer.json or its folder (default: next to --model-config)")
+    p.add_argument("--quantization", choices=("none", "w8a8"), default="none",
+                   help="the default model only: build it with export's --quantization (w8a8: int8 weights and "
+                        "activations, ~2.4x faster decode on CPU, ~2 %% higher perplexity)")
     p.add_argument("--device", default="local-task", help="IREE driver: local-task, hip or cuda")
     p.add_argument("--device-ids", "--device_ids", dest="device_ids", type=int, nargs="+", default=[0])
     p.add_argument("--host", default="127.0.0.1")
@@ -78,6 +81,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     model_args = [args.vmfb, args.parameters, args.model_config]
     if any(model_args) and not all(model_args):
         p.error("give --vmfb, --parameters and --model-config together (or none of them for the default model)")
+    if args.vmfb and args.quantization != "none":
+        p.error("--quantization builds the default model; for your own export give it to python -m export.paged_llm")
     return args
 
 
@@ -89,7 +94,7 @@ def load_engine(args, state: dict) -> None:
             from models.default_model import smollm2_gguf
 
             state["status"] = "exporting and compiling the default model (first start only)"
-            art = build(smollm2_gguf())
+            art = build(smollm2_gguf(), [] if args.quantization == "none" else ["--quantization", args.quantization])
             args.vmfb, args.parameters, args.model_config = art.vmfb, art.parameters, art.config
         cfg = EngineConfig(
             vmfb=args.vmfb, parameters=args.parameters, model_config=args.model_config,

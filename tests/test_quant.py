@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from compile import CompileRequest, compile_mlir
 from export import paged_llm
 from models.abi import ModelABI
 from models.llama import PagedLlama
@@ -72,6 +73,13 @@ def _runner_greedy(runner, prompt, n, pages):
     while len(out) < n:
         out.append(int(runner.decode(np.array([out[-1]]), np.array([len(prompt) + len(out)]), pages).logits[0].argmax()))
     return out
+
+
+@pytest.mark.parametrize("target,arch", [("hip", "gfx942"), ("cuda", "sm_80")])
+def test_w8a8_gpu_targets_compile(w8a8_program, target, arch):
+    out, _ = w8a8_program
+    vmfb = compile_mlir(CompileRequest(out / "model.mlir", target, arch), out / f"model_{target}.vmfb")
+    assert vmfb.stat().st_size > 10_000
 
 
 def test_w8a8_refusals(tiny_models, w8a8_program, tmp_path, capsys):
