@@ -1,6 +1,6 @@
 """`python -m bench.offline`: prefill and decode speed straight through the compiled program (no HTTP).
 
-    python -m bench.offline [--gguf M.gguf] [--dtype float32] [--dtype float16] \\
+    python -m bench.offline [--gguf M.gguf] [--dtype float32] [--dtype float16|bfloat16|w8a8] \\
         [--prefill-lens 128,512] [--decode-batches 1,4,16] [--decode-prompt-len 32] [--decode-steps 64] \\
         [--repeats 3] [--compare-llama-cpp] [--json out.json]
     python -m bench.offline --program OUT_DIR ...    # an existing export (model*.vmfb, model.irpa, config.json)
@@ -18,7 +18,8 @@ parameter tensors one decode step reads (the IRPA's tensors; an untied token emb
 gathered from, so it is left out); "GB/s achieved" = weight bytes x batch-1 decode tok/s, and the
 roofline ratio = achieved / measured bandwidth.
 `--compare-llama-cpp` adds llama.cpp (llama-cpp-python, installed on demand: bench/llama_cpp.py) on the
-same GGUF converted to each measured precision, same prompts, same threads, in the same run.
+same GGUF converted to each measured precision (for w8a8: Q8_0), same prompts, same threads, in the
+same run.
 """
 
 from __future__ import annotations

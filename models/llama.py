@@ -113,21 +113,26 @@ class Block(nn.Module):
         vals = cache_pages.index_select(0, k_pages + 1).view(B, -1, c.num_kv_heads, c.head_dim)
 
         # GQA without materialising repeated KV heads: group the query heads of each KV head.
-        # (3-D bmm over B*KV: IREE's data tiling rejects 5-D broadcasting and some 4-D batch matmuls.)
         KV, D, rep = c.num_kv_heads, c.head_dim, c.num_heads // c.num_kv_heads
         T = keys.shape[1]
-        qg = _f32(q).view(B, S, KV, rep, D).permute(0, 2, 3, 1, 4).reshape(B * KV, rep * S, D)
-        kg = _f32(keys).permute(0, 2, 3, 1).reshape(B * KV, D, T)
-        vg = _f32(vals).permute(0, 2, 1, 3).reshape(B * KV, T, D)
-        scores = torch.bmm(qg, kg).view(B, KV, rep, S, T) * (D ** -0.5)
-        scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
-        probs = torch.softmax(scores, dim=-1).view(B * KV, rep * S, T)
         if isinstance(S, int) and S == 1:
-            # A one-token step traced with static shapes (export.paged_llm's decode): IREE 3.13 fails to
-            # compile this bmm for some static batches ("'affine.delinearize_index' op no basis element
-            # may be statically non-positive" at B * KV = 16 or 48); the product is small, so reduce it.
-            attn = (probs.view(B * KV, rep, T, 1) * vg.view(B * KV, 1, T, D)).sum(2).view(B, KV, rep, S, D)
+            # A one-token step (export.paged_llm's static decode traces): products summed over the
+            # gathered pages, no transposes or bmm; IREE makes each a single dispatch. (IREE 3.13 failed
+            # to compile the probs x V bmm at some static batches: "'affine.delinearize_index' op no basis
+            # element may be statically non-positive" at B * KV = 16 or 48.)
+            qh = _f32(q).view(B, KV, rep, 1, D)
+            scores = (qh * _f32(keys).permute(0, 2, 1, 3).unsqueeze(2)).sum(-1).unsqueeze(3) * (D ** -0.5)
+            scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
+            probs = torch.softmax(scores, dim=-1).view(B, KV, rep, T, 1)
+            attn = (probs * _f32(vals).permute(0, 2, 1, 3).unsqueeze(2)).sum(3).view(B, KV, rep, 1, D)
         else:
+            # (3-D bmm over B*KV: IREE's data tiling rejects 5-D broadcasting and some 4-D batch matmuls.)
+            qg = _f32(q).view(B, S, KV, rep, D).permute(0, 2, 3, 1, 4).reshape(B * KV, rep * S, D)
+            kg = _f32(keys).permute(0, 2, 3, 1).reshape(B * KV, D, T)
+            vg = _f32(vals).permute(0, 2, 1, 3).reshape(B * KV, T, D)
+            scores = torch.bmm(qg, kg).view(B, KV, rep, S, T) * (D ** -0.5)
+            scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
+            probs = torch.softmax(scores, dim=-1).view(B * KV, rep * S, T)
             attn = torch.bmm(probs, vg).view(B, KV, rep, S, D)
         attn = _to(attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * D), x.dtype)
         return self.attn_output(attn), cache
@@ -210,11 +215,11 @@ class PagedLlama(nn.Module):
         `calibration_ids` (one prompt)."""
         c, stride = self.config, self.block_seq_stride
         names = [f"blk.{i}.{p}" for i in range(c.num_layers) for p in PROJECTIONS]
-        n = len(calibration_ids)
-        pages = -(-n // stride)
+        count = len(calibration_ids)
+        pages = -(-count // stride)
         hidden = []
         absmax = input_absmax(self, names, lambda: hidden.append(self.hidden_states(
-            torch.tensor([calibration_ids]), torch.tensor([0]), torch.tensor([n]),
+            torch.tensor([calibration_ids]), torch.tensor([0]), torch.tensor([count]),
             torch.arange(1, pages + 1).view(1, -1), self.allocate_cache(pages + 1))))
         absmax["output"] = hidden[0][0].abs().amax(0)
         with torch.device("meta"):

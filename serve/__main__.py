@@ -36,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="tokenizer.json or its folder (default: next to --model-config)")
     p.add_argument("--quantization", choices=("none", "w8a8"), default="none",
                    help="the default model only: build it with export's --quantization (w8a8: int8 weights and "
-                        "activations, ~2.4x faster decode on CPU, ~2 %% higher perplexity)")
+                        "activations: ~2x faster decode on CPU, slightly different text; README)")
     p.add_argument("--device", default="local-task", help="IREE driver: local-task, hip or cuda")
     p.add_argument("--device-ids", "--device_ids", dest="device_ids", type=int, nargs="+", default=[0])
     p.add_argument("--host", default="127.0.0.1")
