@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from models.abi import ModelABI, PagedKVCache
+from models.abi import QUANTIZATIONS, ModelABI, PagedKVCache
 from models.config import ModelError
-from models.llama import DTYPES, QUANTIZATIONS, PagedLlama
+from models.llama import DTYPES, PagedLlama
 from models.weights import ModelWeights, load_weights, write_irpa
 
 MODULE_NAME = "module"
@@ -99,8 +99,8 @@ def export_forward(model: PagedLlama, static_decode: list[int] = ()):
 
     Why both: with a dynamic batch IREE's data tiling lays the weight matmuls out for a general row count
     (8-row tiles with AVX2) instead of a matrix-vector product, and a one-token decode step pays for it
-    (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Benchmarks"). Prefill and embed share the dynamic trace, so IREE compiles one prefill whatever the
-    number of prefill batch sizes; each static decode costs one more trace (~14 s for SmolLM2) and compile.
+    (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Export and compile by hand"). Prefill and
+    embed share the dynamic trace, so IREE compiles one prefill whatever the number of prefill batch sizes; each static decode costs one more trace (~14 s for SmolLM2) and compile.
     `entry_points` adds the public prefill_bs{N} / decode_bs{N} functions around them. The traced
     functions are pure (they return the new cache); the entry points store it in the module's global.
     With tp > 1 each rank's parameters are placed on its device (`stream.affinity`), the rest on device 0.

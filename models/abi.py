@@ -23,6 +23,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 
+QUANTIZATIONS = ("none", "w8a8")  # export --quantization (models/quant.py), also serve's for its default model
+
+
 @dataclass
 class PagedKVCache:
     attention_head_count_kv: int

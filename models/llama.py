@@ -65,7 +65,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _to(out.flatten(-2), x.dtype)
 
 
-QUANTIZATIONS = ("none", "w8a8")
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import uvicorn
 
+from models.abi import QUANTIZATIONS
+
 from .api import create_app
 from .engine import Engine, EngineConfig
 
@@ -34,7 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--model-config", "--model_config", dest="model_config", type=Path, help="the export's config.json")
     p.add_argument("--tokenizer", "--tokenizer_json", dest="tokenizer", type=Path,
                    help="tokenizer.json or its folder (default: next to --model-config)")
-    p.add_argument("--quantization", choices=("none", "w8a8"), default="none",
+    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="the default model only: build it with export's --quantization (w8a8: int8 weights and "
                         "activations: ~2x faster decode on CPU, slightly different text; README)")
     p.add_argument("--device", default="local-task", help="IREE driver: local-task, hip or cuda")
