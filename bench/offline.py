@@ -7,8 +7,9 @@
 
 Default model: the embedded SmolLM2-135M-Instruct GGUF, exported + compiled once per `--dtype` through
 export.artifacts (content-hash cached). What is measured, per program, with `serve.runner.Runner`:
-  prefill    one prompt of each `--prefill-lens` length at batch 1 (random token ids, padded to the page
-             size): tok/s = prompt tokens / time of the call
+  prefill    one prompt of each `--prefill-lens` length at batch 1 (random token ids), in calls of at most
+             `--prefill-chunk` tokens as the server prefills it (its --max-tokens-per-step default):
+             tok/s = prompt tokens / time of the calls
   decode     at each `--decode-batches` size B: B sequences, each with its own pages, after a prefill of a
              `--decode-prompt-len` prompt; `--decode-steps` decode calls are timed (full logits back to
              the host each step, as the server gets them): tok/s = B x steps / time, and ms per step
@@ -39,6 +40,8 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
+from serve.scheduler import PREFILL_CHUNK
 
 from . import membw
 from .report import print_table, write_json
@@ -126,6 +129,7 @@ class Plan:
     repeats: int
     warmup: int
     seed: int = 0
+    prefill_chunk: int = PREFILL_CHUNK
 
     def pages_needed(self, stride: int) -> int:
         """Pages in use at once (page 0, the padding page, not counted): measurements reuse pages."""
@@ -222,12 +226,15 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
         return np.arange(first, first + count, dtype=np.int64)
 
     for n in plan.prefill_lens:
-        padded = math.ceil(n / stride) * stride
-        tokens = np.zeros((1, padded), np.int64)
-        tokens[0, :n] = data["prefill"][n]
-        page_ids = pages(1, padded // stride)[None]
-        start, lens = np.zeros(1, np.int64), np.array([n], np.int64)
-        sec, reps = time_it(lambda: runner.prefill(tokens, start, lens, page_ids), plan.repeats, plan.warmup)
+        page_ids = pages(1, math.ceil(n / stride))[None]
+        ends = list(range(plan.prefill_chunk, n, plan.prefill_chunk)) + [n]
+
+        def prefill():
+            for begin, end in zip([0] + ends, ends):  # (the pages so far, as the server's page table has them)
+                runner.prefill(data["prefill"][n][None, begin:end], np.array([begin]), np.array([end]),
+                               page_ids[:, :math.ceil(end / stride)])
+
+        sec, reps = time_it(prefill, plan.repeats, plan.warmup)
         timings.append(Timing("prefill", n, sec, n, 1, reps))
         log(f"  prefill {n:4d} tokens: {1000 * sec:8.1f} ms  {n / sec:8.1f} tok/s")
 
@@ -371,6 +378,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "compared with llama.cpp's Q8_0")
     p.add_argument("--export-args", default="", help="extra export.paged_llm arguments for the built programs")
     p.add_argument("--prefill-lens", type=_int_list, default=[128, 512])
+    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
+                   help="tokens per prefill call of ours (llama.cpp takes each prompt in one call)")
     p.add_argument("--decode-batches", type=_int_list, default=[1, 4, 16])
     p.add_argument("--decode-prompt-len", type=int, default=32, help="prompt tokens before the timed decode")
     p.add_argument("--decode-steps", type=int, default=64, help="decode steps per timing")
@@ -387,8 +396,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.program and args.dtype:
         p.error("--dtype builds programs from --gguf; give it or --program, not both")
-    if min(args.repeats, args.decode_steps, args.decode_prompt_len) < 1 or args.warmup < 0:
-        p.error("--repeats, --decode-steps and --decode-prompt-len must be >= 1, --warmup >= 0")
+    if min(args.repeats, args.decode_steps, args.decode_prompt_len, args.prefill_chunk) < 1 or args.warmup < 0:
+        p.error("--repeats, --decode-steps, --decode-prompt-len and --prefill-chunk must be >= 1, --warmup >= 0")
     if args.compare_llama_cpp and args.program and not args.gguf:
         p.error("--compare-llama-cpp with --program needs --gguf (the model llama.cpp runs)")
     return args
@@ -398,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m bench.offline " + shlex.join(sys.argv[1:] if argv is None else argv)
     plan = Plan(args.prefill_lens, args.decode_batches, args.decode_prompt_len, args.decode_steps,
-                args.repeats, args.warmup, args.seed)
+                args.repeats, args.warmup, args.seed, args.prefill_chunk)
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -455,7 +464,8 @@ def main(argv: list[str] | None = None) -> int:
             "model": str(gguf) if gguf else None,
             "plan": {"prefill_lens": plan.prefill_lens, "decode_batches": plan.decode_batches,
                      "decode_prompt_len": plan.decode_prompt_len, "decode_steps": plan.decode_steps,
-                     "repeats": plan.repeats, "warmup": plan.warmup, "seed": plan.seed},
+                     "repeats": plan.repeats, "warmup": plan.warmup, "seed": plan.seed,
+                     "prefill_chunk": plan.prefill_chunk},
             "memory_bandwidth": {"read_gb_s": bw.read_gb_s, "method": bw.method, "size_mib": bw.size_mib,
                                  "threads": bw.threads, "methods_gb_s": bw.methods},
             "runs": [r.to_json(bw.read_gb_s) for r in runs],

@@ -21,6 +21,7 @@ from models.abi import QUANTIZATIONS
 
 from .api import create_app
 from .engine import Engine, EngineConfig
+from .scheduler import PREFILL_CHUNK
 
 log = logging.getLogger("aotllm")
 
@@ -48,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--kv-pages", type=int, help="KV pages per device (default: the export's device_block_count)")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoding at once per device")
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running before 503s")
-    p.add_argument("--max-tokens-per-step", type=int, default=512, help="prefill token budget per step")
+    p.add_argument("--max-tokens-per-step", type=int, default=PREFILL_CHUNK,
+                   help="prefill token budget per step: long prompts are prefilled in chunks this size")
     p.add_argument("--max-tokens-per-request", type=int, default=None,
                    help="refuse requests asking for more completion tokens (default: the context length)")
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)

@@ -17,7 +17,7 @@ from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_pages import PagePool
 from .runner import Runner
 from .sampling import Sampler, SamplingParams
-from .scheduler import Scheduler, Sequence
+from .scheduler import PREFILL_CHUNK, Scheduler, Sequence
 
 log = logging.getLogger("aotllm.engine")
 
@@ -41,7 +41,7 @@ class EngineConfig:
     kv_pages: int | None = None
     max_running: int = 16
     max_queue: int = 256
-    max_tokens_per_step: int = 512
+    max_tokens_per_step: int = PREFILL_CHUNK
     prefix_caching: bool = True
     max_tokens_per_request: int | None = None
     model_name: str = "default"

@@ -9,7 +9,8 @@ from bench import offline
 
 def test_offline_bench_on_tiny_program(tiny_program, tmp_path, capsys):
     out = tmp_path / "offline.json"
-    assert offline.main(["--program", str(tiny_program), "--prefill-lens", "16,32", "--decode-batches", "1,4",
+    assert offline.main(["--program", str(tiny_program), "--prefill-lens", "16,40", "--prefill-chunk", "16",
+                         "--decode-batches", "1,4",
                          "--decode-steps", "4", "--decode-prompt-len", "8", "--repeats", "2",
                          "--membw-mib", "32", "--json", str(out)]) == 0
     printed = capsys.readouterr().out
@@ -23,7 +24,7 @@ def test_offline_bench_on_tiny_program(tiny_program, tmp_path, capsys):
     assert [run["engine"] for run in r["runs"]] == ["aotllm"]
     run = r["runs"][0]
     assert run["dtype"] == "float32" and run["weight_bytes"] > 0
-    assert [p["tokens"] for p in run["prefill"]] == [16, 32]
+    assert [p["tokens"] for p in run["prefill"]] == [16, 40]  # 40: calls of 16, 16 and 8 tokens
     assert [d["batch"] for d in run["decode"]] == [1, 4]
     for fig in run["prefill"] + run["decode"]:
         assert fig["tok_s"] > 0 and len(fig["repeats_s"]) == 2

@@ -57,6 +57,20 @@ def test_greedy_matches_eager_model(server, tiny_program):
     assert out["text"] == tok.decode(out["token_ids"]) and out["finish_reason"] == "length"
 
 
+def test_long_prompt_prefilled_in_chunks_matches_eager_model(tiny_program):
+    s = ServerThread(_cfg(tiny_program, max_tokens_per_step=STRIDE))  # 45 prompt tokens: 6 prefill steps
+    try:
+        ids = char_tokenizer()[0].encode("A longer prompt, prefilled a page at a time.").ids
+        r = gen(s, {"input_ids": ids, "return_input_ids": True,
+                    "sampling_params": {"max_completion_tokens": 8, "ignore_eos": True}})
+        assert r.status_code == 200, r.text
+        model = PagedLlama.from_weights(load_weights(gguf_file=tiny_program[1]), STRIDE)
+        assert r.json()["responses"][0]["responses"][0]["token_ids"] == greedy(model, ids, 8)
+        assert s.engine.schedulers[0].counters.steps >= 6 + 7
+    finally:
+        s.stop()
+
+
 def test_stream_concatenates_to_non_stream(server):
     payload = {"text": "Streaming test", "sampling_params": {"max_completion_tokens": 10, "ignore_eos": True}}
     full = gen(server, payload).json()["responses"][0]["responses"][0]["text"]
