@@ -10,6 +10,7 @@ import argparse
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,7 +93,7 @@ class _Stage:
             print(f"[export] {self.name}: {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def export_forward(model: PagedLlama, static_decode: list[int] = ()):
+def export_forward(model: PagedLlama, static_decode: Sequence[int] = ()):
     """Trace `PagedLlama.forward` as `forward`, every dimension dynamic but the page size (weights
     external), and as `forward_decode_bs{B}` for each B in `static_decode`: batch B and one token static,
     only the page-table width and the page count dynamic.
@@ -100,7 +101,8 @@ def export_forward(model: PagedLlama, static_decode: list[int] = ()):
     Why both: with a dynamic batch IREE's data tiling lays the weight matmuls out for a general row count
     (8-row tiles with AVX2) instead of a matrix-vector product, and a one-token decode step pays for it
     (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Export and compile by hand"). Prefill and
-    embed share the dynamic trace, so IREE compiles one prefill whatever the number of prefill batch sizes; each static decode costs one more trace (~14 s for SmolLM2) and compile.
+    embed share the dynamic trace, so IREE compiles one prefill whatever the number of prefill batch sizes;
+    each static decode costs one more trace (~14 s for SmolLM2) and compile.
     `entry_points` adds the public prefill_bs{N} / decode_bs{N} functions around them. The traced
     functions are pure (they return the new cache); the entry points store it in the module's global.
     With tp > 1 each rank's parameters are placed on its device (`stream.affinity`), the rest on device 0.
@@ -359,7 +361,7 @@ def main(argv=None) -> int:
 
 
 def quantize_w8a8(model: PagedLlama, args) -> PagedLlama:
-    from models.quant import CALIBRATION_TEXT
+    from models.quant import CALIBRATION_TEXT, random_calibration_ids
     from models.tokenizer import tokenizer_near_weights
 
     if model.tp > 1 or model.dtype != torch.float32:
@@ -371,7 +373,7 @@ def quantize_w8a8(model: PagedLlama, args) -> PagedLlama:
     else:
         print("[export] w8a8: no tokenizer next to the weights; calibrating on 256 random token ids "
               "(less accurate than text)", file=sys.stderr)
-        ids = torch.randint(0, model.config.vocab_size, (256,), generator=torch.Generator().manual_seed(0)).tolist()
+        ids = random_calibration_ids(model.config.vocab_size)
     with _Stage(f"w8a8: calibrate on {len(ids)} tokens, quantize"):
         return model.quantize_w8a8(ids)
 

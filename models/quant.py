@@ -1,4 +1,4 @@
-"""W8A8: int8 weights, int8 activations, int32 accumulation (`export.paged_llm --weight-dtype int8`).
+"""W8A8: int8 weights, int8 activations, int32 accumulation (`export.paged_llm --quantization w8a8`).
 
 Every projection of the blocks and the output head becomes an `Int8Linear`: its weight is int8 with one
 f32 scale per output row; at run time each token's input row is quantised to int8 with its own scale, the
@@ -30,6 +30,11 @@ CALIBRATION_TEXT = (
     "and bake at 220 C for 35 minutes.\n"
     "Quelle est la capitale de la France ? Paris est la capitale de la France. 東京は日本の首都です。"
 )
+
+
+def random_calibration_ids(vocab_size: int) -> list[int]:
+    """The calibration input when no tokenizer comes with the weights: 256 seeded random token ids."""
+    return torch.randint(0, vocab_size, (256,), generator=torch.Generator().manual_seed(0)).tolist()
 
 
 class Int8Linear(nn.Module):

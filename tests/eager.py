@@ -1,7 +1,9 @@
-"""Helpers that drive the eager paged model the way the server drives the compiled one."""
+"""Helpers that drive the eager paged model the way the server drives the compiled one (and the compiled
+one, through serve.runner, the same way)."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from models.llama import PagedLlama
@@ -31,5 +33,16 @@ def greedy(model: PagedLlama, prompt: list[int], n_new: int, page_ids: list[int]
     while len(out) < n_new:
         seq_len = len(prompt) + len(out)
         logits = model.decode(torch.tensor([[out[-1]]]), torch.tensor([seq_len]), page_t, cache)
+        out.append(int(logits[0].argmax()))
+    return out
+
+
+def compiled_greedy(runner, prompt: list[int], n_new: int, pages: np.ndarray) -> list[int]:
+    """`greedy` through a serve.runner.Runner: one prefill, then decode steps, on the given page table."""
+    s = runner.abi.block_seq_stride
+    logits = runner.prefill(np.array([padded(prompt, s)]), np.array([0]), np.array([len(prompt)]), pages)
+    out = [int(logits[0].argmax())]
+    while len(out) < n_new:
+        logits = runner.decode(np.array([out[-1]]), np.array([len(prompt) + len(out)]), pages).logits
         out.append(int(logits[0].argmax()))
     return out

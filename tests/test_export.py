@@ -12,7 +12,7 @@ from models.abi import ModelABI
 from models.llama import DTYPES, PagedLlama
 from models.weights import load_weights
 from serve.runner import Runner
-from tests.eager import padded
+from tests.eager import compiled_greedy, padded
 
 STRIDE = 8
 
@@ -179,12 +179,6 @@ def test_smollm2_compiled_greedy_matches_hf(smollm2_f32_artifacts, smollm2_refer
     art = smollm2_f32_artifacts
     abi = ModelABI.load(art.config)
     runner = Runner(art.vmfb, [art.irpa], abi, page_count=32)
-    s = abi.block_seq_stride
-    pages = np.array([[9, 4, 17, 2, 30, 11]])
-    logits = runner.prefill(np.array([padded(ids, s)]), np.array([0]), np.array([len(ids)]), pages)
-    out = [int(logits[0].argmax())]
-    while len(out) < 32:
-        logits = runner.decode(np.array([out[-1]]), np.array([len(ids) + len(out)]), pages).logits
-        out.append(int(logits[0].argmax()))
+    out = compiled_greedy(runner, ids, 32, np.array([[9, 4, 17, 2, 30, 11]]))
     assert out == ref
     assert "Paris" in tok.decode(out)

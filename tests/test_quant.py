@@ -8,10 +8,10 @@ from compile import CompileRequest, compile_mlir
 from export import paged_llm
 from models.abi import ModelABI
 from models.llama import PagedLlama
-from models.quant import Int8Linear, quantize_linear
+from models.quant import Int8Linear, quantize_linear, random_calibration_ids
 from models.weights import load_weights
 from serve.runner import Runner
-from tests.eager import greedy, padded
+from tests.eager import compiled_greedy, greedy, padded
 from tests.test_export import STRIDE, export_and_compile
 
 
@@ -42,8 +42,7 @@ def test_w8a8_compiled_matches_eager_and_tracks_float(w8a8_program):
     assert abi.quantization == "w8a8"
     runner = Runner(out / "model.vmfb", [out / "model.irpa"], abi, page_count=16)
     f32 = PagedLlama.from_weights(load_weights(gguf_file=gguf), STRIDE)
-    ids = torch.randint(0, 128, (256,), generator=torch.Generator().manual_seed(0)).tolist()
-    q = f32.quantize_w8a8(ids)  # what the export did (no tokenizer in the tiny GGUF: the same random ids)
+    q = f32.quantize_w8a8(random_calibration_ids(128))  # what the export did (the tiny GGUF has no tokenizer)
 
     prompt = list(range(3, 22))
     pages = np.array([[4, 9, 2, 11]])
@@ -64,15 +63,7 @@ def test_w8a8_compiled_matches_eager_and_tracks_float(w8a8_program):
         q.prefill(*args, cache)
         want = q.decode(torch.tensor([[5]]), torch.tensor([len(prompt) + 1]), torch.tensor(pages), cache).numpy()
     assert np.abs(step - want).max() <= 2e-3 * np.abs(want).max()
-    assert greedy(q, prompt, 8) == _runner_greedy(runner, prompt, 8, pages)
-
-
-def _runner_greedy(runner, prompt, n, pages):
-    logits = runner.prefill(np.array([padded(prompt, STRIDE)]), np.zeros(1), np.array([len(prompt)]), pages)
-    out = [int(logits[0].argmax())]
-    while len(out) < n:
-        out.append(int(runner.decode(np.array([out[-1]]), np.array([len(prompt) + len(out)]), pages).logits[0].argmax()))
-    return out
+    assert greedy(q, prompt, 8) == compiled_greedy(runner, prompt, 8, pages)
 
 
 @pytest.mark.parametrize("target,arch", [("hip", "gfx942"), ("cuda", "sm_80")])
@@ -102,5 +93,5 @@ def test_smollm2_w8a8_answers(smollm2_path, smollm2_reference):
     art = build(smollm2_path, ["--quantization", "w8a8", "--bs-prefill", "1", "--bs-decode", "1"])
     abi = ModelABI.load(art.config)
     runner = Runner(art.vmfb, art.parameters, abi, page_count=32)
-    out = _runner_greedy(runner, ids, 16, np.array([[9, 4, 17, 2, 30, 11]]))
+    out = compiled_greedy(runner, ids, 16, np.array([[9, 4, 17, 2, 30, 11]]))
     assert "Paris" in tok.decode(out), tok.decode(out)
