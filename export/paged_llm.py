@@ -109,8 +109,8 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = ()):
     """
     from iree.turbine import aot
 
+    _turbine_custom_op_compat()
     if model.tp > 1:
-        _turbine_custom_op_compat()
         for name, param in model.named_parameters():
             rank = int(name.split(".")[1]) if name.startswith("rank.") else 0
             aot.DeviceTensorTrait(rank).set(param)
@@ -142,7 +142,7 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = ()):
 
 
 def _turbine_custom_op_compat() -> None:
-    """iree-turbine 3.9's custom-op expansion (the device transfers of tensor parallelism) calls
+    """iree-turbine 3.9's custom-op expansion (models.page_gather, the device transfers of tensor parallelism) calls
     `Type.isinstance(x)`, which the MLIR bindings of iree-base-compiler 3.13 no longer have; the
     bindings downcast types themselves, so Python's isinstance is the same test."""
     import iree.compiler.ir as ir

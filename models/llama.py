@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import LlamaConfig
+from .page_gather import page_gather
 from .quant import Int8Linear, input_absmax, quantize_linear
 from .tp import shard_config
 from .weights import ModelWeights
@@ -106,10 +107,20 @@ class Block(nn.Module):
         shape = cache.shape
         cache = cache.view(-1, kv_width).index_put((k_rows,), _to(k.reshape(B * S, kv_width), cache.dtype))
         cache = cache.index_put((k_rows + stride,), _to(v.reshape(B * S, kv_width), cache.dtype)).view(shape)
-        cache_pages = cache.view(-1, stride, c.num_kv_heads, c.head_dim)
-        k_pages = (read_pages + 2 * layer).reshape(-1)
-        keys = cache_pages.index_select(0, k_pages).view(B, -1, c.num_kv_heads, c.head_dim)
-        vals = cache_pages.index_select(0, k_pages + 1).view(B, -1, c.num_kv_heads, c.head_dim)
+        k_pages = read_pages + 2 * layer
+        if cache.dtype == torch.float32:
+            # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies, fused into the
+            # attention products). With one KV head IREE 3.13 fails to compile the V gather fused into the
+            # probs x V sum ("'affine.delinearize_index' op no basis element may be statically
+            # non-positive"): then V is gathered in a dispatch of its own.
+            cache_pages = cache.view(-1, stride * kv_width)
+            keys = page_gather(cache_pages, k_pages, 0)
+            vals = page_gather(cache_pages, k_pages + 1, int(c.num_kv_heads == 1))
+        else:
+            # (With an f16 cache IREE 3.13 then drops layer 0's K scatter: test_export's f16 test.)
+            cache_pages = cache.view(-1, stride, c.num_kv_heads, c.head_dim)
+            keys, vals = (cache_pages.index_select(0, p.reshape(-1)) for p in (k_pages, k_pages + 1))
+        keys, vals = (t.view(B, -1, c.num_kv_heads, c.head_dim) for t in (keys, vals))
 
         # GQA without materialising repeated KV heads: group the query heads of each KV head.
         KV, D, rep = c.num_kv_heads, c.head_dim, c.num_heads // c.num_kv_heads
@@ -289,7 +300,7 @@ class PagedLlama(nn.Module):
         slot = torch.clamp(torch.div(safe_pos, stride, rounding_mode="floor"), max=P - 1)
         page = torch.where(valid, torch.gather(page_ids, 1, slot), torch.zeros_like(slot))
         write_rows = (page * (c.num_layers * 2)) * stride + safe_pos.remainder(stride)
-        read_pages = page_ids * (c.num_layers * 2)  # [B, P]: (page, layer 0, K) in [-1, stride, KV, D] units
+        read_pages = page_ids * (c.num_layers * 2)  # [B, P]: (page, layer 0, K) in rows of stride * KV * D
 
         # Query at `pos` sees keys at positions <= min(pos, seq_len - 1).
         last_visible = torch.minimum(pos, seq_lens.unsqueeze(1) - 1)
