@@ -16,6 +16,7 @@ from pathlib import Path
 
 from compile import CompileRequest, compile_mlir, vmfb_cache_dir
 from models.abi import ModelABI
+from models.default_model import cache_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,10 +65,16 @@ def artifact_key(source: Path, export_args: list[str]) -> str:
 
 
 def build(gguf: Path, export_args: list[str] | None = None) -> Artifacts:
-    """Export (if not cached) and compile for llvm-cpu (compile has its own content cache)."""
+    """Export (if not cached) and compile for llvm-cpu (compile has its own content cache). Another process
+    building the same artifacts meanwhile is waited for, not raced."""
     export_args = list(export_args or [])
     out = vmfb_cache_dir().parent / "artifacts" / artifact_key(Path(gguf), export_args)
-    art = Artifacts(out)
+    with cache_lock(out):
+        return _build(Artifacts(out), gguf, export_args)
+
+
+def _build(art: Artifacts, gguf: Path, export_args: list[str]) -> Artifacts:
+    out = art.dir
     if not (out / ".complete").is_file():
         t0 = time.perf_counter()
         print(f"[aotllm] exporting {gguf} -> {out}", file=sys.stderr, flush=True)

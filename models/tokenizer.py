@@ -23,6 +23,8 @@ import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
 from tokenizers.models import BPE
 
+from .weights import open_gguf
+
 CONTROL, USER_DEFINED = int(gguf.TokenType.CONTROL), int(gguf.TokenType.USER_DEFINED)
 # Tokens that end a turn, besides EOS, when the vocabulary has them as special tokens.
 EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|endoftext|>", "<|end|>", "<end_of_turn>")
@@ -166,7 +168,7 @@ def tokenizer_from_gguf(
     reader_or_path: gguf.GGUFReader | str | os.PathLike[str],
 ) -> tuple[Tokenizer, TokenizerInfo]:
     """The tokenizer a GGUF file describes, and its special ids / flags / chat template."""
-    reader = reader_or_path if isinstance(reader_or_path, gguf.GGUFReader) else gguf.GGUFReader(reader_or_path)
+    reader = reader_or_path if isinstance(reader_or_path, gguf.GGUFReader) else open_gguf(Path(reader_or_path))
     source = str(getattr(reader.data, "filename", None) or reader_or_path)
     meta = _gguf_metadata(reader)
     model = meta.get("model")
@@ -240,7 +242,7 @@ def tokenizer_near_weights(gguf_file=None, hf_dir=None, irpa_file=None) -> tuple
     """The tokenizer that goes with a model's weights: the GGUF's vocabulary, the HF folder's files, or the
     files next to an IRPA (export and sharding write them there); None when there is none."""
     if gguf_file:
-        reader = gguf.GGUFReader(gguf_file)
+        reader = open_gguf(Path(gguf_file))
         return tokenizer_from_gguf(reader) if "tokenizer.ggml.model" in reader.fields else None
     folder = Path(hf_dir) if hf_dir else Path(irpa_file).parent if irpa_file else None
     return load_tokenizer(folder) if folder and (folder / "tokenizer.json").is_file() else None

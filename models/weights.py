@@ -67,6 +67,9 @@ class ModelWeights:
         return shapes
 
     def validate(self) -> None:
+        if any(k.endswith(".weight_scale") for k in self.tensors):  # (an export's IRPA of a w8a8 program)
+            raise ModelError(f"{self.source} holds w8a8-quantized weights; hint: export from the float "
+                             "model (GGUF or HF folder) with --quantization w8a8")
         for name, shape in self.expected_shapes().items():
             if name not in self.tensors:
                 raise ModelError(f"{self.source}: missing tensor {name!r} (expected shape {list(shape)})")

@@ -1,4 +1,6 @@
 import os
+import signal
+import subprocess
 import sys
 from pathlib import Path
 
@@ -8,7 +10,42 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from tests.prebuild import SMOLLM2_BUILDS  # noqa: E402
 from tests.tiny import VARIANTS, hf_model, save_hf, write_gguf  # noqa: E402
+
+_prebuild: subprocess.Popen | None = None
+
+
+def _smollm2_build_used(item) -> int:
+    """Index in SMOLLM2_BUILDS of the last real-model program the test uses; -1 for none."""
+    names = getattr(item, "fixturenames", ())
+    return max((i for i, name in enumerate(SMOLLM2_BUILDS) if f"smollm2_{name}_artifacts" in names), default=-1)
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """Tests of the real-model programs last, in the order the background builds them: the fast tests
+    run while the programs build."""
+    items.sort(key=_smollm2_build_used)
+
+
+def pytest_collection_finish(session):
+    """Start building the SmolLM2 programs the selected tests use (tests/prebuild.py) in the background."""
+    global _prebuild
+    used = {f for item in session.items for f in getattr(item, "fixturenames", ())}
+    needed = [name for name in SMOLLM2_BUILDS if f"smollm2_{name}_artifacts" in used]
+    if needed and not session.config.option.collectonly:
+        from models.default_model import cache_dir, smollm2_gguf
+
+        smollm2_gguf()  # (fetched here, once, before two processes want it)
+        with open(cache_dir() / "test-prebuild.log", "w") as log:
+            _prebuild = subprocess.Popen([sys.executable, "-m", "tests.prebuild", *needed], cwd=ROOT, stdout=log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def pytest_sessionfinish(session):
+    if _prebuild is not None and _prebuild.poll() is None:  # (a run stopped early: -x, Ctrl-C)
+        os.killpg(_prebuild.pid, signal.SIGTERM)
+        _prebuild.wait()
 
 
 @pytest.fixture(scope="session")
@@ -54,11 +91,17 @@ def smollm2_reference(smollm2_path):
     return ids, out[0, len(ids):].tolist(), tok
 
 
-@pytest.fixture(scope="session")
-def smollm2_f32_artifacts(smollm2_path):
-    from export.artifacts import build
+def _smollm2_build(name):
+    @pytest.fixture(scope="session", name=f"smollm2_{name}_artifacts")
+    def fixture(smollm2_path):
+        from export.artifacts import build
 
-    return build(smollm2_path)  # the same artifacts `python -m serve` builds for its default model
+        return build(smollm2_path, SMOLLM2_BUILDS[name])  # (waits for the background build if it is on it)
+
+    return fixture
+
+
+smollm2_f32_artifacts, smollm2_w8a8_artifacts, smollm2_tp3_artifacts = map(_smollm2_build, SMOLLM2_BUILDS)
 
 
 @pytest.fixture(scope="session")

@@ -85,12 +85,10 @@ def test_w8a8_refusals(tiny_models, w8a8_program, tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_smollm2_w8a8_answers(smollm2_path, smollm2_reference):
+def test_smollm2_w8a8_answers(smollm2_w8a8_artifacts, smollm2_reference):
     """The real model in W8A8 through export -> compile -> runtime still answers the question."""
-    from export.artifacts import build
-
     ids, ref, tok = smollm2_reference
-    art = build(smollm2_path, ["--quantization", "w8a8", "--bs-prefill", "1", "--bs-decode", "1"])
+    art = smollm2_w8a8_artifacts
     abi = ModelABI.load(art.config)
     runner = Runner(art.vmfb, art.parameters, abi, page_count=32)
     out = compiled_greedy(runner, ids, 16, np.array([[9, 4, 17, 2, 30, 11]]))

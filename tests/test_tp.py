@@ -169,16 +169,14 @@ def test_sharded_mlir_compiles_for_hip_0_to_7(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_tp3_equals_tp1(smollm2_path, smollm2_f32_artifacts, smollm2_reference, tmp_path):
-    from export.artifacts import build
-
+def test_smollm2_tp3_equals_tp1(smollm2_path, smollm2_f32_artifacts, smollm2_tp3_artifacts, smollm2_reference,
+                                tmp_path):
     ids, ref, _ = smollm2_reference
     r = subprocess.run([sys.executable, "-m", "sharding", "--gguf-file", str(smollm2_path),
                         "--tensor-parallelism-size", "2", "--output-irpa", str(tmp_path / "m.irpa")],
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 2 and "attention heads 9" in r.stderr  # 9 heads, 3 KV heads: N=2 cannot work
-    art = build(smollm2_path, ["--tensor-parallelism-size", "3", "--bs-prefill", "1", "--bs-decode", "1"])
-    one = smollm2_f32_artifacts
+    art, one = smollm2_tp3_artifacts, smollm2_f32_artifacts
     body = {"input_ids": ids, "sampling_params": {"max_completion_tokens": 32, "ignore_eos": True},
             "return_input_ids": True}
     tokens = {}
