@@ -66,10 +66,9 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return _to(out.flatten(-2), x.dtype)
 
 
-PROJECTIONS = ("attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down")
 # W8A8 blocks: projections that read the same input are one Int8Linear over their stacked weights, so the
-# input is smoothed and quantised once and one int8 matmul runs instead of three (two). SmolLM2 decode,
-# w8a8 (README): fewer dispatches per layer. Float blocks keep the GGUF's separate projections.
+# input is smoothed and quantised once and one int8 matmul runs instead of three (two): SmolLM2 decode
+# batch 16 62 -> 55 ms/step (README). Float blocks keep the GGUF's separate projections.
 W8A8_FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
               "ffn_gate_up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
 
