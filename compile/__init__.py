@@ -101,8 +101,10 @@ def cache_key(req: CompileRequest) -> str:
 
 
 def vmfb_cache_dir() -> Path:
-    root = Path(os.environ.get("AOTLLM_CACHE", Path.home() / ".cache" / "aotllm")) / "vmfb"
-    root.mkdir(parents=True, exist_ok=True)
+    from models.default_model import cache_dir
+
+    root = cache_dir() / "vmfb"
+    root.mkdir(exist_ok=True)
     return root
 
 

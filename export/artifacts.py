@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from compile import CompileRequest, compile_mlir, vmfb_cache_dir
+from compile import CompileRequest, compile_mlir
 from models.abi import ModelABI
-from models.default_model import cache_lock
+from models.default_model import cache_dir, cache_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -68,7 +68,7 @@ def build(gguf: Path, export_args: list[str] | None = None) -> Artifacts:
     """Export (if not cached) and compile for llvm-cpu (compile has its own content cache). Another process
     building the same artifacts meanwhile is waited for, not raced."""
     export_args = list(export_args or [])
-    out = vmfb_cache_dir().parent / "artifacts" / artifact_key(Path(gguf), export_args)
+    out = cache_dir() / "artifacts" / artifact_key(Path(gguf), export_args)
     with cache_lock(out):
         return _build(Artifacts(out), gguf, export_args)
 

@@ -142,9 +142,9 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = ()):
 
 
 def _turbine_custom_op_compat() -> None:
-    """iree-turbine 3.9's custom-op expansion (models.page_gather, the device transfers of tensor parallelism) calls
-    `Type.isinstance(x)`, which the MLIR bindings of iree-base-compiler 3.13 no longer have; the
-    bindings downcast types themselves, so Python's isinstance is the same test."""
+    """iree-turbine 3.9's custom-op expansion (models.page_gather, the device transfers of tensor
+    parallelism) calls `Type.isinstance(x)`, which the MLIR bindings of iree-base-compiler 3.13 no longer
+    have; the bindings downcast types themselves, so Python's isinstance is the same test."""
     import iree.compiler.ir as ir
 
     for name in dir(ir):
