@@ -145,6 +145,12 @@ class Block(nn.Module):
             scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
             probs = torch.softmax(scores, dim=-1).view(B, KV, rep, T, 1)
             attn = (probs * _f32(vals).permute(0, 2, 1, 3).unsqueeze(2)).sum(3).view(B, KV, rep, 1, D)
+            if not self.fused and B > 1:
+                # With data tiling IREE 3.13 fuses the output projection's input packing (set_encoding)
+                # into this sum, which then runs 20x slower (SmolLM2 f32 decode batch 16: 35 of 99 ms a
+                # step). An identity gather of the rows keeps them apart. (W8A8 quantises the input
+                # first: no such fusion.)
+                attn = page_gather(attn.reshape(B, -1), torch.arange(B), 0).view(B, KV, rep, 1, D)
         else:
             # (3-D bmm over B*KV: IREE's data tiling rejects 5-D broadcasting and some 4-D batch matmuls.)
             qg = _f32(q).view(B, S, KV, rep, D).permute(0, 2, 3, 1, 4).reshape(B * KV, rep * S, D)
