@@ -11,7 +11,9 @@ F16). Measured like ours (bench/offline.py), with the same token ids, `n_threads
 prefill = one llama_decode of the whole prompt at batch 1 (n_batch = n_ubatch >= the prompt, logits of
 the last position only), decode = B sequences (one context with n_seq_max = B) after a prefill of each
 prompt, one llama_decode of B tokens per step with every sequence's logits, the decoded positions
-removed again before each repeat. llama.cpp's other defaults stand (flash attention: auto).
+removed again before each repeat. llama.cpp's other defaults stand (flash attention: auto), but on a CPU
+with AMX int8 its extra buffer types (weight repacking) are off: there its AMX matmul segfaults on the first
+Q8_0 prefill (seen 2026-12-02 on a Xeon with AMX; llama.cpp issue 20824), as `llama-server --no-repack`.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ FTYPES = {"float32": ("LLAMA_FTYPE_ALL_F32", "F32", 0), "float16": ("LLAMA_FTYPE
 KV_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
 
 _log_callback = None  # keeps the ctypes callback alive
+
+
+def has_amx() -> bool:
+    """Whether this CPU has AMX int8 (where llama.cpp's AMX buffer type crashes: see above)."""
+    try:
+        return " amx_int8" in Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
 
 
 def install_dir() -> Path:
@@ -138,6 +148,7 @@ def measure(lib, path: Path, dtype: str, plan: Plan, data: dict, threads: int,
     sizes, types = gguf_tensor_bytes(path)
     mp = lib.llama_model_default_params()
     mp.n_gpu_layers = 0
+    mp.use_extra_bufts = not has_amx()
     model = lib.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise SystemExit(f"llama.cpp could not load {path}")

@@ -55,9 +55,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="w8a8: int8 weights and per-token int8 activations (models.quant), calibrated here on "
                         "a built-in text; f32 activations only, tensor parallelism 1")
-    p.add_argument("--static-decode", action=argparse.BooleanOptionalAction, default=True,
-                   help="trace each decode batch size with static shapes (fast one-token steps; one more trace and "
-                        "compile each); --no-static-decode: decode shares prefill's dynamic trace")
+    p.add_argument("--static-batch", "--static-decode", dest="static_decode", action=argparse.BooleanOptionalAction,
+                   default=True, help="trace each decode batch size, and prefill at batch 1, with a static batch (fast "
+                   "one-token steps and one-prompt prefills; one more trace and compile each); --no-static-batch: "
+                   "everything shares one dynamic trace")
     p.add_argument("--top-k", type=int, default=None, help="decode returns on-device top-k (1: argmax)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
     p.add_argument("--tensor-parallelism-size", type=int, default=None,
@@ -93,16 +94,19 @@ class _Stage:
             print(f"[export] {self.name}: {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
 
 
-def export_forward(model: PagedLlama, static_decode: Sequence[int] = ()):
+def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_prefill: Sequence[int] = ()):
     """Trace `PagedLlama.forward` as `forward`, every dimension dynamic but the page size (weights
-    external), and as `forward_decode_bs{B}` for each B in `static_decode`: batch B and one token static,
-    only the page-table width and the page count dynamic.
+    external), as `forward_decode_bs{B}` for each B in `static_decode`: batch B and one token static,
+    only the page-table width and the page count dynamic, and as `forward_prefill_bs{B}` for each B in
+    `static_prefill`: batch B static, the chunk length dynamic.
 
     Why both: with a dynamic batch IREE's data tiling lays the weight matmuls out for a general row count
     (8-row tiles with AVX2) instead of a matrix-vector product, and a one-token decode step pays for it
-    (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Export and compile by hand"). Prefill and
-    embed share the dynamic trace, so IREE compiles one prefill whatever the number of prefill batch sizes;
-    each static decode costs one more trace (~14 s for SmolLM2) and compile.
+    (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Export and compile by hand"). The same holds
+    for prefill's output head, which reads one row per sequence: with a dynamic batch it computes a 16-row
+    tile for a one-prompt prefill, so batch 1 gets a static trace of its own (the time to first token).
+    Other prefill batch sizes and embed share the dynamic trace; each static trace costs one more trace
+    (~14 s for SmolLM2) and compile.
     `entry_points` adds the public prefill_bs{N} / decode_bs{N} functions around them. The traced
     functions are pure (they return the new cache); the entry points store it in the module's global.
     With tp > 1 each rank's parameters are placed on its device (`stream.affinity`), the rest on device 0.
@@ -138,6 +142,9 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = ()):
         for b in static_decode:
             fxb.export_program(_forward, name=f"forward_decode_bs{b}", args=args(b, 1), strict=False,
                                dynamic_shapes=(None, None, None, {1: cols}, cache_dims))
+        for b in static_prefill:
+            fxb.export_program(_forward, name=f"forward_prefill_bs{b}", args=args(b, 3), strict=False,
+                               dynamic_shapes=({1: seq}, None, None, {1: cols}, cache_dims))
         return aot.export(fxb)
 
 
@@ -175,8 +182,8 @@ class _Traced:
 
 def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: int | None, pages: int) -> str:
     """Add public prefill_bs{N} / decode_bs{N} / embed_bs{N} (the ABI in models/abi.py) around the traced
-    `forward` (and `forward_decode_bs{N}` where traced); embed_bs{N} is prefill returning every position's
-    hidden states instead of the logits.
+    `forward` (and `forward_prefill_bs{N}` / `forward_decode_bs{N}` where traced); embed_bs{N} is prefill
+    returning every position's hidden states instead of the logits.
 
     The KV cache lives in the module, a mutable global of `pages` pages: each entry point loads it, calls
     the traced function and stores the new cache. IREE updates a global in place; a cache passed as a
@@ -239,8 +246,8 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
                 f"{ind}  %g = util.global.load @{_cache_global(r)} : {t_global}", f"{ind}  return %g : {t_global}",
                 f"{ind}}}"]
     for bs in prefill_bs:
-        for kind in ("prefill", "embed"):
-            out += body(f"{kind}_bs{bs}", traced["forward"])
+        out += body(f"prefill_bs{bs}", traced.get(f"forward_prefill_bs{bs}", traced["forward"]))
+        out += body(f"embed_bs{bs}", traced["forward"])
     for bs in decode_bs:
         out += body(f"decode_bs{bs}", traced.get(f"forward_decode_bs{bs}", traced["forward"]))
     for name in traced:
@@ -305,7 +312,8 @@ def main(argv=None) -> int:
         with _Stage("trace"):  # shapes only: the weights are external parameters
             model = PagedLlama.uninitialized(weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name],
                                              tp, args.quantization)
-            output = export_forward(model, args.bs_decode if args.static_decode else [])
+            output = export_forward(model, args.bs_decode if args.static_decode else [],
+                                    [1] if args.static_decode and 1 in args.bs_prefill else [])
         with _Stage("tokenizer"):
             tok_files, tok_info = write_tokenizer(args, args.output_config.parent)
         with _Stage(f"write {args.output_mlir} (prefill_bs{args.bs_prefill}, decode_bs{args.bs_decode})"):

@@ -12,8 +12,9 @@ Entry points, for each exported batch size N (all integer tensors are int64):
 (shortfin's argument order, less the cache.) Positions start_positions[b] .. seq_lens[b]-1 are new; in
 decode start_positions = seq_lens - 1. prefill/embed dimensions are dynamic (the server pads N to an
 exported batch size; S is the longest chunk of the call, positions past a sequence's seq_len are padding);
-decode_bs{N} is static in N and its token column unless exported with --no-static-decode; P is dynamic. The KV cache is a mutable global of the module
-(device_block_count pages of E elements), updated in place: one cache per VM context, i.e. per device.
+decode_bs{N} is static in N and its token column, prefill_bs1 in its batch, unless exported with
+--no-static-batch; P is dynamic. The KV cache is a mutable global of the module (device_block_count pages
+of E elements), updated in place: one cache per VM context, i.e. per device.
 """
 
 from __future__ import annotations

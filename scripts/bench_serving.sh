@@ -14,6 +14,9 @@ C="${CONCURRENCY:-16}"; N="${PROMPTS:-32}"; I="${INPUT_LEN:-32}"; O="${OUTPUT_LE
 CACHE="${AOTLLM_CACHE:-$HOME/.cache/aotllm}"
 GGUF="$("$PY" -c 'from models.default_model import smollm2_gguf; print(smollm2_gguf())')"
 LLAMA_SERVER="$(PYTHON="$PY" scripts/build_llama_server.sh)"
+# On a CPU with AMX int8, llama.cpp's AMX weight buffers segfault on the first Q8_0 prompt (llama.cpp issue
+# 20824; seen here 2026-12-02): no repacking there, as bench.offline does (bench/llama_cpp.py).
+LLAMA_EXTRA=(); grep -q ' amx_int8' /proc/cpuinfo && LLAMA_EXTRA+=(--no-repack)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
 
@@ -49,7 +52,7 @@ for dt in "${LLAMA_TYPES[@]}"; do
   [[ -f "$model" ]] || "$PY" -c "from bench import llama_cpp; from pathlib import Path; import sys; \
 lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'F16': 'float16', 'F32': 'float32', 'Q8_0': 'w8a8'}[sys.argv[2]])" "$GGUF" "$dt"
   "$LLAMA_SERVER" -m "$model" --port 8001 --parallel "$C" -c $((C * 512)) --threads "$(nproc)" \
-    --no-webui > "$OUT/llama-server-$dt.log" 2>&1 & pids+=($!)
+    --no-webui "${LLAMA_EXTRA[@]}" > "$OUT/llama-server-$dt.log" 2>&1 & pids+=($!)
   wait_ready http://127.0.0.1:8001/health
   bench http://127.0.0.1:8001 "llama-server $dt --parallel $C" "$OUT/llama-server-$dt.json"
   "$PY" -m bench.serving --url http://127.0.0.1:8001 --backend openai --label "llama-server $dt, 1 stream" \
