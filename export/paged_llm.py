@@ -100,7 +100,7 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
     only the page-table width and the page count dynamic, and as `forward_prefill_bs{B}` for each B in
     `static_prefill`: batch B static, the chunk length dynamic.
 
-    Why both: with a dynamic batch IREE's data tiling lays the weight matmuls out for a general row count
+    Why static traces: with a dynamic batch IREE's data tiling lays the weight matmuls out for a general row count
     (8-row tiles with AVX2) instead of a matrix-vector product, and a one-token decode step pays for it
     (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Export and compile by hand"). The same holds
     for prefill's output head, which reads one row per sequence: with a dynamic batch it computes a 16-row

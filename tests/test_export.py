@@ -109,7 +109,7 @@ def test_chunked_prefill_then_decode_scattered_pages(f32_program):
 
 def test_decode_batch_rows_stay_with_their_sequences(f32_program):
     """Two live sequences in rows 0 and 2 of a batch-4 decode (padding between): both rows match the eager model
-    (at batch > 1 the one-token attention copies its rows once more, models.llama: IREE must keep them apart)."""
+    (at batch > 1 the one-token attention passes its rows through an identity page gather: models.llama)."""
     runner, model, cache = _pair(f32_program)
     g = torch.Generator().manual_seed(11)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (9, 14)]
