@@ -185,7 +185,7 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
         # The plan fits the exporter's defaults: the very program `python -m serve` builds (and caches).
         args = [] if dtype == "float32" else dtype_args
     else:
-        args = [*dtype_args, "--bs-prefill", "1,4",
+        args = [*dtype_args, "--bs-prefill", ",".join(str(b) for b in default.bs_prefill),
                 "--bs-decode", ",".join(str(b) for b in sorted(set(plan.decode_batches) | {1})),
                 "--block-seq-stride", str(stride), "--device-block-count", str(pages), *extra]
     art = build(gguf, args)
