@@ -59,10 +59,16 @@ def _f32(t: torch.Tensor) -> torch.Tensor:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [B, S, H, D] with rotary pairs interleaved; cos/sin: [B, S, 1, D/2]."""
+    """x: [B, S, H, D] with rotary pairs interleaved; cos/sin: [B, S, 1, D/2].
+
+    Both halves of each pair are computed for both slots and `where` picks one: all elementwise, so IREE
+    fuses it into one dispatch. (torch.stack of the two halves became 2 copies per tensor: SmolLM2 W8A8
+    decode batch 1 9.1 -> 8.1 ms, batch 16 27.4 -> 25.5 ms, alternating runs.)"""
     pairs = _f32(x).unflatten(-1, (-1, 2))
-    x0, x1 = pairs[..., 0], pairs[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)
+    x0, x1 = pairs[..., 0:1], pairs[..., 1:2]
+    c, s = cos.unsqueeze(-1), sin.unsqueeze(-1)
+    odd = torch.arange(2, device=x.device) == 1
+    out = torch.where(odd, x0 * s + x1 * c, x0 * c - x1 * s)
     return _to(out.flatten(-2), x.dtype)
 
 
