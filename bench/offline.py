@@ -176,6 +176,7 @@ def find_program(folder: Path) -> Program:
 def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[str]) -> Program:
     from export.artifacts import build
     from export.paged_llm import parse_args
+    from models.default_model import export_args
 
     pages = max(512, plan.pages_needed(stride) + 1)
     dtype_args = ["--quantization", "w8a8"] if dtype == "w8a8" else ["--activation-dtype", dtype]
@@ -183,7 +184,7 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
     if (dtype in ("float32", "w8a8") and not extra and stride == default.block_seq_stride
             and pages <= default.device_block_count and set(plan.decode_batches) <= set(default.bs_decode)):
         # The plan fits the exporter's defaults: the very program `python -m serve` builds (and caches).
-        args = [] if dtype == "float32" else dtype_args
+        args = export_args("none" if dtype == "float32" else "w8a8")
     else:
         args = [*dtype_args, "--bs-prefill", ",".join(str(b) for b in default.bs_prefill),
                 "--bs-decode", ",".join(str(b) for b in sorted(set(plan.decode_batches) | {1})),

