@@ -202,6 +202,8 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
     t_vcache = traced["forward"].caches[0]
     tp = len(traced["forward"].caches)  # one KV-cache slab per device, each device's the same shape
     elems, dtype = re.fullmatch(r"!torch\.vtensor<\[\?,(\d+)\],(\w+)>", t_vcache).groups()
+    dtype = dtype.removeprefix("s")  # torch's si32 is the builtin i32 (a packed 16-bit cache)
+    zero = "0" if dtype.startswith("i") else "0.0"
     t_global, t_dyn = f"tensor<{pages}x{elems}x{dtype}>", f"tensor<?x{elems}x{dtype}>"
     cache_args = ", ".join(f"%c{r}" for r in range(tp))
 
@@ -241,7 +243,7 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
     out = []
     for r in range(tp):  # rank r's slab lives on device r
         affinity = f" {{stream.affinity = #hal.device.promise<@__device_{r}>}}" if tp > 1 else ""
-        out += [f"{ind}util.global private mutable @{_cache_global(r)}{affinity} = dense<0.0> : {t_global}",
+        out += [f"{ind}util.global private mutable @{_cache_global(r)}{affinity} = dense<{zero}> : {t_global}",
                 f"{ind}func.func @read_{_cache_global(r)}() -> {t_global} {{",  # tests and debugging: a copy
                 f"{ind}  %g = util.global.load @{_cache_global(r)} : {t_global}", f"{ind}  return %g : {t_global}",
                 f"{ind}}}"]

@@ -7,7 +7,8 @@ call writes its new K/V into the cache through the page table, then attends over
 KV cache layout (one tensor, updated in place): `[page_count, page_elems]` with
 `page_elems = num_layers * 2 * block_seq_stride * num_kv_heads * head_dim`, i.e. per page
 `[layer][k|v][slot in page][kv head][head_dim]`. Page 0 is the padding page: writes of padded
-positions and unused batch slots land there, and no sequence may own it.
+positions and unused batch slots land there, and no sequence may own it. A bfloat16 cache is stored as
+int32, two values a word (`PagedLlama.cache_dtype`; page_elems counts the words).
 
 Rotary embeddings use GGUF's interleaved pair order (`models.weights` permutes HF Q/K rows to it).
 No data-dependent Python control flow: this module is what `export.paged_llm` exports.
@@ -115,21 +116,33 @@ class Block(nn.Module):
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
 
         # Write this call's K and V through the page table, then read the whole context back.
-        kv_width = c.num_kv_heads * c.head_dim
+        # A bfloat16 cache is stored as int32 words of two values (PagedLlama.cache_dtype): the scatter
+        # writes words (IREE 3.13 miscompiled programs with a 16-bit cache global: README findings), the
+        # gathers read bfloat16 pages through a bitcast view of it.
+        packed = cache.dtype == torch.int32
+        kv_width = c.num_kv_heads * c.head_dim // (2 if packed else 1)  # cache elements a K or V row
         stride = cache.shape[1] // (c.num_layers * 2 * kv_width)  # static: the page size
-        # (Explicit B * S sizes, not -1: both scatter operands must fold to the same static shape.
-        #  Two scatters: IREE 3.13 miscompiled one scatter of the concatenated K and V rows.)
+        # (Explicit B * S sizes, not -1: both scatter operands must fold to the same static shape. The rows
+        #  are reshaped before any cast or bitcast: packed after the cast, IREE 3.13 scattered a dynamic-
+        #  batch prefill's rows wrongly. Two scatters: IREE 3.13 miscompiled one scatter of the
+        #  concatenated K and V rows.)
         k_rows = write_rows.reshape(B * S) + (2 * layer) * stride
         shape = cache.shape
-        cache = cache.view(-1, kv_width).index_put((k_rows,), _to(k.reshape(B * S, kv_width), cache.dtype))
-        cache = cache.index_put((k_rows + stride,), _to(v.reshape(B * S, kv_width), cache.dtype)).view(shape)
+        width = c.num_kv_heads * c.head_dim
+        k_new, v_new = (_to(t.reshape(B * S, width), torch.bfloat16 if packed else cache.dtype) for t in (k, v))
+        if packed:
+            k_new, v_new = k_new.view(torch.int32), v_new.view(torch.int32)
+        cache = cache.view(-1, kv_width).index_put((k_rows,), k_new)
+        cache = cache.index_put((k_rows + stride,), v_new).view(shape)
         k_pages = read_pages + 2 * layer
-        if cache.dtype == torch.float32:
-            # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies, fused into the
-            # attention products). With one KV head IREE 3.13 fails to compile the V gather fused into the
-            # probs x V sum ("'affine.delinearize_index' op no basis element may be statically
-            # non-positive"): then V is gathered in a dispatch of its own.
+        if cache.dtype in (torch.float32, torch.int32):
+            # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies; in the full
+            # model they stay dispatches of their own). With one KV head IREE 3.13 fails to compile the V
+            # gather fused into the probs x V sum ("'affine.delinearize_index' op no basis element may be
+            # statically non-positive"): then V is gathered in a dispatch of its own.
             cache_pages = cache.view(-1, stride * kv_width)
+            if packed:
+                cache_pages = cache_pages.view(torch.bfloat16)
             keys = page_gather(cache_pages, k_pages, 0)
             vals = page_gather(cache_pages, k_pages + 1, int(c.num_kv_heads == 1))
         else:
@@ -214,11 +227,17 @@ class PagedLlama(nn.Module):
     def page_elems(self) -> int:
         """Elements of one KV page on one device (each device holds num_kv_heads / tp heads)."""
         c = self.config
-        return c.num_layers * 2 * self.block_seq_stride * (c.num_kv_heads // self.tp) * c.head_dim
+        values = c.num_layers * 2 * self.block_seq_stride * (c.num_kv_heads // self.tp) * c.head_dim
+        return values // 2 if self.cache_dtype == torch.int32 else values
+
+    @property
+    def cache_dtype(self) -> torch.dtype:
+        """The cache tensor's element type: a bfloat16 cache is int32 words of two values (see attention)."""
+        return torch.int32 if self.kv_dtype == torch.bfloat16 else self.kv_dtype
 
     def allocate_cache(self, page_count: int) -> torch.Tensor | list[torch.Tensor]:
         """The KV cache: one tensor, or with tp > 1 one slab per device."""
-        caches = [torch.zeros(page_count, self.page_elems, dtype=self.kv_dtype) for _ in range(self.tp)]
+        caches = [torch.zeros(page_count, self.page_elems, dtype=self.cache_dtype) for _ in range(self.tp)]
         return caches[0] if self.tp == 1 else caches
 
     @classmethod

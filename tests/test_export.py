@@ -41,7 +41,8 @@ def _pair(program, pages=16):
     out, gguf_path = program
     abi = ModelABI.load(out / "config.json")
     runner = Runner(out / "model.vmfb", [out / "model.irpa"], abi, page_count=pages)
-    model = PagedLlama.from_weights(load_weights(gguf_file=gguf_path), STRIDE, DTYPES[abi.activation_dtype])
+    model = PagedLlama.from_weights(load_weights(gguf_file=gguf_path), STRIDE, DTYPES[abi.activation_dtype],
+                                    DTYPES[abi.paged_kv_cache.kv_cache_dtype])
     return runner, model, model.allocate_cache(pages)
 
 
@@ -143,6 +144,36 @@ def test_embed_returns_every_position_hidden_state_and_fills_the_cache(f32_progr
         assert got.shape == want.shape == (2, len(chunk), model.config.hidden_size)
         assert np.abs(got[0, :end - start] - want[0, :end - start]).max() <= 1e-4
     _check_cache(runner, cache, 1e-4)
+
+
+@pytest.mark.parametrize("variant", ["gqa", "mqa"])
+def test_bfloat16_kv_cache_matches_eager(tiny_models, tmp_path, variant):
+    """f32 activations over a bfloat16 cache, stored as int32 pairs (models.llama PagedLlama.cache_dtype):
+    a ragged batch-2 prefill and batch-4 decode steps equal the eager model, and so does the cache."""
+    gguf = tiny_models[variant][2]
+    runner, model, cache = _pair((export_and_compile(gguf, tmp_path, "--kv-cache-dtype", "bfloat16"), gguf))
+    assert runner.read_cache().dtype == np.int32 and cache.dtype == torch.int32
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (13, 22)]
+    pages = np.array([[5, 9, 2, 0], [11, 3, 7, 14]])
+    tokens = np.array([p + [0] * (24 - len(p)) for p in prompts])
+    lens = np.array([len(p) for p in prompts])
+    args = (tokens, np.zeros(2, np.int64), lens, pages)
+    got = runner.prefill(*args)
+    with torch.no_grad():
+        want = model.prefill(*(torch.tensor(a) for a in args), cache).numpy()
+    assert np.abs(got - want).max() <= 1e-4
+    dpages = np.array([pages[0], [0] * 4, pages[1], [0] * 4])
+    for step in range(3):
+        toks, dlens = np.array([5 + step, 0, 17 + step, 0]), np.array([14 + step, 0, 23 + step, 0])
+        got = runner.decode(toks, dlens, dpages).logits
+        with torch.no_grad():
+            want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(dpages), cache)
+        assert np.abs(got[[0, 2]] - want[[0, 2]].numpy()).max() <= 1e-4
+    # (as bfloat16 values: a value on a rounding boundary may land one step apart)
+    got, want = (torch.from_numpy(c).view(torch.bfloat16).float().numpy() for c in (runner.read_cache()[1:],
+                                                                                     cache[1:].numpy()))
+    assert np.allclose(got, want, rtol=2 ** -7, atol=1e-6)
 
 
 def test_f16_with_on_device_top_k(f16_topk_program):
