@@ -122,14 +122,14 @@ class Block(nn.Module):
         packed = cache.dtype == torch.int32
         kv_width = c.num_kv_heads * c.head_dim // (2 if packed else 1)  # cache elements a K or V row
         stride = cache.shape[1] // (c.num_layers * 2 * kv_width)  # static: the page size
-        # (Explicit B * S sizes, not -1: both scatter operands must fold to the same static shape. The rows
-        #  are reshaped before any cast or bitcast: packed after the cast, IREE 3.13 scattered a dynamic-
-        #  batch prefill's rows wrongly. Two scatters: IREE 3.13 miscompiled one scatter of the
-        #  concatenated K and V rows.)
+        # (Explicit B * S rows, not -1: both scatter operands must fold to the same static shape. The row
+        #  width as -1, and the rows reshaped before any cast or bitcast: with an explicit width, or packed
+        #  with integer ops before the reshape, IREE 3.13 scattered a dynamic-batch prefill's bfloat16 rows
+        #  wrongly (tests/test_export.py bfloat16 test). Two scatters: IREE 3.13 miscompiled one scatter of
+        #  the concatenated K and V rows.)
         k_rows = write_rows.reshape(B * S) + (2 * layer) * stride
         shape = cache.shape
-        width = c.num_kv_heads * c.head_dim
-        k_new, v_new = (_to(t.reshape(B * S, width), torch.bfloat16 if packed else cache.dtype) for t in (k, v))
+        k_new, v_new = (_to(t.reshape(B * S, -1), torch.bfloat16 if packed else cache.dtype) for t in (k, v))
         if packed:
             k_new, v_new = k_new.view(torch.int32), v_new.view(torch.int32)
         cache = cache.view(-1, kv_width).index_put((k_rows,), k_new)
