@@ -179,7 +179,7 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
     from models.default_model import export_args
 
     pages = max(512, plan.pages_needed(stride) + 1)
-    dtype_args = ["--quantization", "w8a8"] if dtype == "w8a8" else ["--activation-dtype", dtype]
+    dtype_args = export_args("w8a8") if dtype == "w8a8" else ["--activation-dtype", dtype]
     default = parse_args(["--gguf-file", str(gguf), "--output-dir", "-"])  # only its defaults
     if (dtype in ("float32", "w8a8") and not extra and stride == default.block_seq_stride
             and pages <= default.device_block_count and set(plan.decode_batches) <= set(default.bs_decode)):
