@@ -129,6 +129,37 @@ def test_compiled_tp_equals_tp1_logits_and_cache(programs, tp):
         assert np.abs(slab[1:] - full[1:, :, :, :, heads]).max() <= 1e-5
 
 
+def test_bfloat16_cache_on_two_devices_equals_one(mha, tmp_path):
+    """A bfloat16 KV cache (int32 words of two values, models.llama PagedLlama.cache_dtype) split over two
+    devices: each device's slab holds half the words of a row, the logits equal the one-device program's."""
+    out = {}
+    for tp in (1, 2):
+        out[tp] = export_tp("--gguf-file", mha, tmp_path / f"tp{tp}", tp, "--kv-cache-dtype", "bfloat16")
+        compile_mlir(CompileRequest(out[tp] / "model.mlir", devices=tp), out[tp] / "model.vmfb")
+    abis = {t: ModelABI.load(out[t] / "config.json") for t in out}
+    one, two = (Runner(out[t] / "model.vmfb", [out[t] / f for f in abis[t].parameter_files], abis[t], 16,
+                       device_ids=list(range(t))) for t in (1, 2))
+    prompts = [list(range(5, 18)), list(range(40, 62))]
+    pages = np.array([[3, 7, 1], [9, 2, 5]])
+    toks = np.array([padded(p, STRIDE) + [0] * (24 - len(padded(p, STRIDE))) for p in prompts])
+    args = (toks, np.zeros(2), np.array([len(p) for p in prompts]), pages)
+    assert np.abs(two.prefill(*args) - one.prefill(*args)).max() <= 1e-5
+    lens, dpages = np.array([14, 23, 0, 0]), np.concatenate([pages, np.zeros((2, 3), np.int64)])
+    for _ in range(3):
+        got, want = two.decode(np.array([7, 8, 0, 0]), lens, dpages), one.decode(np.array([7, 8, 0, 0]), lens, dpages)
+        assert np.abs(got.logits[:2] - want.logits[:2]).max() <= 1e-5
+        lens[:2] += 1
+    def values(cache, heads):  # [page][layer][k|v][slot][head][dim] as floats
+        return torch.from_numpy(cache).view(torch.bfloat16).float().numpy().reshape(16, 2, 2, STRIDE, heads, 16)
+    assert one.read_cache().dtype == np.int32 and one.read_cache().shape == (16, 1024)
+    full = values(one.read_cache(), 4)
+    for r in range(2):
+        assert two.read_cache(r).shape == (16, 512)
+        # (a value on a rounding boundary may land one bfloat16 step apart)
+        slab, want = values(two.read_cache(r), 2)[1:], full[1:, :, :, :, 2 * r:2 * r + 2]
+        assert np.allclose(slab, want, rtol=2 ** -7, atol=1e-6)
+
+
 def test_server_on_n_devices_gives_the_same_tokens(programs):
     def serve(tp, ids):
         abi = ModelABI.load(programs[tp] / "config.json")
