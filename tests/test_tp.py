@@ -101,6 +101,23 @@ def test_sharded_files_round_trip(programs, mha, tmp_path):
         load_weights(irpa_file=tmp_path / "model.irpa")
 
 
+def _same_outputs(one: Runner, many: Runner, tol: float = 1e-5) -> None:
+    """A ragged batch-2 prefill into pages 3 7 1 / 9 2 5, its embeddings and three batch-4 decode steps give
+    the same numbers on both runners, up to `tol` (16-page caches; the callers compare those)."""
+    prompts = [list(range(5, 18)), list(range(40, 62))]
+    pages = np.array([[3, 7, 1], [9, 2, 5]])
+    toks = np.array([padded(p, STRIDE) + [0] * (24 - len(padded(p, STRIDE))) for p in prompts])
+    args = (toks, np.zeros(2), np.array([len(p) for p in prompts]), pages)
+    assert np.abs(many.prefill(*args) - one.prefill(*args)).max() <= tol
+    assert np.abs(many.embed(*args) - one.embed(*args)).max() <= tol
+    lens = np.array([14, 23, 0, 0])
+    dpages = np.concatenate([pages, np.zeros((2, 3), np.int64)])
+    for _ in range(3):
+        got, want = many.decode(np.array([7, 8, 0, 0]), lens, dpages), one.decode(np.array([7, 8, 0, 0]), lens, dpages)
+        assert np.abs(got.logits[:2] - want.logits[:2]).max() <= tol
+        lens[:2] += 1
+
+
 @pytest.mark.parametrize("tp", [2, 4])
 def test_compiled_tp_equals_tp1_logits_and_cache(programs, tp):
     def runner(t):
@@ -109,18 +126,7 @@ def test_compiled_tp_equals_tp1_logits_and_cache(programs, tp):
                       device_ids=list(range(t)))
 
     one, many = runner(1), runner(tp)
-    prompts = [list(range(5, 18)), list(range(40, 62))]
-    pages = np.array([[3, 7, 1], [9, 2, 5]])
-    toks = np.array([padded(p, STRIDE) + [0] * (24 - len(padded(p, STRIDE))) for p in prompts])
-    args = (toks, np.zeros(2), np.array([len(p) for p in prompts]), pages)
-    assert np.abs(many.prefill(*args) - one.prefill(*args)).max() <= 1e-5
-    assert np.abs(many.embed(*args) - one.embed(*args)).max() <= 1e-5
-    lens = np.array([14, 23, 0, 0])
-    dpages = np.concatenate([pages, np.zeros((2, 3), np.int64)])
-    for _ in range(3):
-        got, want = many.decode(np.array([7, 8, 0, 0]), lens, dpages), one.decode(np.array([7, 8, 0, 0]), lens, dpages)
-        assert np.abs(got.logits[:2] - want.logits[:2]).max() <= 1e-5
-        lens[:2] += 1
+    _same_outputs(one, many)
     # each device's slab holds its KV heads of the unsharded cache: [page][layer][k|v][slot][head][dim]
     full = one.read_cache().reshape(16, 2, 2, STRIDE, 4, 16)
     for r in range(tp):
@@ -139,16 +145,8 @@ def test_bfloat16_cache_on_two_devices_equals_one(mha, tmp_path):
     abis = {t: ModelABI.load(out[t] / "config.json") for t in out}
     one, two = (Runner(out[t] / "model.vmfb", [out[t] / f for f in abis[t].parameter_files], abis[t], 16,
                        device_ids=list(range(t))) for t in (1, 2))
-    prompts = [list(range(5, 18)), list(range(40, 62))]
-    pages = np.array([[3, 7, 1], [9, 2, 5]])
-    toks = np.array([padded(p, STRIDE) + [0] * (24 - len(padded(p, STRIDE))) for p in prompts])
-    args = (toks, np.zeros(2), np.array([len(p) for p in prompts]), pages)
-    assert np.abs(two.prefill(*args) - one.prefill(*args)).max() <= 1e-5
-    lens, dpages = np.array([14, 23, 0, 0]), np.concatenate([pages, np.zeros((2, 3), np.int64)])
-    for _ in range(3):
-        got, want = two.decode(np.array([7, 8, 0, 0]), lens, dpages), one.decode(np.array([7, 8, 0, 0]), lens, dpages)
-        assert np.abs(got.logits[:2] - want.logits[:2]).max() <= 1e-5
-        lens[:2] += 1
+    # (up to a K/V value on a bfloat16 rounding boundary: the two programs sum in different orders)
+    _same_outputs(one, two, tol=1e-4)
     def values(cache, heads):  # [page][layer][k|v][slot][head][dim] as floats
         return torch.from_numpy(cache).view(torch.bfloat16).float().numpy().reshape(16, 2, 2, STRIDE, heads, 16)
     assert one.read_cache().dtype == np.int32 and one.read_cache().shape == (16, 1024)
