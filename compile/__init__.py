@@ -48,11 +48,10 @@ class CompileRequest:
                 f"--iree-llvmcpu-target-cpu={arch}",
                 "--iree-llvmcpu-enable-ukernels=all",
             ]
-            # Data tiling speeds f32 up, but in IREE 3.13 it miscompiles the f16 KV-cache scatter (K rows
-            # of a prefill never reach the cache; tests/test_export.py catches it): f32 programs only.
-            # With several devices it fails to compile ("set_encoding expects N dynamic encoding
-            # dimensions"): single-device programs only.
-            if not _low_precision(self.mlir) and self.devices == 1:
+            # Data tiling (packed matmul layouts for the ukernels). With several devices it fails to
+            # compile ("set_encoding expects N dynamic encoding dimensions"): single-device programs only.
+            # (It miscompiled a 16-bit KV-cache scatter: 16-bit caches are int32 words, models/llama.py.)
+            if self.devices == 1:
                 flags.append("--iree-opt-data-tiling")
         elif self.target == "hip":
             flags += [f"--iree-rocm-target={arch}"]
@@ -63,15 +62,6 @@ class CompileRequest:
                 arch = CUDA_ARCH_FALLBACK[arch]
             flags += [f"--iree-cuda-target={arch}"]
         return flags + list(self.extra_flags)
-
-
-def _low_precision(mlir: Path) -> bool:
-    """Whether the program's weights are f16/bf16 (their declarations open the module)."""
-    if not Path(mlir).is_file():
-        return False
-    with open(mlir, errors="replace") as f:
-        head = f.read(1 << 16)
-    return "xf16>" in head or "xbf16>" in head
 
 
 def iree_compile_path() -> str:

@@ -14,8 +14,8 @@ decode start_positions = seq_lens - 1. prefill/embed dimensions are dynamic (the
 exported batch size; S is the longest chunk of the call, positions past a sequence's seq_len are padding);
 decode_bs{N} is static in N and its token column, prefill_bs1 in its batch, unless exported with
 --no-static-batch; P is dynamic. The KV cache is a mutable global of the module (device_block_count pages
-of E elements), updated in place: one cache per VM context, i.e. per device. A bfloat16 cache
-(kv_cache_dtype) is int32, each element two bfloat16 values (models/llama.py).
+of E elements), updated in place: one cache per VM context, i.e. per device. A bfloat16 or float16
+cache (kv_cache_dtype) is int32, each element two 16-bit values (models/llama.py).
 """
 
 from __future__ import annotations

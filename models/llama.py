@@ -7,8 +7,8 @@ call writes its new K/V into the cache through the page table, then attends over
 KV cache layout (one tensor, updated in place): `[page_count, page_elems]` with
 `page_elems = num_layers * 2 * block_seq_stride * num_kv_heads * head_dim`, i.e. per page
 `[layer][k|v][slot in page][kv head][head_dim]`. Page 0 is the padding page: writes of padded
-positions and unused batch slots land there, and no sequence may own it. A bfloat16 cache is stored as
-int32, two values a word (`PagedLlama.cache_dtype`; page_elems counts the words).
+positions and unused batch slots land there, and no sequence may own it. A bfloat16 or float16 cache is
+stored as int32, two values a word (`PagedLlama.cache_dtype`; page_elems counts the words).
 
 Rotary embeddings use GGUF's interleaved pair order (`models.weights` permutes HF Q/K rows to it).
 No data-dependent Python control flow: this module is what `export.paged_llm` exports.
@@ -85,9 +85,10 @@ def _linear(quantization: str):
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig, quantization: str = "none"):
+    def __init__(self, c: LlamaConfig, quantization: str = "none", kv_dtype: torch.dtype = torch.float32):
         super().__init__()
         self.c = c
+        self.kv_dtype = kv_dtype  # the cached K/V values' type (a 16-bit one is stored in int32 words)
         linear = _linear(quantization)
         self.fused = quantization == "w8a8"
         self.qkv_split = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
@@ -116,9 +117,9 @@ class Block(nn.Module):
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
 
         # Write this call's K and V through the page table, then read the whole context back.
-        # A bfloat16 cache is stored as int32 words of two values (PagedLlama.cache_dtype): the scatter
-        # writes words (IREE 3.13 miscompiled programs with a 16-bit cache global: README findings), the
-        # gathers read bfloat16 pages through a bitcast view of it.
+        # A bfloat16 or float16 cache is stored as int32 words of two values (PagedLlama.cache_dtype): the
+        # scatter writes words (IREE 3.13 miscompiled programs with a 16-bit cache global: README
+        # findings), the gathers read 16-bit pages through a bitcast view of it.
         packed = cache.dtype == torch.int32
         kv_width = c.num_kv_heads * c.head_dim // (2 if packed else 1)  # cache elements a K or V row
         stride = cache.shape[1] // (c.num_layers * 2 * kv_width)  # static: the page size
@@ -129,26 +130,27 @@ class Block(nn.Module):
         #  the concatenated K and V rows.)
         k_rows = write_rows.reshape(B * S) + (2 * layer) * stride
         shape = cache.shape
-        k_new, v_new = (_to(t.reshape(B * S, -1), torch.bfloat16 if packed else cache.dtype) for t in (k, v))
+        k_new, v_new = (_to(t.reshape(B * S, -1), self.kv_dtype) for t in (k, v))
         if packed:
             k_new, v_new = k_new.view(torch.int32), v_new.view(torch.int32)
         cache = cache.view(-1, kv_width).index_put((k_rows,), k_new)
         cache = cache.index_put((k_rows + stride,), v_new).view(shape)
         k_pages = read_pages + 2 * layer
-        if cache.dtype in (torch.float32, torch.int32):
-            # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies; in the full
-            # model they stay dispatches of their own). With one KV head IREE 3.13 fails to compile the V
-            # gather fused into the probs x V sum ("'affine.delinearize_index' op no basis element may be
-            # statically non-positive"): then V is gathered in a dispatch of its own.
-            cache_pages = cache.view(-1, stride * kv_width)
-            if packed:
-                cache_pages = cache_pages.view(torch.bfloat16)
-            keys = page_gather(cache_pages, k_pages, 0)
-            vals = page_gather(cache_pages, k_pages + 1, int(c.num_kv_heads == 1))
-        else:
-            # (With an f16 cache IREE 3.13 then drops layer 0's K scatter: test_export's f16 test.)
-            cache_pages = cache.view(-1, stride, c.num_kv_heads, c.head_dim)
-            keys, vals = (cache_pages.index_select(0, p.reshape(-1)) for p in (k_pages, k_pages + 1))
+        # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies; in the full model
+        # they stay dispatches of their own). With a unit head dimension in the probs x V sum (one KV head;
+        # or one query head a KV head at batch 1) IREE 3.13 fails to compile the V gather, or a 16-bit
+        # cache's widening, fused into that sum ("'affine.delinearize_index' op no basis element may be
+        # statically non-positive"): then V is gathered in a dispatch of its own, and from a 16-bit cache
+        # widened to f32 first and copied into a dispatch of its own by an identity gather.
+        cache_pages = cache.view(-1, stride * kv_width)
+        if packed:
+            cache_pages = cache_pages.view(self.kv_dtype)
+        unit_heads = c.num_kv_heads == 1 or (c.num_heads == c.num_kv_heads and B == 1)
+        keys = page_gather(cache_pages, k_pages, 0)
+        vals = page_gather(cache_pages, k_pages + 1, int(c.num_kv_heads == 1 and not packed))
+        if unit_heads and packed:
+            rows = _f32(vals).flatten(0, 1)
+            vals = page_gather(rows, torch.arange(rows.shape[0], device=rows.device), 1)
         keys, vals = (t.view(B, -1, c.num_kv_heads, c.head_dim) for t in (keys, vals))
 
         # GQA without materialising repeated KV heads: group the query heads of each KV head.
@@ -192,9 +194,9 @@ class Block(nn.Module):
 class Rank(nn.Module):
     """One tensor-parallel rank's slices of every block (see models.tp)."""
 
-    def __init__(self, c: LlamaConfig):
+    def __init__(self, c: LlamaConfig, kv_dtype: torch.dtype):
         super().__init__()
-        self.blk = nn.ModuleList(Block(c) for _ in range(c.num_layers))
+        self.blk = nn.ModuleList(Block(c, kv_dtype=kv_dtype) for _ in range(c.num_layers))
 
 
 class PagedLlama(nn.Module):
@@ -214,9 +216,9 @@ class PagedLlama(nn.Module):
         self.quantization = quantization
         self.token_embd = nn.Embedding(c.vocab_size, c.hidden_size)
         if tp == 1:
-            self.blk = nn.ModuleList(Block(c, quantization) for _ in range(c.num_layers))
+            self.blk = nn.ModuleList(Block(c, quantization, self.kv_dtype) for _ in range(c.num_layers))
         else:
-            self.rank = nn.ModuleList(Rank(shard_config(c, tp)) for _ in range(tp))
+            self.rank = nn.ModuleList(Rank(shard_config(c, tp), self.kv_dtype) for _ in range(tp))
         self.output_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         tied = c.tied_embeddings and quantization == "none"
         self.output = None if tied else _linear(quantization)(c.hidden_size, c.vocab_size)
@@ -232,8 +234,8 @@ class PagedLlama(nn.Module):
 
     @property
     def cache_dtype(self) -> torch.dtype:
-        """The cache tensor's element type: a bfloat16 cache is int32 words of two values (see attention)."""
-        return torch.int32 if self.kv_dtype == torch.bfloat16 else self.kv_dtype
+        """The cache tensor's element type: a 16-bit cache is int32 words of two values (see attention)."""
+        return torch.int32 if self.kv_dtype in (torch.bfloat16, torch.float16) else self.kv_dtype
 
     def allocate_cache(self, page_count: int) -> torch.Tensor | list[torch.Tensor]:
         """The KV cache: one tensor, or with tp > 1 one slab per device."""

@@ -46,9 +46,16 @@ def _pair(program, pages=16):
     return runner, model, model.allocate_cache(pages)
 
 
+def _values(cache, kv_dtype: str) -> np.ndarray:
+    """A cache's values as f32 (a 16-bit cache is int32 words of two values: models.llama)."""
+    t = torch.from_numpy(np.asarray(cache))
+    return (t.view(DTYPES[kv_dtype]) if t.dtype == torch.int32 else t).float().numpy()
+
+
 def _check_cache(runner, cache, tol):
     # page 0 is the padding page: whatever landed there is not compared
-    got, want = runner.read_cache()[1:].astype(np.float32), cache[1:].float().numpy()
+    kv = runner.abi.paged_kv_cache.kv_cache_dtype
+    got, want = _values(runner.read_cache()[1:], kv), _values(cache[1:], kv)
     assert np.abs(got - want).max() <= tol
 
 
@@ -146,12 +153,16 @@ def test_embed_returns_every_position_hidden_state_and_fills_the_cache(f32_progr
     _check_cache(runner, cache, 1e-4)
 
 
-@pytest.mark.parametrize("variant", ["gqa", "mqa"])
-def test_bfloat16_kv_cache_matches_eager(tiny_models, tmp_path, variant):
-    """f32 activations over a bfloat16 cache, stored as int32 pairs (models.llama PagedLlama.cache_dtype):
-    a ragged batch-2 prefill and batch-4 decode steps equal the eager model, and so does the cache."""
+@pytest.mark.parametrize("variant,kv", [("gqa", "bfloat16"), ("mqa", "bfloat16"), ("gqa", "float16"), ("mha", "float16"),
+                                        ("mqa", "float16")])
+def test_16_bit_kv_cache_matches_eager(tiny_models, tmp_path, variant, kv):
+    """f32 activations over a bfloat16 or float16 cache, stored as int32 pairs (models.llama
+    PagedLlama.cache_dtype), with data tiling: a ragged batch-2 prefill and batch-4 decode steps equal the
+    eager model, and so does the cache."""
     gguf = tiny_models[variant][2]
-    runner, model, cache = _pair((export_and_compile(gguf, tmp_path, "--kv-cache-dtype", "bfloat16"), gguf))
+    out = export_and_compile(gguf, tmp_path, "--kv-cache-dtype", kv)
+    assert "--iree-opt-data-tiling" in CompileRequest(out / "model.mlir").flags()
+    runner, model, cache = _pair((out, gguf))
     assert runner.read_cache().dtype == np.int32 and cache.dtype == torch.int32
     g = torch.Generator().manual_seed(5)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (13, 22)]
@@ -170,10 +181,9 @@ def test_bfloat16_kv_cache_matches_eager(tiny_models, tmp_path, variant):
         with torch.no_grad():
             want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(dpages), cache)
         assert np.abs(got[[0, 2]] - want[[0, 2]].numpy()).max() <= 1e-4
-    # (as bfloat16 values: a value on a rounding boundary may land one step apart)
-    got, want = (torch.from_numpy(c).view(torch.bfloat16).float().numpy() for c in (runner.read_cache()[1:],
-                                                                                     cache[1:].numpy()))
-    assert np.allclose(got, want, rtol=2 ** -7, atol=1e-6)
+    # (as 16-bit values: a value on a rounding boundary may land one step apart)
+    got, want = _values(runner.read_cache()[1:], kv), _values(cache[1:], kv)
+    assert np.allclose(got, want, rtol=2 ** -7 if kv == "bfloat16" else 2 ** -10, atol=1e-6)
 
 
 def test_f16_with_on_device_top_k(f16_topk_program):
