@@ -28,6 +28,8 @@ from typing import Callable
 
 import numpy as np
 
+from models.cpu import host_has_amx
+
 from .offline import EngineRun, Plan, Timing, time_it, weight_bytes_read
 
 PACKAGE = "llama-cpp-python==0.3.36"
@@ -37,14 +39,6 @@ FTYPES = {"float32": ("LLAMA_FTYPE_ALL_F32", "F32", 0), "float16": ("LLAMA_FTYPE
 KV_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
 
 _log_callback = None  # keeps the ctypes callback alive
-
-
-def has_amx() -> bool:
-    """Whether this CPU has AMX int8 (where llama.cpp's AMX buffer type crashes: see above)."""
-    try:
-        return " amx_int8" in Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
 
 
 def install_dir() -> Path:
@@ -148,7 +142,7 @@ def measure(lib, path: Path, dtype: str, plan: Plan, data: dict, threads: int,
     sizes, types = gguf_tensor_bytes(path)
     mp = lib.llama_model_default_params()
     mp.n_gpu_layers = 0
-    mp.use_extra_bufts = not has_amx()
+    mp.use_extra_bufts = not host_has_amx()  # llama.cpp's AMX buffer type crashes here: see above
     model = lib.llama_model_load_from_file(str(path).encode(), mp)
     if not model:
         raise SystemExit(f"llama.cpp could not load {path}")

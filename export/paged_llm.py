@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
+from models import amx
 from models.abi import QUANTIZATIONS, ModelABI, PagedKVCache
 from models.config import ModelError
 from models.llama import DTYPES, PagedLlama
@@ -55,6 +56,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
                    help="w8a8: int8 weights and per-token int8 activations (models.quant), calibrated here on "
                         "a built-in text; f32 activations only, tensor parallelism 1")
+    p.add_argument("--amx", action="store_true",
+                   help="with --quantization w8a8: the int8 matmuls run as Intel AMX tile kernels (models.amx; built "
+                        "with gcc); the program then runs only on x86-64 CPUs with AMX-INT8 (Sapphire Rapids and later)")
     p.add_argument("--static-batch", "--static-decode", dest="static_decode", action=argparse.BooleanOptionalAction,
                    default=True, help="trace each decode batch size, and prefill at batch 1, with a static batch (fast "
                    "one-token steps and one-prompt prefills; one more trace and compile each); --no-static-batch: "
@@ -304,6 +308,8 @@ def main(argv=None) -> int:
             model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, DTYPES[kv_dtype_name], tp)
             if args.quantization == "w8a8":
                 model = quantize_w8a8(model, args)
+            if args.amx:
+                enable_amx(model, args)
             if tp > 1:
                 from sharding import write_sharded
 
@@ -314,6 +320,8 @@ def main(argv=None) -> int:
         with _Stage("trace"):  # shapes only: the weights are external parameters
             model = PagedLlama.uninitialized(weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name],
                                              tp, args.quantization)
+            if args.amx:
+                enable_amx(model, args)
             output = export_forward(model, args.bs_decode if args.static_decode else [],
                                     [1] if args.static_decode and 1 in args.bs_prefill else [])
         with _Stage("tokenizer"):
@@ -348,6 +356,7 @@ def main(argv=None) -> int:
         vocab_size=c.vocab_size,
         activation_dtype=args.activation_dtype,
         quantization=args.quantization,
+        cpu_features=[amx.CPU_FEATURE] if args.amx else [],
         attention_head_count=c.num_heads,
         hidden_size=c.hidden_size,
         has_embed=True,
@@ -365,6 +374,16 @@ def main(argv=None) -> int:
     print(f"[export] wrote {args.output_mlir}, {args.output_irpa}, {args.output_config} "
           f"in {time.perf_counter() - t_start:.1f} s", file=sys.stderr)
     return 0
+
+
+def enable_amx(model: PagedLlama, args) -> None:
+    if args.quantization != "w8a8":
+        raise ModelError("--amx runs the W8A8 int8 matmuls on AMX tiles: add --quantization w8a8")
+    try:
+        amx.object_path()  # gcc builds the kernel now, so a failure shows before the trace
+        amx.enable(model)
+    except amx.AmxError as e:
+        raise ModelError(str(e)) from e
 
 
 def quantize_w8a8(model: PagedLlama, args) -> PagedLlama:

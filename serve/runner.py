@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import iree.runtime as rt
 
+from models import cpu
 from models.abi import ModelABI
 
 
@@ -46,6 +47,8 @@ class Runner:
         if len(parameters) < len(abi.parameter_files):
             raise ValueError(f"the program needs the parameter files {abi.parameter_files}; {len(parameters)} given "
                              "(hint: --parameters OUT/model.irpa OUT/model.rank*.irpa)")
+        if driver.startswith("local"):
+            cpu.require(abi.cpu_features)
         self.instance = rt.VmInstance()
         self.devices = [_device(driver, i) for i in device_ids]
         self.device = self.devices[0]  # where the inputs go and the outputs come from

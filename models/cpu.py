@@ -1,0 +1,45 @@
+"""What the host CPU can do, for programs that need more than the compile target implies (torch-free).
+
+A program exported with `--amx` (models.amx) lists "amx-int8" in its config's `cpu_features`; the runner
+checks the host has it and asks Linux for the AMX tile state, which a process gets only on request.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+_SYS_ARCH_PRCTL = 158  # x86-64
+_ARCH_REQ_XCOMP_PERM = 0x1023
+_XFEATURE_XTILEDATA = 18
+# cpu_features names -> /proc/cpuinfo flags
+_FLAGS = {"amx-int8": ("amx_tile", "amx_int8")}
+
+
+def host_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def host_has_amx() -> bool:
+    return set(_FLAGS["amx-int8"]) <= host_flags()
+
+
+def require(features: list[str]) -> None:
+    """Raise ValueError (with a hint) unless the host has `features`; grant this process AMX where needed."""
+    flags = host_flags()
+    for feature in features:
+        if feature not in _FLAGS:
+            raise ValueError(f"the program needs the CPU feature {feature!r}, which this version does not know")
+        if not set(_FLAGS[feature]) <= flags:
+            raise ValueError(f"the program needs a CPU with {feature} (it was exported with --amx); this CPU lacks "
+                             "it: re-export without --amx")
+        if feature == "amx-int8":
+            libc = ctypes.CDLL(None, use_errno=True)
+            if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
+                raise ValueError(f"Linux refused this process the AMX tile state (arch_prctl errno "
+                                 f"{ctypes.get_errno()}); hint: a kernel >= 5.16 grants it, or re-export without --amx")
