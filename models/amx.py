@@ -82,8 +82,10 @@ class AmxError(RuntimeError):
 def object_path() -> Path:
     """The kernel as an x86-64 ELF object, built with gcc once per source (cached by its hash). The program
     names it by path: IREE 3.13 links an object given as `data` without its symbols ("undefined symbol")."""
+    from .default_model import cache_dir
+
     key = hashlib.sha256((_SOURCE + " ".join(_GCC_FLAGS)).encode()).hexdigest()[:16]
-    root = Path(os.environ.get("AOTLLM_CACHE", Path.home() / ".cache" / "aotllm")) / "amx"
+    root = cache_dir() / "amx"
     obj = root / f"amx_mm_{key}.o"
     if not obj.is_file():
         cc = shutil.which(os.environ.get("CC", "gcc"))
@@ -194,15 +196,11 @@ util.func private @{name}(%x: {x_t}, %w: {w_t}) -> {out_t} {{
         kb.yield_results(*impl_helper.call_function(func, *kb.arg_bindings[:2]))
 
 
-def enable(model: torch.nn.Module) -> int:
-    """Every W8A8 projection of `model` whose shape tiles evenly runs on AMX: its weight is packed in place.
-    Returns how many."""
+def enable(model: torch.nn.Module) -> None:
+    """Every W8A8 projection of `model` whose shape tiles evenly runs on AMX: its weight is packed in place."""
     from .quant import Int8Linear
 
-    count = 0
     for mod in model.modules():
         if isinstance(mod, Int8Linear) and not mod.amx and fits(mod.out_features, mod.in_features):
             mod.weight.data = pack(mod.weight.data)
             mod.amx = True
-            count += 1
-    return count

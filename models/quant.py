@@ -3,7 +3,8 @@
 Every projection of the blocks and the output head becomes an `Int8Linear`: its weight is int8 with one
 f32 scale per output row; at run time each token's input row is quantised to int8 with its own scale, the
 product runs in integers (`torch._int_mm`, which IREE compiles to its i8 x i8 -> i32 matmul ukernel, or with
-`export --amx` models.amx's AMX kernel) and the two scales turn the int32 sums back into floats. A decode step reads a quarter of the f32 bytes.
+`export --amx` models.amx's AMX kernel) and the two scales turn the int32 sums back into floats. A decode
+step reads a quarter of the f32 bytes.
 
 Per-token int8 activations lose accuracy where a few input channels carry outliers, so the inputs are
 smoothed first (SmoothQuant, Xiao et al. 2023): channel j of the input is divided by

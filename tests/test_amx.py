@@ -64,9 +64,9 @@ def test_amx_program_equals_the_int8_ukernel_program(tiny_models, tmp_path):
     lens = np.array([len(p) for p in prompts])
     got = [r.prefill(tokens, np.zeros(2), lens, pages) for r in runners]
     np.testing.assert_allclose(got[1], got[0], rtol=1e-5, atol=1e-5 * np.abs(got[0]).max())
+    table = np.concatenate([pages, np.zeros((2, 4), np.int64)])  # decode batch 4: two padding slots
     for step in range(3):
         toks = np.array([7 + step, 30 + step, 0, 0])
         seq = np.concatenate([lens + step + 1, [0, 0]])
-        table = np.concatenate([pages, np.zeros((2, 4), np.int64)])
         got = [r.decode(toks, seq, table).logits[:2] for r in runners]
         np.testing.assert_allclose(got[1], got[0], rtol=1e-5, atol=1e-5 * np.abs(got[0]).max())
