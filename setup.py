@@ -37,8 +37,14 @@ class BuildGrpc(Command):
 
         out = self._out()
         (out / PROTO.parent).mkdir(parents=True, exist_ok=True)
-        args = ["protoc", f"-I{ROOT}", f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
-                str(ROOT / PROTO)]
+        args = [
+            "protoc",
+            f"-I{ROOT}",
+            f"--python_out={out}",
+            f"--pyi_out={out}",
+            f"--grpc_python_out={out}",
+            str(ROOT / PROTO),
+        ]
         if protoc.main(args) != 0:
             raise RuntimeError(f"grpc_tools.protoc failed on {PROTO}")
 

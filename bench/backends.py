@@ -121,8 +121,11 @@ class GenerateBackend(Backend):
         return f"{self.base_url}/generate"
 
     def payload(self, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
-        return {"text": prompt, "stream": True,
-                "sampling_params": {"max_completion_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}}
+        return {
+            "text": prompt,
+            "stream": True,
+            "sampling_params": {"max_completion_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos},
+        }
 
     def parse(self, data: str, state: StreamState) -> bool:
         obj = _json(data)
@@ -161,8 +164,14 @@ class OpenAIBackend(Backend):
         return f"{self.base_url}/v1/completions"
 
     def payload(self, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"model": self.model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
-                                "stream": True, "stream_options": {"include_usage": True}}
+        body: dict[str, Any] = {
+            "model": self.model,
+            "prompt": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0,
+            "stream": True,
+            "stream_options": {"include_usage": True},
+        }
         if ignore_eos:
             body["ignore_eos"] = True
         return body
@@ -198,8 +207,15 @@ class TritonBackend(Backend):
         return f"{self.base_url}/v2/models/{self.model or 'ensemble'}/generate_stream"
 
     def payload(self, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
-        body: dict[str, Any] = {"text_input": prompt, "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
-                                "bad_words": "", "stop_words": "", "return_log_probs": True}
+        body: dict[str, Any] = {
+            "text_input": prompt,
+            "max_tokens": max_tokens,
+            "temperature": 0.0,
+            "stream": True,
+            "bad_words": "",
+            "stop_words": "",
+            "return_log_probs": True,
+        }
         if ignore_eos:
             body["min_length"] = max_tokens  # TensorRT-LLM's way (and vLLM's trt backend's)
         return body
@@ -224,8 +240,9 @@ class TritonBackend(Backend):
 BACKENDS: dict[str, type[Backend]] = {"generate": GenerateBackend, "openai": OpenAIBackend, "triton": TritonBackend}
 
 
-async def send(client: httpx.AsyncClient, backend: Backend, index: int, prompt: str, max_tokens: int,
-               ignore_eos: bool, t0: float) -> RequestResult:
+async def send(
+    client: httpx.AsyncClient, backend: Backend, index: int, prompt: str, max_tokens: int, ignore_eos: bool, t0: float
+) -> RequestResult:
     """One streamed request; failures (HTTP errors, broken streams, error events) are results, not raises."""
     out = RequestResult(index=index)
     state = StreamState()

@@ -23,19 +23,20 @@ import math
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from models.cpu import host_has_amx
 
 from .offline import EngineRun, Plan, Timing, time_it, weight_bytes_read
 
 PACKAGE = "llama-cpp-python==0.3.36"
-FTYPES = {"float32": ("LLAMA_FTYPE_ALL_F32", "F32", 0), "float16": ("LLAMA_FTYPE_MOSTLY_F16", "F16", 1),
-          "bfloat16": ("LLAMA_FTYPE_MOSTLY_BF16", "BF16", 30),
-          "w8a8": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0", 0)}  # (ftype, name, ggml_type of the KV cache)
+FTYPES = {
+    "float32": ("LLAMA_FTYPE_ALL_F32", "F32", 0),
+    "float16": ("LLAMA_FTYPE_MOSTLY_F16", "F16", 1),
+    "bfloat16": ("LLAMA_FTYPE_MOSTLY_BF16", "BF16", 30),
+    "w8a8": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0", 0),
+}  # (ftype, name, ggml_type of the KV cache)
 KV_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
 
 _log_callback = None  # keeps the ctypes callback alive
@@ -51,6 +52,7 @@ def ensure_installed(log: Callable[[str], None] = print):
     """Import llama_cpp: the environment's own, else the one in install_dir(), building it there if needed."""
     try:
         import llama_cpp  # noqa: F401
+
         return _quiet(llama_cpp)
     except ImportError:
         pass
@@ -63,8 +65,10 @@ def ensure_installed(log: Callable[[str], None] = print):
         cmd = [sys.executable, "-m", "pip", "install", "--quiet", "--target", str(target), PACKAGE]
         result = subprocess.run(cmd, env=env)
         if result.returncode != 0:
-            raise SystemExit(f"could not install {PACKAGE} (exit {result.returncode}); it needs a C++ compiler and "
-                             f"cmake; try: CMAKE_ARGS=-DGGML_NATIVE=ON {' '.join(cmd)}")
+            raise SystemExit(
+                f"could not install {PACKAGE} (exit {result.returncode}); it needs a C++ compiler and "
+                f"cmake; try: CMAKE_ARGS=-DGGML_NATIVE=ON {' '.join(cmd)}"
+            )
     # appended, not prepended: the target's copies of numpy etc. must not shadow the environment's
     if str(target) not in sys.path:
         sys.path.append(str(target))
@@ -77,6 +81,7 @@ def _quiet(lib):
     """llama.cpp logs every load to stderr: keep warnings and errors only."""
     global _log_callback
     if _log_callback is None:
+
         def drop(level, text, user_data):
             if level in (2, 3) and text:  # GGML_LOG_LEVEL_WARN, _ERROR
                 sys.stderr.write(text.decode(errors="replace"))
@@ -125,7 +130,7 @@ class _Batch:
         self.lib, self.capacity = lib, capacity
         self.b = lib.llama_batch_init(capacity, 0, 1)
 
-    def fill(self, tokens, positions, seqs, logits) -> "_Batch":
+    def fill(self, tokens, positions, seqs, logits) -> _Batch:
         b = self.b
         b.n_tokens = len(tokens)
         for i, (t, p, s, l) in enumerate(zip(tokens, positions, seqs, logits)):
@@ -137,8 +142,9 @@ class _Batch:
         self.lib.llama_batch_free(self.b)
 
 
-def measure(lib, path: Path, dtype: str, plan: Plan, data: dict, threads: int,
-            log: Callable[[str], None] = print) -> EngineRun:
+def measure(
+    lib, path: Path, dtype: str, plan: Plan, data: dict, threads: int, log: Callable[[str], None] = print
+) -> EngineRun:
     sizes, types = gguf_tensor_bytes(path)
     mp = lib.llama_model_default_params()
     mp.n_gpu_layers = 0
@@ -203,9 +209,19 @@ def measure(lib, path: Path, dtype: str, plan: Plan, data: dict, threads: int,
         batch.free()
         lib.llama_free(ctx)
     lib.llama_model_free(model)
-    return EngineRun("llama.cpp", dtype, weight_bytes_read(sizes), timings, str(path),
-                     {"tensor_types": types, "threads": threads, "kv_cache_type": KV_NAMES[FTYPES[dtype][2]],
-                      "llama_cpp_python": getattr(lib, "__version__", "?")})
+    return EngineRun(
+        "llama.cpp",
+        dtype,
+        weight_bytes_read(sizes),
+        timings,
+        str(path),
+        {
+            "tensor_types": types,
+            "threads": threads,
+            "kv_cache_type": KV_NAMES[FTYPES[dtype][2]],
+            "llama_cpp_python": getattr(lib, "__version__", "?"),
+        },
+    )
 
 
 def _round_up(n: int, m: int) -> int:

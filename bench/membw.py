@@ -17,8 +17,8 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 
@@ -61,6 +61,7 @@ def _parallel(work: Callable[[int], object], threads: int) -> Callable[[], None]
             t.start()
         for t in ts:
             t.join()
+
     return run
 
 
@@ -89,5 +90,7 @@ def measure(size_mib: int = 1024, repeats: int = 5, threads: int | None = None) 
 
 if __name__ == "__main__":
     bw = measure()
-    print(f"read {bw.read_gb_s:.1f} GB/s ({bw.method}, {bw.threads} threads, {bw.size_mib} MiB); "
-          + ", ".join(f"{k} {v:.1f}" for k, v in bw.methods.items()))
+    print(
+        f"read {bw.read_gb_s:.1f} GB/s ({bw.method}, {bw.threads} threads, {bw.size_mib} MiB); "
+        + ", ".join(f"{k} {v:.1f}" for k, v in bw.methods.items())
+    )

@@ -34,10 +34,10 @@ import shlex
 import statistics
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -53,6 +53,7 @@ SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "w8a8": "w8a8/q
 @dataclass
 class Timing:
     """One measurement: `tokens` processed per call, median seconds per call over the repeats."""
+
     kind: str  # "prefill" | "decode"
     size: int  # prefill: prompt tokens; decode: batch size
     seconds: float
@@ -86,12 +87,24 @@ class EngineRun:
         return next((t for t in self.timings if t.kind == kind and t.size == size), None)
 
     def to_json(self, bandwidth_gb_s: float) -> dict:
-        d = {"engine": self.engine, "dtype": self.dtype, "label": self.label, "source": self.source,
-             "weight_bytes": self.weight_bytes, **self.notes,
-             "prefill": [{"tokens": t.size, "ms": t.ms, "tok_s": t.tok_s, "repeats_s": t.repeats}
-                         for t in self.timings if t.kind == "prefill"],
-             "decode": [{"batch": t.size, "steps": t.steps, "ms_per_step": t.ms, "tok_s": t.tok_s,
-                         "repeats_s": t.repeats} for t in self.timings if t.kind == "decode"]}
+        d = {
+            "engine": self.engine,
+            "dtype": self.dtype,
+            "label": self.label,
+            "source": self.source,
+            "weight_bytes": self.weight_bytes,
+            **self.notes,
+            "prefill": [
+                {"tokens": t.size, "ms": t.ms, "tok_s": t.tok_s, "repeats_s": t.repeats}
+                for t in self.timings
+                if t.kind == "prefill"
+            ],
+            "decode": [
+                {"batch": t.size, "steps": t.steps, "ms_per_step": t.ms, "tok_s": t.tok_s, "repeats_s": t.repeats}
+                for t in self.timings
+                if t.kind == "decode"
+            ],
+        }
         d.update(roofline(self, bandwidth_gb_s))
         return d
 
@@ -99,9 +112,11 @@ class EngineRun:
 def roofline(run: EngineRun, bandwidth_gb_s: float) -> dict:
     one = run.get("decode", 1)
     achieved = run.weight_bytes * one.tok_s / 1e9 if one else None
-    return {"roofline_tok_s": bandwidth_gb_s * 1e9 / run.weight_bytes if run.weight_bytes else None,
-            "gb_s_achieved": achieved,
-            "roofline_ratio": achieved / bandwidth_gb_s if achieved is not None else None}
+    return {
+        "roofline_tok_s": bandwidth_gb_s * 1e9 / run.weight_bytes if run.weight_bytes else None,
+        "gb_s_achieved": achieved,
+        "roofline_ratio": achieved / bandwidth_gb_s if achieved is not None else None,
+    }
 
 
 def time_it(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, list[float]]:
@@ -134,8 +149,9 @@ class Plan:
     def pages_needed(self, stride: int) -> int:
         """Pages in use at once (page 0, the padding page, not counted): measurements reuse pages."""
         prefill = max([math.ceil(n / stride) for n in self.prefill_lens] or [0])
-        decode = max([b * math.ceil((self.decode_prompt_len + self.decode_steps) / stride)
-                      for b in self.decode_batches] or [0])
+        decode = max(
+            [b * math.ceil((self.decode_prompt_len + self.decode_steps) / stride) for b in self.decode_batches] or [0]
+        )
         return max(prefill, decode)
 
     def prompts(self, vocab: int) -> dict:
@@ -143,9 +159,11 @@ class Plan:
         tokens fed at each decode step."""
         rng = np.random.default_rng(self.seed)
         most = max(self.decode_batches or [1])
-        return {"prefill": {n: random_tokens(rng, vocab, n) for n in self.prefill_lens},
-                "decode_prompts": random_tokens(rng, vocab, most * self.decode_prompt_len).reshape(most, -1),
-                "decode_tokens": random_tokens(rng, vocab, most * self.decode_steps).reshape(self.decode_steps, most)}
+        return {
+            "prefill": {n: random_tokens(rng, vocab, n) for n in self.prefill_lens},
+            "decode_prompts": random_tokens(rng, vocab, most * self.decode_prompt_len).reshape(most, -1),
+            "decode_tokens": random_tokens(rng, vocab, most * self.decode_steps).reshape(self.decode_steps, most),
+        }
 
 
 # ---------------------------------------------------------------- our program
@@ -164,13 +182,16 @@ def find_program(folder: Path) -> Program:
     vmfbs = [folder / n for n in ("model.vmfb", "model_llvm-cpu.vmfb", "model_cpu.vmfb") if (folder / n).is_file()]
     vmfbs = vmfbs or sorted(folder.glob("*.vmfb"))
     if not vmfbs or not (folder / "config.json").is_file() or not (folder / "model.irpa").is_file():
-        raise SystemExit(f"{folder}: expected a VMFB, model.irpa and config.json (an export's --output-dir "
-                         "with the compiled program next to it)")
+        raise SystemExit(
+            f"{folder}: expected a VMFB, model.irpa and config.json (an export's --output-dir "
+            "with the compiled program next to it)"
+        )
     from models.abi import ModelABI
 
     abi = ModelABI.load(folder / "config.json")
-    return Program(folder, vmfbs[0], [folder / n for n in abi.parameter_files or ["model.irpa"]],
-                   folder / "config.json")
+    return Program(
+        folder, vmfbs[0], [folder / n for n in abi.parameter_files or ["model.irpa"]], folder / "config.json"
+    )
 
 
 def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[str]) -> Program:
@@ -181,14 +202,28 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
     pages = max(512, plan.pages_needed(stride) + 1)
     dtype_args = export_args("w8a8") if dtype == "w8a8" else ["--activation-dtype", dtype]
     default = parse_args(["--gguf-file", str(gguf), "--output-dir", "-"])  # only its defaults
-    if (dtype in ("float32", "w8a8") and not extra and stride == default.block_seq_stride
-            and pages <= default.device_block_count and set(plan.decode_batches) <= set(default.bs_decode)):
+    if (
+        dtype in ("float32", "w8a8")
+        and not extra
+        and stride == default.block_seq_stride
+        and pages <= default.device_block_count
+        and set(plan.decode_batches) <= set(default.bs_decode)
+    ):
         # The plan fits the exporter's defaults: the very program `python -m serve` builds (and caches).
         args = export_args("none" if dtype == "float32" else "w8a8")
     else:
-        args = [*dtype_args, "--bs-prefill", ",".join(str(b) for b in default.bs_prefill),
-                "--bs-decode", ",".join(str(b) for b in sorted(set(plan.decode_batches) | {1})),
-                "--block-seq-stride", str(stride), "--device-block-count", str(pages), *extra]
+        args = [
+            *dtype_args,
+            "--bs-prefill",
+            ",".join(str(b) for b in default.bs_prefill),
+            "--bs-decode",
+            ",".join(str(b) for b in sorted(set(plan.decode_batches) | {1})),
+            "--block-seq-stride",
+            str(stride),
+            "--device-block-count",
+            str(pages),
+            *extra,
+        ]
     art = build(gguf, args)
     return Program(art.dir, art.vmfb, art.parameters, art.config)
 
@@ -198,9 +233,11 @@ def irpa_weight_bytes(irpa: Path) -> int:
     from models.weights import read_irpa_meta
 
     _, _, meta = read_irpa_meta(irpa)
-    sizes = {name: int(np.prod(info["shape"])) * np.dtype(
-        "uint16" if info["dtype"] == "bfloat16" else info["dtype"]).itemsize
-        for name, info in meta["tensors"].items()}
+    sizes = {
+        name: int(np.prod(info["shape"]))
+        * np.dtype("uint16" if info["dtype"] == "bfloat16" else info["dtype"]).itemsize
+        for name, info in meta["tensors"].items()
+    }
     return weight_bytes_read(sizes)
 
 
@@ -219,13 +256,17 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
     stride = abi.block_seq_stride
     have = abi.paged_kv_cache.device_block_count - 1
     if plan.pages_needed(stride) > have:
-        raise SystemExit(f"{prog.dir}: the program holds {have} KV pages, the plan needs "
-                         f"{plan.pages_needed(stride)}; fewer/shorter measurements or re-export with a larger "
-                         "--device-block-count")
+        raise SystemExit(
+            f"{prog.dir}: the program holds {have} KV pages, the plan needs "
+            f"{plan.pages_needed(stride)}; fewer/shorter measurements or re-export with a larger "
+            "--device-block-count"
+        )
     missing = [b for b in plan.decode_batches if b not in abi.decode_batch_sizes]
     if missing or 1 not in abi.prefill_batch_sizes:
-        raise SystemExit(f"{prog.dir}: decode batch sizes {missing} (or prefill batch 1) not exported; "
-                         f"it has prefill {abi.prefill_batch_sizes}, decode {abi.decode_batch_sizes}")
+        raise SystemExit(
+            f"{prog.dir}: decode batch sizes {missing} (or prefill batch 1) not exported; "
+            f"it has prefill {abi.prefill_batch_sizes}, decode {abi.decode_batch_sizes}"
+        )
     runner = Runner(prog.vmfb, prog.parameters, abi)
     data = plan.prompts(abi.vocab_size)
     timings = []
@@ -239,8 +280,12 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
 
         def prefill():
             for begin, end in zip([0] + ends, ends):  # (the pages so far, as the server's page table has them)
-                runner.prefill(data["prefill"][n][None, begin:end], np.array([begin]), np.array([end]),
-                               page_ids[:, :math.ceil(end / stride)])
+                runner.prefill(
+                    data["prefill"][n][None, begin:end],
+                    np.array([begin]),
+                    np.array([end]),
+                    page_ids[:, : math.ceil(end / stride)],
+                )
 
         sec, reps = time_it(prefill, plan.repeats, plan.warmup)
         timings.append(Timing("prefill", n, sec, n, 1, reps))
@@ -254,7 +299,7 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
         for s in range(b):  # each sequence's prompt, one prefill call each (batch 1)
             tokens = np.zeros((1, padded), np.int64)
             tokens[0, :p] = data["decode_prompts"][s]
-            runner.prefill(tokens, np.zeros(1, np.int64), np.array([p], np.int64), page_ids[s:s + 1])
+            runner.prefill(tokens, np.zeros(1, np.int64), np.array([p], np.int64), page_ids[s : s + 1])
         step_tokens = data["decode_tokens"][:, :b]
 
         def run(n_steps: int = steps) -> None:
@@ -267,8 +312,14 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
     del runner
     gc.collect()
     dtype = abi.quantization if abi.quantization != "none" else abi.activation_dtype
-    return EngineRun("aotllm", dtype, irpa_weight_bytes(prog.parameters[0]), timings,
-                     str(prog.dir), {"vmfb": str(prog.vmfb), "vocab_size": abi.vocab_size})
+    return EngineRun(
+        "aotllm",
+        dtype,
+        irpa_weight_bytes(prog.parameters[0]),
+        timings,
+        str(prog.dir),
+        {"vmfb": str(prog.vmfb), "vocab_size": abi.vocab_size},
+    )
 
 
 # ---------------------------------------------------------------- machine and table
@@ -283,8 +334,13 @@ def machine_info() -> dict:
                 break
     except OSError:
         pass
-    info = {"cpu": cpu, "cores": membw.cpu_count(), "machine": platform.machine(),
-            "system": f"{platform.system()} {platform.release()}", "python": platform.python_version()}
+    info = {
+        "cpu": cpu,
+        "cores": membw.cpu_count(),
+        "machine": platform.machine(),
+        "system": f"{platform.system()} {platform.release()}",
+        "python": platform.python_version(),
+    }
     try:
         pages, size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
         info["memory_gib"] = round(pages * size / 2**30, 1)
@@ -376,18 +432,34 @@ def _int_list(s: str) -> list[int]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.offline", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.offline",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--gguf", type=Path, help="model (default: the embedded SmolLM2-135M-Instruct GGUF)")
-    p.add_argument("--program", type=Path, action="append", default=[],
-                   help="measure an existing export folder instead of building (repeatable)")
-    p.add_argument("--dtype", action="append", choices=DTYPES,
-                   help="activation/weight dtype of the program to build (repeatable; default float32); w8a8 is "
-                        "compared with llama.cpp's Q8_0")
+    p.add_argument(
+        "--program",
+        type=Path,
+        action="append",
+        default=[],
+        help="measure an existing export folder instead of building (repeatable)",
+    )
+    p.add_argument(
+        "--dtype",
+        action="append",
+        choices=DTYPES,
+        help="activation/weight dtype of the program to build (repeatable; default float32); w8a8 is "
+        "compared with llama.cpp's Q8_0",
+    )
     p.add_argument("--export-args", default="", help="extra export.paged_llm arguments for the built programs")
     p.add_argument("--prefill-lens", type=_int_list, default=[128, 512])
-    p.add_argument("--prefill-chunk", type=int, default=PREFILL_CHUNK,
-                   help="tokens per prefill call of ours (llama.cpp takes each prompt in one call)")
+    p.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="tokens per prefill call of ours (llama.cpp takes each prompt in one call)",
+    )
     p.add_argument("--decode-batches", type=_int_list, default=[1, 4, 16])
     p.add_argument("--decode-prompt-len", type=int, default=32, help="prompt tokens before the timed decode")
     p.add_argument("--decode-steps", type=int, default=64, help="decode steps per timing")
@@ -396,9 +468,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--block-seq-stride", type=int, default=16, help="page size of the built programs")
     p.add_argument("--seed", type=int, default=0, help="seeds the random prompt tokens")
     p.add_argument("--membw-mib", type=int, default=1024, help="array size of the bandwidth measurement")
-    p.add_argument("--compare-llama-cpp", action="store_true",
-                   help="also time llama.cpp (llama-cpp-python, installed on demand) on the same GGUF at "
-                        "each measured precision")
+    p.add_argument(
+        "--compare-llama-cpp",
+        action="store_true",
+        help="also time llama.cpp (llama-cpp-python, installed on demand) on the same GGUF at each measured precision",
+    )
     p.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: every core)")
     p.add_argument("--json", help="write the results here")
     args = p.parse_args(argv)
@@ -414,8 +488,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     command = "python -m bench.offline " + shlex.join(sys.argv[1:] if argv is None else argv)
-    plan = Plan(args.prefill_lens, args.decode_batches, args.decode_prompt_len, args.decode_steps,
-                args.repeats, args.warmup, args.seed, args.prefill_chunk)
+    plan = Plan(
+        args.prefill_lens,
+        args.decode_batches,
+        args.decode_prompt_len,
+        args.decode_steps,
+        args.repeats,
+        args.warmup,
+        args.seed,
+        args.prefill_chunk,
+    )
 
     def log(msg: str) -> None:
         print(msg, file=sys.stderr, flush=True)
@@ -427,7 +509,7 @@ def main(argv: list[str] | None = None) -> int:
 
         gguf = smollm2_gguf()
     programs: list[Program] = [find_program(d) for d in args.program]
-    for dt in ([] if args.program else (args.dtype or ["float32"])):
+    for dt in [] if args.program else (args.dtype or ["float32"]):
         log(f"[bench] building the {dt} program of {gguf} (cached after the first time)")
         programs.append(build_program(gguf, dt, plan, args.block_seq_stride, shlex.split(args.export_args)))
 
@@ -458,10 +540,12 @@ def main(argv: list[str] | None = None) -> int:
     if bw_after.read_gb_s > bw.read_gb_s:
         bw = bw_after
     rows, columns = table_rows(runs, plan, bw.read_gb_s)
-    title = (f"bench.offline: {Path(gguf).name if gguf else ', '.join(str(p.dir) for p in programs)}\n"
-             f"machine: {machine_line(machine)}\n"
-             f"memory bandwidth (numpy, {bw.method}, best of 2 x 5): {bw.read_gb_s:.1f} GB/s read\n"
-             f"command: {command}")
+    title = (
+        f"bench.offline: {Path(gguf).name if gguf else ', '.join(str(p.dir) for p in programs)}\n"
+        f"machine: {machine_line(machine)}\n"
+        f"memory bandwidth (numpy, {bw.method}, best of 2 x 5): {bw.read_gb_s:.1f} GB/s read\n"
+        f"command: {command}"
+    )
     print_table(rows, columns, title=title)
     if args.json:
         result = {
@@ -470,12 +554,23 @@ def main(argv: list[str] | None = None) -> int:
             "command": command,
             "machine": machine,
             "model": str(gguf) if gguf else None,
-            "plan": {"prefill_lens": plan.prefill_lens, "decode_batches": plan.decode_batches,
-                     "decode_prompt_len": plan.decode_prompt_len, "decode_steps": plan.decode_steps,
-                     "repeats": plan.repeats, "warmup": plan.warmup, "seed": plan.seed,
-                     "prefill_chunk": plan.prefill_chunk},
-            "memory_bandwidth": {"read_gb_s": bw.read_gb_s, "method": bw.method, "size_mib": bw.size_mib,
-                                 "threads": bw.threads, "methods_gb_s": bw.methods},
+            "plan": {
+                "prefill_lens": plan.prefill_lens,
+                "decode_batches": plan.decode_batches,
+                "decode_prompt_len": plan.decode_prompt_len,
+                "decode_steps": plan.decode_steps,
+                "repeats": plan.repeats,
+                "warmup": plan.warmup,
+                "seed": plan.seed,
+                "prefill_chunk": plan.prefill_chunk,
+            },
+            "memory_bandwidth": {
+                "read_gb_s": bw.read_gb_s,
+                "method": bw.method,
+                "size_mib": bw.size_mib,
+                "threads": bw.threads,
+                "methods_gb_s": bw.methods,
+            },
             "runs": [r.to_json(bw.read_gb_s) for r in runs],
             "table": [{"metric": row["metric"], **{h: row[k] for k, h in columns[1:]}} for row in rows],
         }

@@ -1,7 +1,7 @@
 """What every benchmark prints and saves: a Markdown table on stdout and a JSON file.
 
-    print_table(rows, ["name", ("ttft_ms", "TTFT (ms)")])   # rows: dataclasses or dicts
-    write_json("out.json", result)                          # a dataclass (asdict), or plain data
+print_table(rows, ["name", ("ttft_ms", "TTFT (ms)")])   # rows: dataclasses or dicts
+write_json("out.json", result)                          # a dataclass (asdict), or plain data
 """
 
 from __future__ import annotations
@@ -10,8 +10,9 @@ import dataclasses
 import json
 import math
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence, TextIO
+from typing import Any, TextIO
 
 Column = str | tuple[str, str]  # a field name, or (field name, header)
 
@@ -48,16 +49,26 @@ def format_table(rows: Iterable[Any], columns: Sequence[Column], digits: int = 2
     numeric = [bool(values) and all(_is_number(row[i]) or row[i] is None for row in values) for i in range(len(keys))]
 
     def line(texts: list[str], raw: list[Any] | None) -> str:
-        return "| " + " | ".join(
-            t.rjust(w) if numeric[i] or (raw is not None and _is_number(raw[i])) else t.ljust(w)
-            for i, (t, w) in enumerate(zip(texts, widths))) + " |"
+        return (
+            "| "
+            + " | ".join(
+                t.rjust(w) if numeric[i] or (raw is not None and _is_number(raw[i])) else t.ljust(w)
+                for i, (t, w) in enumerate(zip(texts, widths))
+            )
+            + " |"
+        )
 
     rule = "|" + "|".join(("-" * (w + 1) + ":") if num else ("-" * (w + 2)) for w, num in zip(widths, numeric)) + "|"
     return "\n".join([line(headers, None), rule] + [line(c, v) for c, v in zip(cells, values)])
 
 
-def print_table(rows: Iterable[Any], columns: Sequence[Column], title: str | None = None,
-                file: TextIO | None = None, digits: int = 2) -> None:
+def print_table(
+    rows: Iterable[Any],
+    columns: Sequence[Column],
+    title: str | None = None,
+    file: TextIO | None = None,
+    digits: int = 2,
+) -> None:
     out = file or sys.stdout
     if title:
         print(f"\n{title}\n", file=out)

@@ -77,8 +77,10 @@ class BenchError(Exception):
 def _client(timeout_s: float) -> httpx.AsyncClient:
     """A fresh connection per request, as vLLM's benchmark opens a session per request: a pooled
     keep-alive connection the server has closed meanwhile failed a request against llama-server."""
-    return httpx.AsyncClient(timeout=httpx.Timeout(timeout_s, connect=30.0),
-                             limits=httpx.Limits(max_connections=None, max_keepalive_connections=0))
+    return httpx.AsyncClient(
+        timeout=httpx.Timeout(timeout_s, connect=30.0),
+        limits=httpx.Limits(max_connections=None, max_keepalive_connections=0),
+    )
 
 
 async def _prompts(cfg: RunConfig, counter: TokenCounter | None) -> list[Prompt]:
@@ -87,8 +89,9 @@ async def _prompts(cfg: RunConfig, counter: TokenCounter | None) -> list[Prompt]
     return await synthetic_prompts(cfg.num_prompts, cfg.input_len, cfg.seed, counter)
 
 
-async def _timed(client: httpx.AsyncClient, backend: Backend, cfg: RunConfig, prompts: list[Prompt],
-                 progress: bool) -> tuple[list[RequestResult], float]:
+async def _timed(
+    client: httpx.AsyncClient, backend: Backend, cfg: RunConfig, prompts: list[Prompt], progress: bool
+) -> tuple[list[RequestResult], float]:
     rng = random.Random(cfg.seed)
     slots = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
     bar = tqdm(total=len(prompts), disable=not progress, unit="req", desc=cfg.label, file=sys.stderr)
@@ -153,8 +156,12 @@ def table_rows(runs: list[tuple[str, Summary]]) -> list[dict[str, Any]]:
     """The printed table: one row per metric, one column per run."""
     rows = [{"metric": label, **{name: getattr(s, key) for name, s in runs}} for label, key in TABLE_ROWS]
     if any(s.errors for _, s in runs):
-        rows.append({"metric": "Errors", **{name: ", ".join(f"{k} x{v}" for k, v in s.errors.items()) or "-"
-                                            for name, s in runs}})
+        rows.append(
+            {
+                "metric": "Errors",
+                **{name: ", ".join(f"{k} x{v}" for k, v in s.errors.items()) or "-" for name, s in runs},
+            }
+        )
     return rows
 
 
@@ -170,25 +177,43 @@ def load_run(path: str | Path) -> tuple[str, Summary]:
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m bench.serving", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.serving",
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--url", default="http://127.0.0.1:8000", help="the server's base URL")
-    p.add_argument("--backend", choices=sorted(BACKENDS), default="generate",
-                   help="generate: /generate (ours, shortfin); openai: /v1/completions (ours, llama.cpp, vLLM); "
-                        "triton: /v2/models/M/generate_stream (ours, TensorRT-LLM)")
-    p.add_argument("--model", help="openai: the model name (default: the first of GET /v1/models); "
-                                   "triton: the model (default: ensemble)")
+    p.add_argument(
+        "--backend",
+        choices=sorted(BACKENDS),
+        default="generate",
+        help="generate: /generate (ours, shortfin); openai: /v1/completions (ours, llama.cpp, vLLM); "
+        "triton: /v2/models/M/generate_stream (ours, TensorRT-LLM)",
+    )
+    p.add_argument(
+        "--model",
+        help="openai: the model name (default: the first of GET /v1/models); triton: the model (default: ensemble)",
+    )
     p.add_argument("--num-prompts", type=int, default=100)
-    p.add_argument("--concurrency", "--max-concurrency", type=int, default=None,
-                   help="at most this many requests in flight (default: no cap)")
-    p.add_argument("--request-rate", type=float, default=math.inf,
-                   help="requests/s, Poisson arrivals (default: inf, all at once)")
+    p.add_argument(
+        "--concurrency",
+        "--max-concurrency",
+        type=int,
+        default=None,
+        help="at most this many requests in flight (default: no cap)",
+    )
+    p.add_argument(
+        "--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (default: inf, all at once)"
+    )
     p.add_argument("--input-len", type=int, default=512, help="synthetic prompts' length in tokens")
     p.add_argument("--output-len", type=int, default=128, help="max tokens to generate per request")
-    p.add_argument("--prompts-file", help="JSON lines with \"prompt\", or one prompt per line (cycled to --num-prompts)")
+    p.add_argument("--prompts-file", help='JSON lines with "prompt", or one prompt per line (cycled to --num-prompts)')
     p.add_argument("--ignore-eos", action="store_true", help="generate --output-len tokens whatever the model says")
-    p.add_argument("--tokenizer", help="tokenizer.json (or its folder) for token counts the server does not give "
-                                       "(default: the server's POST /tokenize when it has one)")
+    p.add_argument(
+        "--tokenizer",
+        help="tokenizer.json (or its folder) for token counts the server does not give "
+        "(default: the server's POST /tokenize when it has one)",
+    )
     p.add_argument("--seed", type=int, default=0, help="seeds the synthetic prompts and the arrival times")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (0: none)")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per request")
@@ -209,12 +234,21 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def config_from(args: argparse.Namespace) -> RunConfig:
     return RunConfig(
-        url=args.url.rstrip("/"), backend=args.backend,
-        label=args.label or f"{args.backend} {urlparse(args.url).netloc or args.url}", model=args.model,
-        num_prompts=args.num_prompts, concurrency=args.concurrency,
+        url=args.url.rstrip("/"),
+        backend=args.backend,
+        label=args.label or f"{args.backend} {urlparse(args.url).netloc or args.url}",
+        model=args.model,
+        num_prompts=args.num_prompts,
+        concurrency=args.concurrency,
         request_rate=None if math.isinf(args.request_rate) else args.request_rate,
-        input_len=args.input_len, output_len=args.output_len, prompts_file=args.prompts_file,
-        ignore_eos=args.ignore_eos, seed=args.seed, warmup=args.warmup, tokenizer=args.tokenizer)
+        input_len=args.input_len,
+        output_len=args.output_len,
+        prompts_file=args.prompts_file,
+        ignore_eos=args.ignore_eos,
+        seed=args.seed,
+        warmup=args.warmup,
+        tokenizer=args.tokenizer,
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -224,9 +258,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     cfg = config_from(args)
     rate = "inf" if cfg.request_rate is None else format_cell(cfg.request_rate)
-    print(f"{cfg.backend} at {cfg.url}: {cfg.num_prompts} prompts, request rate {rate}/s, "
-          f"concurrency {cfg.concurrency or 'uncapped'}, output {cfg.output_len} tokens"
-          f"{' (EOS ignored)' if cfg.ignore_eos else ''}", file=sys.stderr)
+    print(
+        f"{cfg.backend} at {cfg.url}: {cfg.num_prompts} prompts, request rate {rate}/s, "
+        f"concurrency {cfg.concurrency or 'uncapped'}, output {cfg.output_len} tokens"
+        f"{' (EOS ignored)' if cfg.ignore_eos else ''}",
+        file=sys.stderr,
+    )
     try:
         result = asyncio.run(run(cfg, args.timeout, progress=not args.disable_tqdm))
     except BenchError as e:

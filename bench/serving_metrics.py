@@ -84,14 +84,20 @@ def summarize(results: list[RequestResult], duration_s: float) -> Summary:
     latencies = {f"{s}_{m}_ms": v for m in LATENCIES for s, v in _stats(per_metric[m]).items()}
     d = duration_s if duration_s > 0 else float("nan")
     return Summary(
-        completed=len(ok), failed=len(results) - len(ok), duration_s=duration_s,
-        total_input_tokens=inputs, total_output_tokens=outputs,
-        request_throughput=len(ok) / d, output_throughput=outputs / d, total_token_throughput=(inputs + outputs) / d,
+        completed=len(ok),
+        failed=len(results) - len(ok),
+        duration_s=duration_s,
+        total_input_tokens=inputs,
+        total_output_tokens=outputs,
+        request_throughput=len(ok) / d,
+        output_throughput=outputs / d,
+        total_token_throughput=(inputs + outputs) / d,
         concurrency=sum(per_metric["e2el"]) / d,
         output_tokens_from=_sources([r.output_tokens_from for r in ok]),
         prompt_tokens_from=_sources([r.prompt_tokens_from or "unknown" for r in ok]),
         errors=dict(Counter(error_kind(r.error) for r in results if not r.success)),
-        **latencies)
+        **latencies,
+    )
 
 
 # (label, Summary field) for the printed table, vllm bench serve's order and wording
@@ -105,8 +111,11 @@ TABLE_ROWS: list[tuple[str, str]] = [
     ("Output token throughput (tok/s)", "output_throughput"),
     ("Total token throughput (tok/s)", "total_token_throughput"),
     ("Mean concurrency", "concurrency"),
-    *[(f"{s.capitalize() if s != 'p99' else 'P99'} {m.upper() if m != 'e2el' else 'E2E latency'} (ms)",
-       f"{s}_{m}_ms") for m in LATENCIES for s in STATS],
+    *[
+        (f"{s.capitalize() if s != 'p99' else 'P99'} {m.upper() if m != 'e2el' else 'E2E latency'} (ms)", f"{s}_{m}_ms")
+        for m in LATENCIES
+        for s in STATS
+    ],
     ("Output tokens counted by", "output_tokens_from"),
     ("Prompt tokens counted by", "prompt_tokens_from"),
 ]

@@ -8,7 +8,7 @@ no SSE field continues the data; a blank line ends the event; comments (`:`) and
 from __future__ import annotations
 
 import re
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 DATA = re.compile(r"data(?:\([^)]*\))?:[ ]?")
 OTHER_FIELD = re.compile(r"(?:event|id|retry):")
@@ -24,7 +24,7 @@ async def sse_data(lines: AsyncIterator[str]) -> AsyncIterator[str]:
             continue
         m = DATA.match(line)
         if m:
-            parts = (parts or []) + [line[m.end():]]
+            parts = (parts or []) + [line[m.end() :]]
         elif line.startswith(":") or OTHER_FIELD.match(line):
             continue
         elif parts is not None:

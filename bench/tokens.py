@@ -47,8 +47,10 @@ class ServerTokenizer:
 
     async def encode(self, text: str) -> list[int]:
         # llama.cpp (and ours) read "content" and "add_special"; vLLM reads "prompt" and "add_special_tokens"
-        r = await self.client.post(f"{self.base_url}/tokenize", json={
-            "content": text, "prompt": text, "add_special": False, "add_special_tokens": False})
+        r = await self.client.post(
+            f"{self.base_url}/tokenize",
+            json={"content": text, "prompt": text, "add_special": False, "add_special_tokens": False},
+        )
         r.raise_for_status()
         return [t if isinstance(t, int) else t["id"] for t in r.json()["tokens"]]
 

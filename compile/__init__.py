@@ -57,8 +57,11 @@ class CompileRequest:
             flags += [f"--iree-rocm-target={arch}"]
         else:
             if arch in CUDA_ARCH_FALLBACK:
-                print(f"[compile] IREE 3.13 has no {arch} target; using {CUDA_ARCH_FALLBACK[arch]} PTX "
-                      "(it runs on newer GPUs)", file=sys.stderr)
+                print(
+                    f"[compile] IREE 3.13 has no {arch} target; using {CUDA_ARCH_FALLBACK[arch]} PTX "
+                    "(it runs on newer GPUs)",
+                    file=sys.stderr,
+                )
                 arch = CUDA_ARCH_FALLBACK[arch]
             flags += [f"--iree-cuda-target={arch}"]
         return flags + list(self.extra_flags)

@@ -19,8 +19,9 @@ def main(argv=None) -> int:
     p.add_argument("-o", "--output", type=Path, help="default: next to the MLIR, model_{target}.vmfb")
     p.add_argument("--print-command", action="store_true", help="print the iree-compile line and exit")
     p.add_argument("--no-cache", action="store_true")
-    p.add_argument("--iree-flag", action="append", default=[], dest="extra",
-                   help="an extra flag for iree-compile (repeatable)")
+    p.add_argument(
+        "--iree-flag", action="append", default=[], dest="extra", help="an extra flag for iree-compile (repeatable)"
+    )
     args = p.parse_args(argv)
     output = args.output or args.mlir.with_name(f"model_{args.target}.vmfb")
     req = CompileRequest(args.mlir, args.target, args.arch, args.devices, args.extra)

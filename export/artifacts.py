@@ -78,8 +78,16 @@ def _build(art: Artifacts, gguf: Path, export_args: list[str]) -> Artifacts:
     if not (out / ".complete").is_file():
         t0 = time.perf_counter()
         print(f"[aotllm] exporting {gguf} -> {out}", file=sys.stderr, flush=True)
-        cmd = [sys.executable, "-m", "export.paged_llm", "--gguf-file", str(gguf), "--output-dir", str(out),
-               *export_args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "export.paged_llm",
+            "--gguf-file",
+            str(gguf),
+            "--output-dir",
+            str(out),
+            *export_args,
+        ]
         result = subprocess.run(cmd, cwd=ROOT)
         if result.returncode != 0:
             raise RuntimeError(f"export failed (exit {result.returncode}); command: {' '.join(cmd)}")

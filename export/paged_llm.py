@@ -49,25 +49,46 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--bs-prefill", type=_int_list, default=[1, 4])
     p.add_argument("--bs-decode", type=_int_list, default=[1, 4, 8, 16])
     p.add_argument("--block-seq-stride", type=int, default=16)
-    p.add_argument("--device-block-count", type=int, default=512,
-                   help="KV pages the program holds (page 0 is padding); the server may use fewer")
+    p.add_argument(
+        "--device-block-count",
+        type=int,
+        default=512,
+        help="KV pages the program holds (page 0 is padding); the server may use fewer",
+    )
     p.add_argument("--activation-dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default=None, help="default: activation dtype")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                   help="w8a8: int8 weights and per-token int8 activations (models.quant), calibrated here on "
-                        "a built-in text; f32 activations only, tensor parallelism 1")
-    p.add_argument("--amx", action="store_true",
-                   help="with --quantization w8a8: the int8 matmuls run as Intel AMX tile kernels (models.amx; built "
-                        "with gcc); the program then runs only on x86-64 CPUs with AMX-INT8 (Sapphire Rapids and later)")
-    p.add_argument("--static-batch", "--static-decode", dest="static_decode", action=argparse.BooleanOptionalAction,
-                   default=True, help="trace each decode batch size, and prefill at batch 1, with a static batch (fast "
-                   "one-token steps and one-prompt prefills; one more trace and compile each); --no-static-batch: "
-                   "everything shares one dynamic trace")
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="w8a8: int8 weights and per-token int8 activations (models.quant), calibrated here on "
+        "a built-in text; f32 activations only, tensor parallelism 1",
+    )
+    p.add_argument(
+        "--amx",
+        action="store_true",
+        help="with --quantization w8a8: the int8 matmuls run as Intel AMX tile kernels (models.amx; built "
+        "with gcc); the program then runs only on x86-64 CPUs with AMX-INT8 (Sapphire Rapids and later)",
+    )
+    p.add_argument(
+        "--static-batch",
+        "--static-decode",
+        dest="static_decode",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="trace each decode batch size, and prefill at batch 1, with a static batch (fast "
+        "one-token steps and one-prompt prefills; one more trace and compile each); --no-static-batch: "
+        "everything shares one dynamic trace",
+    )
     p.add_argument("--top-k", type=int, default=None, help="decode returns on-device top-k (1: argmax)")
     p.add_argument("--max-seq-len", type=int, default=None, help="default: the model's context length")
-    p.add_argument("--tensor-parallelism-size", type=int, default=None,
-                   help="N devices (default: the --irpa-file's sharding, else 1); unsharded weights are sharded "
-                        "here as `python -m sharding` does")
+    p.add_argument(
+        "--tensor-parallelism-size",
+        type=int,
+        default=None,
+        help="N devices (default: the --irpa-file's sharding, else 1); unsharded weights are sharded "
+        "here as `python -m sharding` does",
+    )
     args = p.parse_args(argv)
     if not args.output_dir and not (args.output_mlir and args.output_config and args.output_irpa):
         p.error("give --output-dir, or all of --output-mlir, --output-config and --output-irpa")
@@ -135,20 +156,40 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
         return m.forward(tokens, start_positions, seq_lens, page_ids, *caches)
 
     def args(b: int, s: int):
-        return (torch.zeros(b, s, dtype=i64), torch.zeros(b, dtype=i64), torch.ones(b, dtype=i64),
-                torch.ones(b, 3, dtype=i64), *caches)
+        return (
+            torch.zeros(b, s, dtype=i64),
+            torch.zeros(b, dtype=i64),
+            torch.ones(b, dtype=i64),
+            torch.ones(b, 3, dtype=i64),
+            *caches,
+        )
 
     # No decomposition pass: it re-traces the whole program (half the export time), and torch-mlir
     # lowers the remaining aten ops itself. (export_program traces right away: it must run inside.)
     with aot.decompositions.extend_aot_decompositions(from_current=False):
-        fxb.export_program(_forward, name="forward", args=args(2, 3), strict=False,
-                           dynamic_shapes=({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, cache_dims))
+        fxb.export_program(
+            _forward,
+            name="forward",
+            args=args(2, 3),
+            strict=False,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, cache_dims),
+        )
         for b in static_decode:
-            fxb.export_program(_forward, name=f"forward_decode_bs{b}", args=args(b, 1), strict=False,
-                               dynamic_shapes=(None, None, None, {1: cols}, cache_dims))
+            fxb.export_program(
+                _forward,
+                name=f"forward_decode_bs{b}",
+                args=args(b, 1),
+                strict=False,
+                dynamic_shapes=(None, None, None, {1: cols}, cache_dims),
+            )
         for b in static_prefill:
-            fxb.export_program(_forward, name=f"forward_prefill_bs{b}", args=args(b, 3), strict=False,
-                               dynamic_shapes=({1: seq}, None, None, {1: cols}, cache_dims))
+            fxb.export_program(
+                _forward,
+                name=f"forward_prefill_bs{b}",
+                args=args(b, 3),
+                strict=False,
+                dynamic_shapes=({1: seq}, None, None, {1: cols}, cache_dims),
+            )
         return aot.export(fxb)
 
 
@@ -213,8 +254,9 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
 
     def body(name: str, fn: _Traced) -> list[str]:
         caches = ", ".join(fn.caches)
-        call_types = (f"({fn.tokens}, {fn.start}, {fn.lens}, {fn.pages}, {caches}) -> "
-                      f"({fn.logits}, {fn.hidden}, {caches})")
+        call_types = (
+            f"({fn.tokens}, {fn.start}, {fn.lens}, {fn.pages}, {caches}) -> ({fn.logits}, {fn.hidden}, {caches})"
+        )
         if name.startswith("decode"):  # shortfin's order: seq_lens before start_positions
             params = f"%tokens: {fn.tokens}, %seq_lens: {fn.lens}, %start_positions: {fn.start}, "
         else:
@@ -226,31 +268,43 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
         if name.startswith("decode") and top_k:
             rows = re.match(r"!torch\.vtensor<\[(\?|\d+),", fn.logits).group(1)
             ret_types = f"!torch.vtensor<[{rows},{top_k}],f32>, !torch.vtensor<[{rows},{top_k}],si64>"
-            tail = [f"{ind}  %k = torch.constant.int {top_k}", f"{ind}  %dim = torch.constant.int -1",
-                    f"{ind}  %true = torch.constant.bool true",
-                    f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {fn.logits}, !torch.int, "
-                    f"!torch.int, !torch.bool, !torch.bool -> {ret_types}",
-                    f"{ind}  return %v, %i : {ret_types}"]
+            tail = [
+                f"{ind}  %k = torch.constant.int {top_k}",
+                f"{ind}  %dim = torch.constant.int -1",
+                f"{ind}  %true = torch.constant.bool true",
+                f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {fn.logits}, !torch.int, "
+                f"!torch.int, !torch.bool, !torch.bool -> {ret_types}",
+                f"{ind}  return %v, %i : {ret_types}",
+            ]
         lines = [f"{ind}func.func @{name}({params}) -> ({ret_types}) {{"]
         for r in range(tp):
-            lines += [f"{ind}  %g{r} = util.global.load @{_cache_global(r)} : {t_global}",
-                      f"{ind}  %gd{r} = tensor.cast %g{r} : {t_global} to {t_dyn}",
-                      f"{ind}  %c{r} = torch_c.from_builtin_tensor %gd{r} : {t_dyn} -> {t_vcache}"]
-        lines.append(f"{ind}  %r:{2 + tp} = func.call @{fn.name}(%tokens, %start_positions, %seq_lens, "
-                     f"%page_ids, {cache_args}) : {call_types}")
+            lines += [
+                f"{ind}  %g{r} = util.global.load @{_cache_global(r)} : {t_global}",
+                f"{ind}  %gd{r} = tensor.cast %g{r} : {t_global} to {t_dyn}",
+                f"{ind}  %c{r} = torch_c.from_builtin_tensor %gd{r} : {t_dyn} -> {t_vcache}",
+            ]
+        lines.append(
+            f"{ind}  %r:{2 + tp} = func.call @{fn.name}(%tokens, %start_positions, %seq_lens, "
+            f"%page_ids, {cache_args}) : {call_types}"
+        )
         for r in range(tp):
-            lines += [f"{ind}  %n{r} = torch_c.to_builtin_tensor %r#{2 + r} : {t_vcache} -> {t_dyn}",
-                      f"{ind}  %ns{r} = tensor.cast %n{r} : {t_dyn} to {t_global}",
-                      f"{ind}  util.global.store %ns{r}, @{_cache_global(r)} : {t_global}"]
+            lines += [
+                f"{ind}  %n{r} = torch_c.to_builtin_tensor %r#{2 + r} : {t_vcache} -> {t_dyn}",
+                f"{ind}  %ns{r} = tensor.cast %n{r} : {t_dyn} to {t_global}",
+                f"{ind}  util.global.store %ns{r}, @{_cache_global(r)} : {t_global}",
+            ]
         return lines + tail + [f"{ind}}}"]
 
     out = []
     for r in range(tp):  # rank r's slab lives on device r
         affinity = f" {{stream.affinity = #hal.device.promise<@__device_{r}>}}" if tp > 1 else ""
-        out += [f"{ind}util.global private mutable @{_cache_global(r)}{affinity} = dense<{zero}> : {t_global}",
-                f"{ind}func.func @read_{_cache_global(r)}() -> {t_global} {{",  # tests and debugging: a copy
-                f"{ind}  %g = util.global.load @{_cache_global(r)} : {t_global}", f"{ind}  return %g : {t_global}",
-                f"{ind}}}"]
+        out += [
+            f"{ind}util.global private mutable @{_cache_global(r)}{affinity} = dense<{zero}> : {t_global}",
+            f"{ind}func.func @read_{_cache_global(r)}() -> {t_global} {{",  # tests and debugging: a copy
+            f"{ind}  %g = util.global.load @{_cache_global(r)} : {t_global}",
+            f"{ind}  return %g : {t_global}",
+            f"{ind}}}",
+        ]
     for bs in prefill_bs:
         out += body(f"prefill_bs{bs}", traced.get(f"forward_prefill_bs{bs}", traced["forward"]))
         out += body(f"embed_bs{bs}", traced["forward"])
@@ -270,9 +324,12 @@ def model_state(model: PagedLlama, weights: ModelWeights) -> ModelWeights:
     """The weights as the exported program names and types them."""
     import ml_dtypes
 
-    tensors = {k: v.detach().contiguous().numpy() if v.dtype != torch.bfloat16 else
-               v.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
-               for k, v in model.state_dict().items()}
+    tensors = {
+        k: v.detach().contiguous().numpy()
+        if v.dtype != torch.bfloat16
+        else v.detach().contiguous().view(torch.int16).numpy().view(ml_dtypes.bfloat16)
+        for k, v in model.state_dict().items()
+    }
     return ModelWeights(weights.config, tensors, weights.source, model.tp)
 
 
@@ -297,8 +354,10 @@ def main(argv=None) -> int:
             weights = load_weights(args.gguf_file, args.hf_dir, args.irpa_file)
             tp = args.tensor_parallelism_size or weights.tp
             if weights.tp not in (1, tp):
-                raise ModelError(f"{weights.source} is sharded {weights.tp} ways, not {tp}; re-shard the "
-                                 "unsharded model with python -m sharding")
+                raise ModelError(
+                    f"{weights.source} is sharded {weights.tp} ways, not {tp}; re-shard the "
+                    "unsharded model with python -m sharding"
+                )
             if tp > 1 and weights.tp == 1:
                 from sharding import shard_tensors
 
@@ -318,17 +377,22 @@ def main(argv=None) -> int:
                 write_irpa(model_state(model, weights), args.output_irpa)
                 param_files = [args.output_irpa]
         with _Stage("trace"):  # shapes only: the weights are external parameters
-            model = PagedLlama.uninitialized(weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name],
-                                             tp, args.quantization)
+            model = PagedLlama.uninitialized(
+                weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name], tp, args.quantization
+            )
             if args.amx:
                 enable_amx(model, args)
-            output = export_forward(model, args.bs_decode if args.static_decode else [],
-                                    [1] if args.static_decode and 1 in args.bs_prefill else [])
+            output = export_forward(
+                model,
+                args.bs_decode if args.static_decode else [],
+                [1] if args.static_decode and 1 in args.bs_prefill else [],
+            )
         with _Stage("tokenizer"):
             tok_files, tok_info = write_tokenizer(args, args.output_config.parent)
         with _Stage(f"write {args.output_mlir} (prefill_bs{args.bs_prefill}, decode_bs{args.bs_decode})"):
-            mlir = entry_points(str(output.mlir_module), args.bs_prefill, args.bs_decode, args.top_k,
-                                args.device_block_count)
+            mlir = entry_points(
+                str(output.mlir_module), args.bs_prefill, args.bs_decode, args.top_k, args.device_block_count
+            )
             args.output_mlir.write_text(mlir)
     except ModelError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -371,8 +435,11 @@ def main(argv=None) -> int:
     abi.save(args.output_config)
     if key:
         stamp.write_text(key)
-    print(f"[export] wrote {args.output_mlir}, {args.output_irpa}, {args.output_config} "
-          f"in {time.perf_counter() - t_start:.1f} s", file=sys.stderr)
+    print(
+        f"[export] wrote {args.output_mlir}, {args.output_irpa}, {args.output_config} "
+        f"in {time.perf_counter() - t_start:.1f} s",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -391,14 +458,19 @@ def quantize_w8a8(model: PagedLlama, args) -> PagedLlama:
     from models.tokenizer import tokenizer_near_weights
 
     if model.tp > 1 or model.dtype != torch.float32:
-        raise ModelError("--quantization w8a8 needs --activation-dtype float32 and tensor parallelism 1 "
-                         f"(got {args.activation_dtype}, {model.tp} devices)")
+        raise ModelError(
+            "--quantization w8a8 needs --activation-dtype float32 and tensor parallelism 1 "
+            f"(got {args.activation_dtype}, {model.tp} devices)"
+        )
     found = tokenizer_near_weights(args.gguf_file, args.hf_dir, args.irpa_file)
     if found is not None:
         ids = found[0].encode(CALIBRATION_TEXT, add_special_tokens=False).ids
     else:
-        print("[export] w8a8: no tokenizer next to the weights; calibrating on 256 random token ids "
-              "(less accurate than text)", file=sys.stderr)
+        print(
+            "[export] w8a8: no tokenizer next to the weights; calibrating on 256 random token ids "
+            "(less accurate than text)",
+            file=sys.stderr,
+        )
         ids = random_calibration_ids(model.config.vocab_size)
     with _Stage(f"w8a8: calibrate on {len(ids)} tokens, quantize"):
         return model.quantize_w8a8(ids)
@@ -410,8 +482,7 @@ def write_tokenizer(args, out_dir: Path):
 
     found = tokenizer_near_weights(args.gguf_file, args.hf_dir, args.irpa_file)
     if found is None:
-        print("[export] no tokenizer found next to the weights; the server will need --tokenizer",
-              file=sys.stderr)
+        print("[export] no tokenizer found next to the weights; the server will need --tokenizer", file=sys.stderr)
         return [], None
     save_tokenizer(*found, out_dir)
     return ["tokenizer.json", "tokenizer_config.json"], found[1]

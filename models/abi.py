@@ -24,7 +24,6 @@ import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-
 QUANTIZATIONS = ("none", "w8a8")  # export --quantization (models/quant.py), also serve's for its default model
 
 
@@ -74,7 +73,7 @@ class ModelABI:
         Path(path).write_text(json.dumps(asdict(self), indent=2) + "\n")
 
     @classmethod
-    def load(cls, path: Path) -> "ModelABI":
+    def load(cls, path: Path) -> ModelABI:
         try:
             d = json.loads(Path(path).read_text())
             d["paged_kv_cache"] = PagedKVCache(**d["paged_kv_cache"])

@@ -71,8 +71,20 @@ void aotllm_amx_mm_s8(const int8_t *a_base, const int8_t *a, size_t a_off, size_
 }
 """
 
-_GCC_FLAGS = ["-O3", "-mamx-tile", "-mamx-int8", "-mavx512f", "-ffreestanding", "-fPIC", "-fno-stack-protector",
-              "-fno-plt", "-fvisibility=hidden", "-ffunction-sections", "-fdata-sections", "-c"]
+_GCC_FLAGS = [
+    "-O3",
+    "-mamx-tile",
+    "-mamx-int8",
+    "-mavx512f",
+    "-ffreestanding",
+    "-fPIC",
+    "-fno-stack-protector",
+    "-fno-plt",
+    "-fvisibility=hidden",
+    "-ffunction-sections",
+    "-fdata-sections",
+    "-c",
+]
 
 
 class AmxError(RuntimeError):
@@ -90,16 +102,19 @@ def object_path() -> Path:
     if not obj.is_file():
         cc = shutil.which(os.environ.get("CC", "gcc"))
         if cc is None:
-            raise AmxError("--amx builds its kernel with gcc, which is not on PATH; hint: install gcc, or "
-                           "export without --amx")
+            raise AmxError(
+                "--amx builds its kernel with gcc, which is not on PATH; hint: install gcc, or export without --amx"
+            )
         root.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=root) as tmp:
             src = Path(tmp) / "amx_mm.c"
             src.write_text(_SOURCE)
             r = subprocess.run([cc, *_GCC_FLAGS, str(src), "-o", str(Path(tmp) / "o")], capture_output=True, text=True)
             if r.returncode:
-                raise AmxError(f"gcc failed to build the AMX kernel: {r.stderr.strip()[:2000]}; hint: gcc >= 11 "
-                               "knows AMX, or export without --amx")
+                raise AmxError(
+                    f"gcc failed to build the AMX kernel: {r.stderr.strip()[:2000]}; hint: gcc >= 11 "
+                    "knows AMX, or export without --amx"
+                )
             os.replace(Path(tmp) / "o", obj)
     return obj
 

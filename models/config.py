@@ -31,9 +31,7 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.num_heads % self.num_kv_heads:
-            raise ModelError(
-                f"attention heads ({self.num_heads}) must be a multiple of KV heads ({self.num_kv_heads})"
-            )
+            raise ModelError(f"attention heads ({self.num_heads}) must be a multiple of KV heads ({self.num_kv_heads})")
         if self.head_dim % 2:
             raise ModelError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
 
@@ -41,7 +39,7 @@ class LlamaConfig:
         return asdict(self)
 
     @classmethod
-    def from_json(cls, d: dict) -> "LlamaConfig":
+    def from_json(cls, d: dict) -> LlamaConfig:
         return cls(**{k: v for k, v in d.items() if k in cls.__dataclass_fields__})
 
 

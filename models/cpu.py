@@ -36,10 +36,14 @@ def require(features: list[str]) -> None:
         if feature not in _FLAGS:
             raise ValueError(f"the program needs the CPU feature {feature!r}, which this version does not know")
         if not set(_FLAGS[feature]) <= flags:
-            raise ValueError(f"the program needs a CPU with {feature} (it was exported with --amx); this CPU lacks "
-                             "it: re-export without --amx")
+            raise ValueError(
+                f"the program needs a CPU with {feature} (it was exported with --amx); this CPU lacks "
+                "it: re-export without --amx"
+            )
         if feature == "amx-int8":
             libc = ctypes.CDLL(None, use_errno=True)
             if libc.syscall(_SYS_ARCH_PRCTL, _ARCH_REQ_XCOMP_PERM, _XFEATURE_XTILEDATA) != 0:
-                raise ValueError(f"Linux refused this process the AMX tile state (arch_prctl errno "
-                                 f"{ctypes.get_errno()}); hint: a kernel >= 5.16 grants it, or re-export without --amx")
+                raise ValueError(
+                    f"Linux refused this process the AMX tile state (arch_prctl errno "
+                    f"{ctypes.get_errno()}); hint: a kernel >= 5.16 grants it, or re-export without --amx"
+                )

@@ -76,8 +76,12 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 # W8A8 blocks: projections that read the same input are one Int8Linear over their stacked weights, so the
 # input is smoothed and quantised once and one int8 matmul runs instead of three (two): SmolLM2 decode
 # batch 16 62 -> 55 ms/step (README). Float blocks keep the GGUF's separate projections.
-W8A8_FUSED = {"attn_qkv": ("attn_q", "attn_k", "attn_v"), "attn_output": ("attn_output",),
-              "ffn_gate_up": ("ffn_gate", "ffn_up"), "ffn_down": ("ffn_down",)}
+W8A8_FUSED = {
+    "attn_qkv": ("attn_q", "attn_k", "attn_v"),
+    "attn_output": ("attn_output",),
+    "ffn_gate_up": ("ffn_gate", "ffn_up"),
+    "ffn_down": ("ffn_down",),
+}
 
 
 def _linear(quantization: str):
@@ -110,8 +114,11 @@ class Block(nn.Module):
         c = self.c
         B, S, _ = x.shape
         h = self.attn_norm(x)
-        q, k, v = self.attn_qkv(h).split(self.qkv_split, -1) if self.fused else \
-            (self.attn_q(h), self.attn_k(h), self.attn_v(h))
+        q, k, v = (
+            self.attn_qkv(h).split(self.qkv_split, -1)
+            if self.fused
+            else (self.attn_q(h), self.attn_k(h), self.attn_v(h))
+        )
         q = apply_rope(q.view(B, S, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.view(B, S, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
@@ -162,7 +169,7 @@ class Block(nn.Module):
             # to compile the probs x V bmm at some static batches: "'affine.delinearize_index' op no basis
             # element may be statically non-positive" at B * KV = 16 or 48.)
             qh = _f32(q).view(B, KV, rep, 1, D)
-            scores = (qh * _f32(keys).permute(0, 2, 1, 3).unsqueeze(2)).sum(-1).unsqueeze(3) * (D ** -0.5)
+            scores = (qh * _f32(keys).permute(0, 2, 1, 3).unsqueeze(2)).sum(-1).unsqueeze(3) * (D**-0.5)
             scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
             probs = torch.softmax(scores, dim=-1).view(B, KV, rep, T, 1)
             attn = (probs * _f32(vals).permute(0, 2, 1, 3).unsqueeze(2)).sum(3).view(B, KV, rep, 1, D)
@@ -177,7 +184,7 @@ class Block(nn.Module):
             qg = _f32(q).view(B, S, KV, rep, D).permute(0, 2, 3, 1, 4).reshape(B * KV, rep * S, D)
             kg = _f32(keys).permute(0, 2, 3, 1).reshape(B * KV, D, T)
             vg = _f32(vals).permute(0, 2, 1, 3).reshape(B * KV, T, D)
-            scores = torch.bmm(qg, kg).view(B, KV, rep, S, T) * (D ** -0.5)
+            scores = torch.bmm(qg, kg).view(B, KV, rep, S, T) * (D**-0.5)
             scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
             probs = torch.softmax(scores, dim=-1).view(B * KV, rep * S, T)
             attn = torch.bmm(probs, vg).view(B, KV, rep, S, D)
@@ -205,8 +212,15 @@ class PagedLlama(nn.Module):
     quantization "w8a8": every projection and the head are models.quant.Int8Linear (the head then has its
     own int8 copy of a tied embedding table); made from a float model by `quantize_w8a8`."""
 
-    def __init__(self, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
-                 tp: int = 1, quantization: str = "none"):
+    def __init__(
+        self,
+        config: LlamaConfig,
+        block_seq_stride: int = 16,
+        dtype=torch.float32,
+        kv_dtype=None,
+        tp: int = 1,
+        quantization: str = "none",
+    ):
         super().__init__()
         self.config = c = config
         self.block_seq_stride = block_seq_stride
@@ -243,8 +257,9 @@ class PagedLlama(nn.Module):
         return caches[0] if self.tp == 1 else caches
 
     @classmethod
-    def from_weights(cls, weights: ModelWeights, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
-                     tp: int = 1):
+    def from_weights(
+        cls, weights: ModelWeights, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None, tp: int = 1
+    ):
         """From unsharded weights, or tensor-parallel ones (sharding.shard_tensors) when tp > 1."""
         with torch.device("meta"):
             model = cls(weights.config, block_seq_stride, dtype, kv_dtype, tp)
@@ -254,8 +269,15 @@ class PagedLlama(nn.Module):
         return model.eval()
 
     @classmethod
-    def uninitialized(cls, config: LlamaConfig, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None,
-                      tp: int = 1, quantization: str = "none"):
+    def uninitialized(
+        cls,
+        config: LlamaConfig,
+        block_seq_stride: int = 16,
+        dtype=torch.float32,
+        kv_dtype=None,
+        tp: int = 1,
+        quantization: str = "none",
+    ):
         """Right shapes, garbage values, no initialisation cost: what export traces."""
         with torch.device("meta"):
             model = cls(config, block_seq_stride, dtype, kv_dtype, tp, quantization)
@@ -264,19 +286,32 @@ class PagedLlama(nn.Module):
         return model.eval()
 
     @torch.no_grad()
-    def quantize_w8a8(self, calibration_ids: list[int]) -> "PagedLlama":
+    def quantize_w8a8(self, calibration_ids: list[int]) -> PagedLlama:
         """This float (tp = 1) model in W8A8 (models.quant), smoothed with its own activations on
         `calibration_ids` (one prompt)."""
         c, stride = self.config, self.block_seq_stride
-        fused = {f"blk.{i}.{f}": [f"blk.{i}.{p}" for p in parts] for i in range(c.num_layers)
-                 for f, parts in W8A8_FUSED.items()}
+        fused = {
+            f"blk.{i}.{f}": [f"blk.{i}.{p}" for p in parts]
+            for i in range(c.num_layers)
+            for f, parts in W8A8_FUSED.items()
+        }
         count = len(calibration_ids)
         pages = -(-count // stride)
         hidden = []
         # (the projections of one fused group read the same input: the first one's is recorded)
-        absmax = input_absmax(self, [parts[0] for parts in fused.values()], lambda: hidden.append(
-            self.hidden_states(torch.tensor([calibration_ids]), torch.tensor([0]), torch.tensor([count]),
-                               torch.arange(1, pages + 1).view(1, -1), self.allocate_cache(pages + 1))))
+        absmax = input_absmax(
+            self,
+            [parts[0] for parts in fused.values()],
+            lambda: hidden.append(
+                self.hidden_states(
+                    torch.tensor([calibration_ids]),
+                    torch.tensor([0]),
+                    torch.tensor([count]),
+                    torch.arange(1, pages + 1).view(1, -1),
+                    self.allocate_cache(pages + 1),
+                )
+            ),
+        )
         with torch.device("meta"):
             model = PagedLlama(c, stride, self.dtype, self.kv_dtype, 1, "w8a8")
         replaced = {p for parts in fused.values() for p in parts} | {"output"}

@@ -10,7 +10,6 @@ puts the gather in a dispatch of its own, for consumers IREE fails to compile it
 
 from __future__ import annotations
 
-import torch
 from iree.turbine.runtime.op_reg import CustomOp, KernelBuilder, KernelSelection, def_library, impl_helper
 from iree.turbine.support.ir_imports import RankedTensorType
 
@@ -60,15 +59,22 @@ class page_gather(CustomOp):
         ident = "_".join("x".join("D" if d < 0 else str(d) for d in t.shape) for t in (src, idx))
         materialize = bool(ksel.arg_descs[2].v)
         name = f"aotllm_page_gather_{ident}_{src.element_type}{'_materialized' if materialize else ''}"
-        dim_lines = "".join(f"  %c{i} = arith.constant {i} : index\n  %d{i} = tensor.dim %idx, %c{i} : {idx_t}\n"
-                            for i in dims)
-        asm = (f"module {{\nutil.func private @{name}(%src: {src_t}, %idx: {idx_t}) -> {out_t} {{\n{dim_lines}"
-               f"  %empty = tensor.empty({', '.join(f'%d{i}' for i in dims)}) : {out_t}\n"
-               f"  %r = iree_linalg_ext.gather dimension_map = [0] ins(%src, %idx : {src_t}, {idx_t}) "
-               f"outs(%empty : {out_t}) -> {out_t}\n"
-               + (f"  %b = util.optimization_barrier %r : {out_t}\n"
-                  f"  %t = flow.tensor.tie_shape %b : {out_t}{{{', '.join(f'%d{i}' for i in dims)}}}\n"
-                  f"  util.return %t : {out_t}\n" if materialize else f"  util.return %r : {out_t}\n")
-               + "}\n}\n")
+        dim_lines = "".join(
+            f"  %c{i} = arith.constant {i} : index\n  %d{i} = tensor.dim %idx, %c{i} : {idx_t}\n" for i in dims
+        )
+        asm = (
+            f"module {{\nutil.func private @{name}(%src: {src_t}, %idx: {idx_t}) -> {out_t} {{\n{dim_lines}"
+            f"  %empty = tensor.empty({', '.join(f'%d{i}' for i in dims)}) : {out_t}\n"
+            f"  %r = iree_linalg_ext.gather dimension_map = [0] ins(%src, %idx : {src_t}, {idx_t}) "
+            f"outs(%empty : {out_t}) -> {out_t}\n"
+            + (
+                f"  %b = util.optimization_barrier %r : {out_t}\n"
+                f"  %t = flow.tensor.tie_shape %b : {out_t}{{{', '.join(f'%d{i}' for i in dims)}}}\n"
+                f"  util.return %t : {out_t}\n"
+                if materialize
+                else f"  util.return %r : {out_t}\n"
+            )
+            + "}\n}\n"
+        )
         func = _AsmLoader().inline_template_function(kb, name, name, asm=asm)
         kb.yield_results(*impl_helper.call_function(func, *kb.arg_bindings[:2]))

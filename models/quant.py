@@ -70,8 +70,9 @@ class Int8Linear(nn.Module):
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
 
-def quantize_linear(weight: torch.Tensor, input_absmax: torch.Tensor, alpha: float = SMOOTHING_ALPHA
-                    ) -> dict[str, torch.Tensor]:
+def quantize_linear(
+    weight: torch.Tensor, input_absmax: torch.Tensor, alpha: float = SMOOTHING_ALPHA
+) -> dict[str, torch.Tensor]:
     """A float weight [out, in] and the calibration's max |input| per channel -> Int8Linear's parameters."""
     w = weight.to(torch.float32)
     smooth = input_absmax.clamp_min(1e-5) ** alpha / w.abs().amax(0).clamp_min(1e-5) ** (1 - alpha)
@@ -90,6 +91,7 @@ def input_absmax(model: nn.Module, names: list[str], run) -> dict[str, torch.Ten
         def record(_module, inputs):
             a = inputs[0].detach().to(torch.float32).reshape(-1, inputs[0].shape[-1]).abs().amax(0)
             seen[name] = torch.maximum(seen[name], a) if name in seen else a
+
         return record
 
     modules = dict(model.named_modules())

@@ -80,10 +80,12 @@ def _byte_level_pre_tokenizer(pre: str, source: str) -> pre_tokenizers.PreTokeni
     if family == "gpt2":
         return pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
     split = _LLAMA3_SPLIT if family == "llama3" else _QWEN2_SPLIT
-    return pre_tokenizers.Sequence([
-        pre_tokenizers.Split(Regex(split), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-    ])
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(split), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
 
 
 def _byte_level_bpe(meta: dict[str, Any], source: str) -> Tokenizer:
@@ -99,8 +101,17 @@ def _byte_level_bpe(meta: dict[str, Any], source: str) -> Tokenizer:
     merges = [tuple(m.split(" ", 1)) for m in meta["merges"]]
     pre = meta.get("pre", "default")
     ignore_merges = _PRE_FAMILIES.get(pre) == "llama3"  # as llama.cpp (and Llama-3's tokenizer.json)
-    tok = Tokenizer(BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
-                        end_of_word_suffix="", fuse_unk=False, ignore_merges=ignore_merges))
+    tok = Tokenizer(
+        BPE(
+            vocab=vocab,
+            merges=merges,
+            dropout=None,
+            continuing_subword_prefix="",
+            end_of_word_suffix="",
+            fuse_unk=False,
+            ignore_merges=ignore_merges,
+        )
+    )
     tok.pre_tokenizer = _byte_level_pre_tokenizer(pre, source)
     tok.decoder = decoders.ByteLevel()
     return tok
@@ -144,7 +155,7 @@ _DEFAULT_ADD_BOS = {"gpt2": False, "llama": True}
 
 def _gguf_metadata(reader: gguf.GGUFReader) -> dict[str, Any]:
     prefix = "tokenizer.ggml."
-    meta = {key[len(prefix):]: f.contents() for key, f in reader.fields.items() if key.startswith(prefix)}
+    meta = {key[len(prefix) :]: f.contents() for key, f in reader.fields.items() if key.startswith(prefix)}
     if (template := reader.get_field("tokenizer.chat_template")) is not None:
         meta["chat_template"] = template.contents()
     return meta
@@ -193,8 +204,13 @@ def tokenizer_from_gguf(
     special = [t for t, ty in zip(tokens, types) if ty == CONTROL] + [t for t in name.values() if t is not None]
     special = [t for t in dict.fromkeys(special) if t in in_vocab]
     tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in special])
-    tok.add_tokens([AddedToken(t, normalized=False, special=False)
-                    for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in in_vocab])
+    tok.add_tokens(
+        [
+            AddedToken(t, normalized=False, special=False)
+            for t, ty in zip(tokens, types)
+            if ty == USER_DEFINED and t in in_vocab
+        ]
+    )
 
     eos_id, eot_ids = meta.get("eos_token_id"), []
     for extra in (eos_id, meta.get("eot_token_id"), meta.get("eom_token_id")):
@@ -208,11 +224,15 @@ def tokenizer_from_gguf(
     # llama.cpp adds BOS for SentencePiece and Llama-3 vocabularies unless the file says otherwise.
     add_bos = meta.get("add_bos_token", _DEFAULT_ADD_BOS[model] or _PRE_FAMILIES.get(meta.get("pre", "")) == "llama3")
     info = TokenizerInfo(
-        bos_id=meta.get("bos_token_id"), eos_id=eos_id, eot_ids=eot_ids, pad_id=meta.get("padding_token_id"),
+        bos_id=meta.get("bos_token_id"),
+        eos_id=eos_id,
+        eot_ids=eot_ids,
+        pad_id=meta.get("padding_token_id"),
         add_bos=bool(add_bos),
         add_eos=bool(meta.get("add_eos_token", False)),
         chat_template=template if isinstance(template, str) else None,
-        bos_token=name["bos"], eos_token=name["eos"],
+        bos_token=name["bos"],
+        eos_token=name["eos"],
     )
     _set_post_processor(tok, info)
     return tok, info
@@ -229,9 +249,13 @@ def save_tokenizer(tok: Tokenizer, info: TokenizerInfo, out_dir: str | os.PathLi
     pad = tok.id_to_token(info.pad_id) if info.pad_id is not None else None
     specials = {"bos_token": info.bos_token, "eos_token": info.eos_token, "pad_token": pad}
     config = {
-        "tokenizer_class": "PreTrainedTokenizerFast", **specials,
-        "add_bos_token": info.add_bos, "add_eos_token": info.add_eos, "chat_template": info.chat_template,
-        "clean_up_tokenization_spaces": False, "eot_token_ids": info.eot_ids,
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": info.add_bos,
+        "add_eos_token": info.add_eos,
+        "chat_template": info.chat_template,
+        "clean_up_tokenization_spaces": False,
+        "eot_token_ids": info.eot_ids,
     }
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
     special_map = {k: v for k, v in specials.items() if v is not None}
@@ -305,8 +329,13 @@ def load_tokenizer(path_or_dir: str | os.PathLike[str]) -> tuple[Tokenizer, Toke
     add_bos = config.get("add_bos_token", bos_id is not None and with_specials[:1] == [bos_id] != without[:1])
     add_eos = config.get("add_eos_token", eos_id is not None and with_specials[-1:] == [eos_id] != without[-1:])
     return tok, TokenizerInfo(
-        bos_id=bos_id, eos_id=eos_id, eot_ids=eot_ids, pad_id=pad_id,
-        add_bos=bool(add_bos), add_eos=bool(add_eos), chat_template=_chat_template(folder, config),
+        bos_id=bos_id,
+        eos_id=eos_id,
+        eot_ids=eot_ids,
+        pad_id=pad_id,
+        add_bos=bool(add_bos),
+        add_eos=bool(add_eos),
+        chat_template=_chat_template(folder, config),
         bos_token=bos_token if bos_token is not None or bos_id is None else tok.id_to_token(bos_id),
         eos_token=eos_token if eos_token is not None or eos_id is None else tok.id_to_token(eos_id),
     )

@@ -22,20 +22,33 @@ def check_tp(c: LlamaConfig, tp: int) -> None:
     """A clear error when the model's heads do not split over `tp` devices."""
     if tp < 1:
         raise ModelError(f"--tensor-parallelism-size must be >= 1, got {tp}")
-    bad = [f"{what} {n}" for what, n in (("attention heads", c.num_heads), ("KV heads", c.num_kv_heads),
-                                          ("FFN width", c.intermediate_size)) if n % tp]
+    bad = [
+        f"{what} {n}"
+        for what, n in (
+            ("attention heads", c.num_heads),
+            ("KV heads", c.num_kv_heads),
+            ("FFN width", c.intermediate_size),
+        )
+        if n % tp
+    ]
     if bad:
-        ok = [d for d in range(1, c.num_kv_heads + 1)
-              if c.num_kv_heads % d == 0 and c.num_heads % d == 0 and c.intermediate_size % d == 0]
-        raise ModelError(f"tensor parallelism {tp} must divide the model's {', '.join(bad)} (each device takes "
-                         f"whole heads and its KV heads' cache); this model splits over {ok} devices")
+        ok = [
+            d
+            for d in range(1, c.num_kv_heads + 1)
+            if c.num_kv_heads % d == 0 and c.num_heads % d == 0 and c.intermediate_size % d == 0
+        ]
+        raise ModelError(
+            f"tensor parallelism {tp} must divide the model's {', '.join(bad)} (each device takes "
+            f"whole heads and its KV heads' cache); this model splits over {ok} devices"
+        )
 
 
 def shard_config(c: LlamaConfig, tp: int) -> LlamaConfig:
     """One rank's view: its heads, KV heads and FFN columns (hidden size, layers, vocab unchanged)."""
     check_tp(c, tp)
-    return replace(c, num_heads=c.num_heads // tp, num_kv_heads=c.num_kv_heads // tp,
-                   intermediate_size=c.intermediate_size // tp)
+    return replace(
+        c, num_heads=c.num_heads // tp, num_kv_heads=c.num_kv_heads // tp, intermediate_size=c.intermediate_size // tp
+    )
 
 
 def to_device(rank: int, t: torch.Tensor) -> torch.Tensor:

@@ -55,9 +55,12 @@ class ModelWeights:
         for prefix, rc in ranks:
             q, kv = rc.num_heads * rc.head_dim, rc.num_kv_heads * rc.head_dim
             per_layer = {
-                "attn_norm.weight": (c.hidden_size,), "ffn_norm.weight": (c.hidden_size,),
-                "attn_q.weight": (q, c.hidden_size), "attn_k.weight": (kv, c.hidden_size),
-                "attn_v.weight": (kv, c.hidden_size), "attn_output.weight": (c.hidden_size, q),
+                "attn_norm.weight": (c.hidden_size,),
+                "ffn_norm.weight": (c.hidden_size,),
+                "attn_q.weight": (q, c.hidden_size),
+                "attn_k.weight": (kv, c.hidden_size),
+                "attn_v.weight": (kv, c.hidden_size),
+                "attn_output.weight": (c.hidden_size, q),
                 "ffn_gate.weight": (rc.intermediate_size, c.hidden_size),
                 "ffn_up.weight": (rc.intermediate_size, c.hidden_size),
                 "ffn_down.weight": (c.hidden_size, rc.intermediate_size),
@@ -68,8 +71,10 @@ class ModelWeights:
 
     def validate(self) -> None:
         if any(k.endswith(".weight_scale") for k in self.tensors):  # (an export's IRPA of a w8a8 program)
-            raise ModelError(f"{self.source} holds w8a8-quantized weights; hint: export from the float "
-                             "model (GGUF or HF folder) with --quantization w8a8")
+            raise ModelError(
+                f"{self.source} holds w8a8-quantized weights; hint: export from the float "
+                "model (GGUF or HF folder) with --quantization w8a8"
+            )
         for name, shape in self.expected_shapes().items():
             if name not in self.tensors:
                 raise ModelError(f"{self.source}: missing tensor {name!r} (expected shape {list(shape)})")
@@ -87,6 +92,7 @@ def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- GGUF
+
 
 def _field(reader, key: str, default=None):
     f = reader.fields.get(key)
@@ -153,6 +159,7 @@ def read_gguf(path: Path) -> ModelWeights:
 
 # ---------------------------------------------------------------- Hugging Face
 
+
 def read_hf(folder: Path) -> ModelWeights:
     from safetensors.numpy import load_file
 
@@ -183,8 +190,8 @@ def _load_safetensors(path: Path, load_file) -> dict[str, np.ndarray]:
     try:
         return load_file(path)
     except TypeError:  # bf16 has no numpy dtype in safetensors.numpy: go through torch
-        from safetensors.torch import load_file as load_torch
         import torch
+        from safetensors.torch import load_file as load_torch
 
         return {k: v.to(torch.float32).numpy() for k, v in load_torch(path).items()}
 
@@ -201,6 +208,7 @@ def _hf_name(key: str, folder: Path) -> str:
 
 
 # ---------------------------------------------------------------- IRPA
+
 
 def _np_dtype(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
@@ -250,8 +258,10 @@ def read_irpa(path: Path) -> ModelWeights:
     for file in [Path(path)] + (rank_paths(path, tp) if tp > 1 else []):
         if file != Path(path):
             if not file.is_file():
-                raise ModelError(f"{path} is sharded {tp} ways but {file} is missing; hint: keep the "
-                                 "model.rank*.irpa files `python -m sharding` wrote next to it")
+                raise ModelError(
+                    f"{path} is sharded {tp} ways but {file} is missing; hint: keep the "
+                    "model.rank*.irpa files `python -m sharding` wrote next to it"
+                )
             _, entries, meta = read_irpa_meta(file)
         for name, info in meta["tensors"].items():
             if name not in entries:

@@ -35,31 +35,59 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vmfb", type=Path)
     p.add_argument("--parameters", type=Path, nargs="+", help="IRPA file(s): model.irpa [model.rank*.irpa]")
     p.add_argument("--model-config", "--model_config", dest="model_config", type=Path, help="the export's config.json")
-    p.add_argument("--tokenizer", "--tokenizer_json", dest="tokenizer", type=Path,
-                   help="tokenizer.json or its folder (default: next to --model-config)")
-    p.add_argument("--quantization", choices=QUANTIZATIONS, default="none",
-                   help="the default model only: build it with export's --quantization (w8a8: int8 weights and "
-                        "activations: ~2x faster decode on CPU, slightly different text; README)")
+    p.add_argument(
+        "--tokenizer",
+        "--tokenizer_json",
+        dest="tokenizer",
+        type=Path,
+        help="tokenizer.json or its folder (default: next to --model-config)",
+    )
+    p.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="the default model only: build it with export's --quantization (w8a8: int8 weights and "
+        "activations: ~2x faster decode on CPU, slightly different text; README)",
+    )
     p.add_argument("--device", default="local-task", help="IREE driver: local-task, hip or cuda")
     p.add_argument("--device-ids", "--device_ids", dest="device_ids", type=int, nargs="+", default=[0])
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--grpc-port", type=int, default=None,
-                   help="also serve ppl.llm.serving's gRPC LLMService (llm.proto) on this port, same --host")
+    p.add_argument(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve ppl.llm.serving's gRPC LLMService (llm.proto) on this port, same --host",
+    )
     p.add_argument("--kv-pages", type=int, help="KV pages per device (default: the export's device_block_count)")
     p.add_argument("--max-running", type=int, default=16, help="sequences decoding at once per device")
     p.add_argument("--max-queue", type=int, default=256, help="requests queued or running before 503s")
-    p.add_argument("--max-tokens-per-step", type=int, default=PREFILL_CHUNK,
-                   help="prefill token budget per step: long prompts are prefilled in chunks this size")
-    p.add_argument("--max-tokens-per-request", type=int, default=None,
-                   help="refuse requests asking for more completion tokens (default: the context length)")
+    p.add_argument(
+        "--max-tokens-per-step",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="prefill token budget per step: long prompts are prefilled in chunks this size",
+    )
+    p.add_argument(
+        "--max-tokens-per-request",
+        type=int,
+        default=None,
+        help="refuse requests asking for more completion tokens (default: the context length)",
+    )
     p.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--model-name", default=None, help="the name /v1/models lists (default: the export folder's)")
-    p.add_argument("--chat-template", default=None,
-                   help="built-in (chatml, llama2, llama3, mistral, vicuna) or a Jinja / tokenizer_config.json "
-                        "file; default: the model's own, else chatml")
-    p.add_argument("--pooling", choices=("mean", "last"), default="mean",
-                   help="/v1/embeddings: mean of the final hidden states, or the last one (then L2-normalised)")
+    p.add_argument(
+        "--chat-template",
+        default=None,
+        help="built-in (chatml, llama2, llama3, mistral, vicuna) or a Jinja / tokenizer_config.json "
+        "file; default: the model's own, else chatml",
+    )
+    p.add_argument(
+        "--pooling",
+        choices=("mean", "last"),
+        default="mean",
+        help="/v1/embeddings: mean of the final hidden states, or the last one (then L2-normalised)",
+    )
     p.add_argument("--log-level", default="info")
     args = p.parse_args(argv)
     if args.config:
@@ -73,8 +101,15 @@ def parse_args(argv=None) -> argparse.Namespace:
             if not hasattr(args, dest):
                 p.error(f"--config {args.config}: unknown key {key!r}")
             if dest not in given:
-                setattr(args, dest, [Path(v) for v in value] if dest == "parameters" else
-                        Path(value) if dest in ("vmfb", "model_config", "tokenizer") else value)
+                setattr(
+                    args,
+                    dest,
+                    [Path(v) for v in value]
+                    if dest == "parameters"
+                    else Path(value)
+                    if dest in ("vmfb", "model_config", "tokenizer")
+                    else value,
+                )
     if args.chat_template:
         from .chat_template import resolve_template
 
@@ -101,12 +136,21 @@ def load_engine(args, state: dict) -> None:
             art = build(smollm2_gguf(), export_args(args.quantization))
             args.vmfb, args.parameters, args.model_config = art.vmfb, art.parameters, art.config
         cfg = EngineConfig(
-            vmfb=args.vmfb, parameters=args.parameters, model_config=args.model_config,
-            tokenizer=args.tokenizer or args.model_config.parent, device=args.device, device_ids=args.device_ids,
-            kv_pages=args.kv_pages, max_running=args.max_running, max_queue=args.max_queue,
-            max_tokens_per_step=args.max_tokens_per_step, prefix_caching=args.prefix_caching,
-            max_tokens_per_request=args.max_tokens_per_request, pooling=args.pooling,
-            model_name=args.model_name or Path(args.model_config).parent.name)
+            vmfb=args.vmfb,
+            parameters=args.parameters,
+            model_config=args.model_config,
+            tokenizer=args.tokenizer or args.model_config.parent,
+            device=args.device,
+            device_ids=args.device_ids,
+            kv_pages=args.kv_pages,
+            max_running=args.max_running,
+            max_queue=args.max_queue,
+            max_tokens_per_step=args.max_tokens_per_step,
+            prefix_caching=args.prefix_caching,
+            max_tokens_per_request=args.max_tokens_per_request,
+            pooling=args.pooling,
+            model_name=args.model_name or Path(args.model_config).parent.name,
+        )
         state["status"] = "loading the model"
         engine = Engine(cfg)
         asyncio.run_coroutine_threadsafe(engine.start(), state["loop"]).result()

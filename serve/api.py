@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from typing import AsyncIterator
+from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -36,11 +36,20 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
 def sampling_from(p: GenerateSamplingParams) -> SamplingParams:
     stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
     return SamplingParams(
-        max_tokens=p.max_completion_tokens, temperature=p.temperature, top_k=p.top_k or 0,
-        top_p=1.0 if p.top_p is None else p.top_p, min_p=p.min_p or 0.0,
-        repetition_penalty=p.repetition_penalty, presence_penalty=p.presence_penalty,
-        frequency_penalty=p.frequency_penalty, seed=p.seed, stop=stop, stop_token_ids=list(p.stop_token_ids),
-        ignore_eos=p.ignore_eos, n=p.n)
+        max_tokens=p.max_completion_tokens,
+        temperature=p.temperature,
+        top_k=p.top_k or 0,
+        top_p=1.0 if p.top_p is None else p.top_p,
+        min_p=p.min_p or 0.0,
+        repetition_penalty=p.repetition_penalty,
+        presence_penalty=p.presence_penalty,
+        frequency_penalty=p.frequency_penalty,
+        seed=p.seed,
+        stop=stop,
+        stop_token_ids=list(p.stop_token_ids),
+        ignore_eos=p.ignore_eos,
+        n=p.n,
+    )
 
 
 async def sequence_events(seq: Sequence, request: Request) -> AsyncIterator[Event]:
@@ -137,8 +146,11 @@ async def _collect(req: GenerateRequest, prompts, groups, request: Request):
             err = ev.error or err
         if err:
             raise RuntimeError(err)
-        return Completion(text="".join(text), finish_reason=seq.finish_reason,
-                          token_ids=list(seq.output_ids) if req.return_input_ids else None)
+        return Completion(
+            text="".join(text),
+            finish_reason=seq.finish_reason,
+            token_ids=list(seq.output_ids) if req.return_input_ids else None,
+        )
 
     try:
         results = await asyncio.gather(*(one(s) for g in groups for s in g))
@@ -149,8 +161,13 @@ async def _collect(req: GenerateRequest, prompts, groups, request: Request):
         return error(499, "the client closed the request")
     out, i = [], 0
     for prompt, g in zip(prompts, groups):
-        out.append(PromptResponses(prompt=prompt, responses=results[i:i + len(g)],
-                                   input_ids=g[0].prompt_ids if req.return_input_ids else None))
+        out.append(
+            PromptResponses(
+                prompt=prompt,
+                responses=results[i : i + len(g)],
+                input_ids=g[0].prompt_ids if req.return_input_ids else None,
+            )
+        )
         i += len(g)
     return JSONResponse(GenerateResponse(responses=out).model_dump(exclude_none=True))
 
@@ -174,8 +191,13 @@ async def _stream(groups: list[list[Sequence]], request: Request) -> AsyncIterat
                 continue
             if not ev.text and not ev.finish_reason:
                 continue
-            meta = {"id": seq.rid, "index": index, "finish_reason": ev.finish_reason,
-                    "completion_tokens": len(seq.output_ids), "prompt_tokens": len(seq.prompt_ids)}
+            meta = {
+                "id": seq.rid,
+                "index": index,
+                "finish_reason": ev.finish_reason,
+                "completion_tokens": len(seq.output_ids),
+                "prompt_tokens": len(seq.prompt_ids),
+            }
             if ev.error:
                 meta["error"] = ev.error
             yield f"data: {json.dumps({'text': ev.text, 'meta_info': meta})}\n\n"

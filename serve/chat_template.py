@@ -59,9 +59,9 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     # FastChat's vicuna_v1.1
     "vicuna": (
         "{% if messages[0]['role'] == 'system' %}{{ messages[0]['content'] + ' ' }}"
-        "{% set loop_messages = messages[1:] %}{% else %}{{ \"A chat between a curious user and an artificial "
+        '{% set loop_messages = messages[1:] %}{% else %}{{ "A chat between a curious user and an artificial '
         "intelligence assistant. The assistant gives helpful, detailed, and polite answers to the user's "
-        "questions. \" }}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}"
+        'questions. " }}{% set loop_messages = messages %}{% endif %}{% for message in loop_messages %}'
         "{% if message['role'] == 'user' %}{{ 'USER: ' + message['content'] + ' ' }}"
         "{% elif message['role'] == 'assistant' %}{{ 'ASSISTANT: ' + message['content'] + eos_token }}{% endif %}"
         "{% endfor %}{% if add_generation_prompt %}{{ 'ASSISTANT:' }}{% endif %}"
@@ -89,8 +89,10 @@ def resolve_template(name_or_file: str | None, model_template: str | None) -> st
             except json.JSONDecodeError:
                 pass
             return text
-        raise ValueError(f"--chat-template {name_or_file!r} is neither a built-in template "
-                         f"({', '.join(BUILTIN_TEMPLATES)}) nor a readable file")
+        raise ValueError(
+            f"--chat-template {name_or_file!r} is neither a built-in template "
+            f"({', '.join(BUILTIN_TEMPLATES)}) nor a readable file"
+        )
     return model_template if model_template else BUILTIN_TEMPLATES[DEFAULT_TEMPLATE]
 
 
@@ -113,8 +115,9 @@ def _raise_exception(message: str) -> None:
     raise jinja2.exceptions.TemplateError(message)
 
 
-def _tojson(x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
-            sort_keys: bool = False) -> str:
+def _tojson(
+    x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None, sort_keys: bool = False
+) -> str:
     return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
 
 
@@ -124,8 +127,9 @@ def _strftime_now(fmt: str) -> str:
 
 @lru_cache(maxsize=16)
 def compile_template(text: str) -> jinja2.Template:
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
-                                        extensions=[_Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[_Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = _strftime_now
@@ -135,14 +139,24 @@ def compile_template(text: str) -> jinja2.Template:
         raise ChatTemplateError(f"the chat template is not valid Jinja (line {e.lineno}): {e.message}") from e
 
 
-def render_chat(template: str, messages: list[dict[str, Any]], add_generation_prompt: bool = True,
-                bos_token: str | None = None, eos_token: str | None = None, **kwargs: Any) -> str:
+def render_chat(
+    template: str,
+    messages: list[dict[str, Any]],
+    add_generation_prompt: bool = True,
+    bos_token: str | None = None,
+    eos_token: str | None = None,
+    **kwargs: Any,
+) -> str:
     """The prompt text for `messages`, as transformers' `apply_chat_template(..., tokenize=False)` gives it."""
     variables = {"tools": None, "documents": None, **kwargs}
     try:
         return compile_template(template).render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=bos_token or "", eos_token=eos_token or "", **variables)
+            messages=messages,
+            add_generation_prompt=add_generation_prompt,
+            bos_token=bos_token or "",
+            eos_token=eos_token or "",
+            **variables,
+        )
     except jinja2.TemplateError as e:
         raise ChatTemplateError(f"the chat template refused these messages: {e}") from e
     except (TypeError, KeyError, IndexError, AttributeError) as e:

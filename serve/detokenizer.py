@@ -31,12 +31,13 @@ class IncrementalDetokenizer:
     CONTEXT = 5  # prompt ids kept as initial context (vLLM's INITIAL_INCREMENTAL_DETOKENIZATION_OFFSET)
     MAX_PENDING = 16  # ids held back at most while the text ends in U+FFFD (a character has <= 4 bytes)
 
-    def __init__(self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None,
-                 skip_special_tokens: bool = True) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, prompt_ids: list[int] | None = None, skip_special_tokens: bool = True
+    ) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
         # The window: ids[:prefix] is gone; ids[prefix:read] was emitted (context); ids[read:] is pending.
-        self._ids: list[int] = list(prompt_ids[-self.CONTEXT:]) if prompt_ids else []
+        self._ids: list[int] = list(prompt_ids[-self.CONTEXT :]) if prompt_ids else []
         self._prefix = 0
         self._read = len(self._ids)
 
@@ -48,23 +49,24 @@ class IncrementalDetokenizer:
             if new_text.endswith(REPLACEMENT) or len(new_text) < len(prefix_text):
                 return ""  # a character is still incomplete: wait for its remaining bytes
             if new_text == prefix_text:
-                del self._ids[self._read:]  # text-neutral ids (skipped special tokens): forget them
+                del self._ids[self._read :]  # text-neutral ids (skipped special tokens): forget them
                 return ""
-        return self._advance(new_text[len(prefix_text):])
+        return self._advance(new_text[len(prefix_text) :])
 
     def flush(self) -> str:
         """Whatever is still held back, at the end of generation (even if it decodes to U+FFFD)."""
         if len(self._ids) == self._read:
             return ""
         prefix_text, new_text = self._texts()
-        return self._advance(new_text[len(prefix_text):])
+        return self._advance(new_text[len(prefix_text) :])
 
     def _texts(self) -> tuple[str, str]:
         decode = self.tokenizer.decode
         skip = self.skip_special_tokens
-        window = self._ids[self._prefix:]
-        prefix_text = decode(window[: self._read - self._prefix], skip_special_tokens=skip) \
-            if self._read > self._prefix else ""
+        window = self._ids[self._prefix :]
+        prefix_text = (
+            decode(window[: self._read - self._prefix], skip_special_tokens=skip) if self._read > self._prefix else ""
+        )
         return prefix_text, decode(window, skip_special_tokens=skip)
 
     def _advance(self, text: str) -> str:
@@ -99,7 +101,7 @@ class StopMatcher:
             self.stopped, self._held = True, ""
             return buf[: min(found)], True
         keep = max((self._partial(buf, s) for s in self.stops), default=0)
-        self._held = buf[len(buf) - keep:] if keep else ""
+        self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False
 
     def flush(self) -> str:

@@ -60,20 +60,28 @@ class Engine:
         self.eos_ids = sorted(eos)
         tp = self.abi.tensor_parallelism_size
         if len(cfg.device_ids) % tp:
-            raise ValueError(f"the model is sharded over {tp} devices (tensor parallelism): give --device-ids in "
-                             f"groups of {tp} (one replica each), not {cfg.device_ids}")
+            raise ValueError(
+                f"the model is sharded over {tp} devices (tensor parallelism): give --device-ids in "
+                f"groups of {tp} (one replica each), not {cfg.device_ids}"
+            )
         self.schedulers = []  # one per replica: a device, or a group of tp devices
         for k in range(0, len(cfg.device_ids), tp):
-            ids = cfg.device_ids[k:k + tp]
+            ids = cfg.device_ids[k : k + tp]
             runner = Runner(cfg.vmfb, cfg.parameters, self.abi, cfg.kv_pages, cfg.device, ids)
             pool = PagePool(runner.page_count, self.abi.block_seq_stride, cfg.prefix_caching)
-            self.schedulers.append(Scheduler(runner, pool, self.abi, self.eos_ids, cfg.max_running,
-                                             cfg.max_tokens_per_step, ids[0]))
+            self.schedulers.append(
+                Scheduler(runner, pool, self.abi, self.eos_ids, cfg.max_running, cfg.max_tokens_per_step, ids[0])
+            )
         self._tasks: list[asyncio.Task] = []
         self.load_seconds = time.perf_counter() - t0
-        log.info("engine ready in %.1f s: %d replica(s) on %d device(s) each, %d KV pages of %d tokens each",
-                 self.load_seconds, len(self.schedulers), tp, self.schedulers[0].pool.total + 1,
-                 self.abi.block_seq_stride)
+        log.info(
+            "engine ready in %.1f s: %d replica(s) on %d device(s) each, %d KV pages of %d tokens each",
+            self.load_seconds,
+            len(self.schedulers),
+            tp,
+            self.schedulers[0].pool.total + 1,
+            self.abi.block_seq_stride,
+        )
 
     async def start(self) -> None:
         self._tasks = [asyncio.create_task(s.run_forever()) for s in self.schedulers]
@@ -102,10 +110,13 @@ class Engine:
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
             seq = Sequence(
-                rid=rid if params.n == 1 else f"{rid}-{i}", prompt_ids=list(prompt_ids), params=params,
+                rid=rid if params.n == 1 else f"{rid}-{i}",
+                prompt_ids=list(prompt_ids),
+                params=params,
                 sampler=Sampler(params, prompt_ids, seed),
                 detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
-                stops=StopMatcher(params.stop))
+                stops=StopMatcher(params.stop),
+            )
             self._least_loaded().add(seq)
             seqs.append(seq)
         return seqs
@@ -113,14 +124,21 @@ class Engine:
     def embed(self, prompt_ids: list[int], rid: str | None = None) -> Sequence:
         """Queue an embedding of the prompt (pooled per --pooling); its `events` get one Event(embedding)."""
         if not self.abi.has_embed:
-            raise BadRequest("this model's export has no embed_bs{N} entry points; re-export it with this "
-                             "version of export.paged_llm to serve /v1/embeddings")
+            raise BadRequest(
+                "this model's export has no embed_bs{N} entry points; re-export it with this "
+                "version of export.paged_llm to serve /v1/embeddings"
+            )
         self._check_prompt(prompt_ids, 1)
         params = SamplingParams(max_tokens=0)
-        seq = Sequence(rid=rid or uuid.uuid4().hex, prompt_ids=list(prompt_ids), params=params,
-                       sampler=Sampler(params, prompt_ids, None),
-                       detok=IncrementalDetokenizer(self.tokenizer, prompt_ids), stops=StopMatcher([]),
-                       pooling=self.cfg.pooling)
+        seq = Sequence(
+            rid=rid or uuid.uuid4().hex,
+            prompt_ids=list(prompt_ids),
+            params=params,
+            sampler=Sampler(params, prompt_ids, None),
+            detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+            stops=StopMatcher([]),
+            pooling=self.cfg.pooling,
+        )
         self._least_loaded().add(seq)
         return seq
 
@@ -135,8 +153,10 @@ class Engine:
             raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {limit}: shorten it")
         pool_tokens = (self.schedulers[0].pool.total) * self.abi.block_seq_stride
         if len(prompt_ids) + 1 > pool_tokens:
-            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the KV pool holds {pool_tokens}: "
-                             "shorten it or start the server with more --kv-pages")
+            raise BadRequest(
+                f"the prompt has {len(prompt_ids)} tokens; the KV pool holds {pool_tokens}: "
+                "shorten it or start the server with more --kv-pages"
+            )
         if sum(s.load for s in self.schedulers) + n > self.cfg.max_queue:
             raise QueueFull(f"{self.cfg.max_queue} requests are queued or running; retry shortly")
 

@@ -28,8 +28,8 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import AsyncIterator
 
 import grpc
 
@@ -42,15 +42,30 @@ from .scheduler import Event, Sequence
 try:
     from .proto import llm_pb2, llm_pb2_grpc
 except ImportError as e:  # the stubs are build outputs, not sources
-    raise ImportError("serve/proto/llm_pb2*.py are generated from llm.proto when the package is built: "
-                      "run `pip install -e .` (or install the wheel)") from e
+    raise ImportError(
+        "serve/proto/llm_pb2*.py are generated from llm.proto when the package is built: "
+        "run `pip install -e .` (or install the wheel)"
+    ) from e
 
 log = logging.getLogger("aotllm.grpc")
 METHOD = "/ppl.llm.proto.LLMService/Generation"
 # SamplingParams' names in engine errors -> the proto field a ppl client sent
-FIELD_NAMES = {"max_tokens": "stopping_parameters.max_new_tokens", "stop_token_ids": "stopping_parameters.stop_tokens",
-               **{f: f"choosing_parameters.{f}" for f in ("temperature", "top_k", "top_p", "seed", "repetition_penalty",
-                                                          "presence_penalty", "frequency_penalty")}}
+FIELD_NAMES = {
+    "max_tokens": "stopping_parameters.max_new_tokens",
+    "stop_token_ids": "stopping_parameters.stop_tokens",
+    **{
+        f: f"choosing_parameters.{f}"
+        for f in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "seed",
+            "repetition_penalty",
+            "presence_penalty",
+            "frequency_penalty",
+        )
+    },
+}
 
 
 class CallError(Exception):
@@ -75,11 +90,18 @@ def sampling_params(req: llm_pb2.Request) -> SamplingParams:
     cp, sp = req.choosing_parameters, req.stopping_parameters
     sample = cp.do_sample
     return SamplingParams(
-        max_tokens=sp.max_new_tokens, temperature=(cp.temperature or 1.0) if sample else 0.0,
-        top_k=cp.top_k if sample else 0, top_p=(cp.top_p or 1.0) if sample else 1.0,
-        repetition_penalty=cp.repetition_penalty or 1.0, presence_penalty=cp.presence_penalty,
-        frequency_penalty=cp.frequency_penalty, seed=(cp.seed or None) if sample else None,
-        stop_token_ids=list(sp.stop_tokens.ids), ignore_eos=sp.ignore_eos_token, logprobs=0)
+        max_tokens=sp.max_new_tokens,
+        temperature=(cp.temperature or 1.0) if sample else 0.0,
+        top_k=cp.top_k if sample else 0,
+        top_p=(cp.top_p or 1.0) if sample else 1.0,
+        repetition_penalty=cp.repetition_penalty or 1.0,
+        presence_penalty=cp.presence_penalty,
+        frequency_penalty=cp.frequency_penalty,
+        seed=(cp.seed or None) if sample else None,
+        stop_token_ids=list(sp.stop_tokens.ids),
+        ignore_eos=sp.ignore_eos_token,
+        logprobs=0,
+    )
 
 
 def _field_message(message: str) -> str:
@@ -109,15 +131,16 @@ def finish_reason(job: Job) -> int:
 
 def response(job: Job, ev: Event) -> llm_pb2.Response:
     ids = ev.token_ids
-    detail = llm_pb2.Detail(logprobs=sum(s.logprob or 0.0 for s in ev.logprobs),
-                            is_special=bool(ids) and all(t in job.special_ids for t in ids))
+    detail = llm_pb2.Detail(
+        logprobs=sum(s.logprob or 0.0 for s in ev.logprobs),
+        is_special=bool(ids) and all(t in job.special_ids for t in ids),
+    )
     status = llm_pb2.PROCESSING
     if ev.finish_reason in ("stop", "length"):
         status, detail.finish_reason = llm_pb2.FINISHED, finish_reason(job)
     elif ev.finish_reason:  # "error", or "cancelled" by anything but this call's client
         status = llm_pb2.FAILED
-    return llm_pb2.Response(status=status, id=job.id, generated=ev.text, tokens=llm_pb2.Tokens(ids=ids),
-                            detail=detail)
+    return llm_pb2.Response(status=status, id=job.id, generated=ev.text, tokens=llm_pb2.Tokens(ids=ids), detail=detail)
 
 
 async def merged_events(seq: Sequence, metrics: Metrics) -> AsyncIterator[Event]:
@@ -133,8 +156,13 @@ async def merged_events(seq: Sequence, metrics: Metrics) -> AsyncIterator[Event]
                 nxt = seq.events.get_nowait()
                 if nxt.finish_reason and not nxt.token_ids:
                     timer(nxt)
-                    ev = Event(text=ev.text, token_ids=ev.token_ids, logprobs=ev.logprobs,
-                               finish_reason=nxt.finish_reason, error=nxt.error)
+                    ev = Event(
+                        text=ev.text,
+                        token_ids=ev.token_ids,
+                        logprobs=ev.logprobs,
+                        finish_reason=nxt.finish_reason,
+                        error=nxt.error,
+                    )
                 else:
                     pending = nxt
             yield ev
@@ -174,8 +202,9 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                 try:
                     seq = eng.submit(prompt_ids(eng, req), sampling_params(req), f"{rid}-{i}")[0]
                 except BadRequest as e:
-                    raise CallError(grpc.StatusCode.INVALID_ARGUMENT,
-                                    f"req[{i}] (id {req.id}): {_field_message(str(e))}") from e
+                    raise CallError(
+                        grpc.StatusCode.INVALID_ARGUMENT, f"req[{i}] (id {req.id}): {_field_message(str(e))}"
+                    ) from e
                 jobs.append(Job(req.id, seq, special))
         except QueueFull as e:
             cancel_groups([[j.seq for j in jobs]])
@@ -185,8 +214,9 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             raise
         return jobs
 
-    async def Generation(self, request: llm_pb2.BatchedRequest,
-                         context: grpc.aio.ServicerContext) -> AsyncIterator[llm_pb2.BatchedResponse]:
+    async def Generation(
+        self, request: llm_pb2.BatchedRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[llm_pb2.BatchedResponse]:
         t0, status, jobs, rid = time.monotonic(), grpc.StatusCode.OK, [], f"ppl-{uuid.uuid4().hex}"
         peer = context.peer()  # (read now: grpcio 1.85 segfaults on peer() once a cancelled call is gone)
         try:
@@ -206,9 +236,15 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             raise
         finally:
             cancel_groups([[j.seq for j in jobs]])
-            line = {"request_id": rid, "method": "gRPC",
-                    "path": METHOD, "status": status.name, "duration_s": round(time.monotonic() - t0, 4),
-                    "client": peer, "n": len(request.req)}
+            line = {
+                "request_id": rid,
+                "method": "gRPC",
+                "path": METHOD,
+                "status": status.name,
+                "duration_s": round(time.monotonic() - t0, 4),
+                "client": peer,
+                "n": len(request.req),
+            }
             access_log.info(json.dumps(line), extra={"access": line})
 
     async def _stream(self, jobs: list[Job]) -> AsyncIterator[llm_pb2.Response]:

@@ -15,9 +15,9 @@ from dataclasses import dataclass
 
 @dataclass
 class PoolStats:
-    total: int          # pages usable by sequences (page 0 excluded)
-    used: int           # referenced by at least one sequence
-    cached: int         # unreferenced but holding a reusable prefix
+    total: int  # pages usable by sequences (page 0 excluded)
+    used: int  # referenced by at least one sequence
+    cached: int  # unreferenced but holding a reusable prefix
     prefix_hit_tokens: int
     prefix_queries: int
     prefix_hits: int
@@ -70,7 +70,7 @@ class PagePool:
     def _chain(self, tokens: list[int], n_pages: int) -> list[bytes]:
         hashes, prev = [], b""
         for i in range(n_pages):
-            block = tokens[i * self.page_size:(i + 1) * self.page_size]
+            block = tokens[i * self.page_size : (i + 1) * self.page_size]
             prev = hashlib.blake2b(prev + b"|" + ",".join(map(str, block)).encode(), digest_size=16).digest()
             hashes.append(prev)
         return hashes
@@ -110,5 +110,11 @@ class PagePool:
             self._page_of[h] = page
 
     def stats(self) -> PoolStats:
-        return PoolStats(self.total, self.total - len(self._free) - len(self._lru), len(self._lru),
-                         self.prefix_hit_tokens, self.prefix_queries, self.prefix_hits)
+        return PoolStats(
+            self.total,
+            self.total - len(self._free) - len(self._lru),
+            len(self._lru),
+            self.prefix_hit_tokens,
+            self.prefix_queries,
+            self.prefix_hits,
+        )

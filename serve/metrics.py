@@ -12,7 +12,8 @@ import json
 import logging
 import time
 import uuid
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from fastapi import FastAPI, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
@@ -52,22 +53,38 @@ class EngineCollector(Collector):
         yield family(g, "requests_waiting", "Sequences waiting for a slot or for KV pages.", lambda s: len(s.waiting))
         yield family(g, "kv_pages_total", "KV-cache pages usable by sequences.", lambda s: s.pool.stats().total)
         yield family(g, "kv_pages_used", "KV-cache pages referenced by a sequence.", lambda s: s.pool.stats().used)
-        yield family(g, "kv_pages_cached", "Unreferenced KV pages kept for prefix reuse.",
-                     lambda s: s.pool.stats().cached)
-        yield family(c, "prefix_cache_hit_tokens", "Prompt tokens served from the prefix cache.",
-                     lambda s: s.pool.stats().prefix_hit_tokens)
+        yield family(
+            g, "kv_pages_cached", "Unreferenced KV pages kept for prefix reuse.", lambda s: s.pool.stats().cached
+        )
+        yield family(
+            c,
+            "prefix_cache_hit_tokens",
+            "Prompt tokens served from the prefix cache.",
+            lambda s: s.pool.stats().prefix_hit_tokens,
+        )
         yield family(c, "prefix_cache_queries", "Prefix-cache lookups.", lambda s: s.pool.stats().prefix_queries)
-        yield family(c, "prefix_cache_hits", "Prefix-cache lookups that reused a page.",
-                     lambda s: s.pool.stats().prefix_hits)
-        yield family(c, "prompt_tokens", "Prompt tokens queued (once per sequence).",
-                     lambda s: s.counters.prompt_tokens)
+        yield family(
+            c, "prefix_cache_hits", "Prefix-cache lookups that reused a page.", lambda s: s.pool.stats().prefix_hits
+        )
+        yield family(
+            c, "prompt_tokens", "Prompt tokens queued (once per sequence).", lambda s: s.counters.prompt_tokens
+        )
         yield family(c, "generation_tokens", "Tokens generated.", lambda s: s.counters.generated_tokens)
         yield family(c, "preemptions", "Sequences preempted to free KV pages.", lambda s: s.counters.preemptions)
         yield family(c, "scheduler_steps", "Scheduler steps run.", lambda s: s.counters.steps)
-        yield family(c, "step_seconds", "Wall time of the scheduler steps that ran the program.",
-                     lambda s: s.counters.step_seconds)
-        yield family(c, "device_seconds", "Time inside the program's calls (device time plus the result copy); "
-                     "step_seconds minus this is the host's share.", lambda s: s.counters.device_seconds)
+        yield family(
+            c,
+            "step_seconds",
+            "Wall time of the scheduler steps that ran the program.",
+            lambda s: s.counters.step_seconds,
+        )
+        yield family(
+            c,
+            "device_seconds",
+            "Time inside the program's calls (device time plus the result copy); "
+            "step_seconds minus this is the host's share.",
+            lambda s: s.counters.device_seconds,
+        )
 
 
 class Metrics:
@@ -75,14 +92,27 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.registry.register(EngineCollector(engine_ref))
         r = self.registry
-        self.finished = Counter(f"{PREFIX}_requests_finished", "Sequences finished, by finish reason.",
-                                ["finish_reason"], registry=r)
-        self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "Time from submission to the first token.",
-                              buckets=TTFT_BUCKETS, registry=r)
-        self.itl = Histogram(f"{PREFIX}_inter_token_latency_seconds", "Time between two tokens of a sequence.",
-                             buckets=ITL_BUCKETS, registry=r)
-        self.e2e = Histogram(f"{PREFIX}_e2e_request_latency_seconds", "Time from submission to the finish.",
-                             buckets=E2E_BUCKETS, registry=r)
+        self.finished = Counter(
+            f"{PREFIX}_requests_finished", "Sequences finished, by finish reason.", ["finish_reason"], registry=r
+        )
+        self.ttft = Histogram(
+            f"{PREFIX}_time_to_first_token_seconds",
+            "Time from submission to the first token.",
+            buckets=TTFT_BUCKETS,
+            registry=r,
+        )
+        self.itl = Histogram(
+            f"{PREFIX}_inter_token_latency_seconds",
+            "Time between two tokens of a sequence.",
+            buckets=ITL_BUCKETS,
+            registry=r,
+        )
+        self.e2e = Histogram(
+            f"{PREFIX}_e2e_request_latency_seconds",
+            "Time from submission to the finish.",
+            buckets=E2E_BUCKETS,
+            registry=r,
+        )
         self._timed: set[int] = set()  # ids of the sequences a timer observes now
 
     def timer(self, seq: Any) -> SequenceTimer:
@@ -152,18 +182,25 @@ class AccessLog:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
                 if given:
-                    message = {**message, "headers": [*message.get("headers", []),
-                                                      (b"x-request-id", given.encode("latin-1"))]}
+                    message = {
+                        **message,
+                        "headers": [*message.get("headers", []), (b"x-request-id", given.encode("latin-1"))],
+                    }
             await send(message)
 
         try:
             await self.app(scope, receive, send_logged)
         finally:
             client = scope.get("client")
-            line = {"request_id": given or fields.pop("id", None) or uuid.uuid4().hex,
-                    "method": scope.get("method"), "path": scope.get("path"), "status": status["code"],
-                    "duration_s": round(time.monotonic() - t0, 4), "client": client[0] if client else None,
-                    **fields}
+            line = {
+                "request_id": given or fields.pop("id", None) or uuid.uuid4().hex,
+                "method": scope.get("method"),
+                "path": scope.get("path"),
+                "status": status["code"],
+                "duration_s": round(time.monotonic() - t0, 4),
+                "client": client[0] if client else None,
+                **fields,
+            }
             if scope.get("path") not in QUIET_PATHS or status["code"] >= 400:
                 access_log.info(json.dumps(line, default=str), extra={"access": line})
 

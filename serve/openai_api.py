@@ -10,7 +10,8 @@ import json
 import re
 import time
 import uuid
-from typing import Any, AsyncIterator
+from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -21,20 +22,19 @@ from .chat_template import ChatTemplateError, encode_prompt, render_chat, resolv
 from .engine import BadRequest, Engine, QueueFull
 from .metrics import add_metrics_routes
 from .openai_protocol import (
-    OpenAIError,
-    SamplingRequest,
-    CompletionRequest,
     ChatRequest,
-    TokenizeRequest,
+    Choice,
+    CompletionRequest,
     DetokenizeRequest,
     EmbeddingRequest,
-    parse_request,
-    Choice,
     Job,
+    OpenAIError,
+    SamplingRequest,
+    TokenizeRequest,
+    parse_request,
 )
 from .sampling import SamplingParams
 from .scheduler import Sequence
-
 
 
 def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
@@ -49,14 +49,22 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
     def engine() -> Engine:
         eng = engine_ref.get("engine")
         if eng is None:
-            raise OpenAIError(503, engine_ref.get("status", "the model is still loading"), type="server_error",
-                              headers={"Retry-After": "5"})
+            raise OpenAIError(
+                503,
+                engine_ref.get("status", "the model is still loading"),
+                type="server_error",
+                headers={"Retry-After": "5"},
+            )
         return eng
 
     def check_model(eng: Engine, name: str | None) -> str:
         if name is not None and name != eng.cfg.model_name:
-            raise OpenAIError(404, f"The model `{name}` does not exist; this server serves `{eng.cfg.model_name}` "
-                                   "(see GET /v1/models)", param="model", code="model_not_found")
+            raise OpenAIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{eng.cfg.model_name}` (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         return eng.cfg.model_name
 
     def chat_template(eng: Engine) -> str:
@@ -69,8 +77,13 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
         return templates[id(eng)]
 
     def model_card(eng: Engine) -> dict[str, Any]:
-        return {"id": eng.cfg.model_name, "object": "model", "created": started, "owned_by": "aotllm",
-                "max_model_len": eng.abi.max_seq_len}
+        return {
+            "id": eng.cfg.model_name,
+            "object": "model",
+            "created": started,
+            "owned_by": "aotllm",
+            "max_model_len": eng.abi.max_seq_len,
+        }
 
     @app.get("/v1/models")
     async def list_models() -> dict:
@@ -113,8 +126,15 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         info = eng.tok_info
         try:
-            text = render_chat(chat_template(eng), [m.for_template() for m in req.messages], req.add_generation_prompt,
-                               info.bos_token, info.eos_token, tools=req.tools, **(req.chat_template_kwargs or {}))
+            text = render_chat(
+                chat_template(eng),
+                [m.for_template() for m in req.messages],
+                req.add_generation_prompt,
+                info.bos_token,
+                info.eos_token,
+                tools=req.tools,
+                **(req.chat_template_kwargs or {}),
+            )
         except (ChatTemplateError, TypeError) as e:  # TypeError: chat_template_kwargs naming a reserved variable
             raise OpenAIError(400, str(e), param="messages") from e
         ids = encode_prompt(eng.tokenizer, info, text)
@@ -132,8 +152,11 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
         if req.encoding_format not in ("float", "base64"):
             raise OpenAIError(400, "encoding_format must be float or base64", param="encoding_format")
         if req.dimensions is not None and req.dimensions != eng.abi.hidden_size:
-            raise OpenAIError(400, f"this model's embeddings have {eng.abi.hidden_size} dimensions; "
-                                   f"{req.dimensions} asked for", param="dimensions")
+            raise OpenAIError(
+                400,
+                f"this model's embeddings have {eng.abi.hidden_size} dimensions; {req.dimensions} asked for",
+                param="dimensions",
+            )
         prompts = req.prompts()
         if not prompts:
             raise OpenAIError(400, "the input is empty", param="input")
@@ -147,8 +170,9 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
         except (BadRequest, QueueFull) as e:
             cancel_groups([seqs])
             if isinstance(e, QueueFull):
-                raise OpenAIError(503, str(e), type="server_error", code="queue_full",
-                                  headers={"Retry-After": "1"}) from e
+                raise OpenAIError(
+                    503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}
+                ) from e
             raise OpenAIError(400, f"input {len(seqs)}: {e}", param="input") from e
 
         async def one(seq: Sequence) -> np.ndarray:
@@ -164,11 +188,22 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
         finally:
             cancel_groups([seqs])  # (no-op for finished sequences)
         n_tokens = sum(len(x) for x in ids)
-        data = [{"object": "embedding", "index": i,
-                 "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
-                 if req.encoding_format == "base64" else v.tolist()} for i, v in enumerate(vecs)]
-        return {"object": "list", "data": data, "model": model,
-                "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens}}
+        data = [
+            {
+                "object": "embedding",
+                "index": i,
+                "embedding": base64.b64encode(v.astype("<f4").tobytes()).decode()
+                if req.encoding_format == "base64"
+                else v.tolist(),
+            }
+            for i, v in enumerate(vecs)
+        ]
+        return {
+            "object": "list",
+            "data": data,
+            "model": model,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
@@ -204,8 +239,17 @@ def _bad_param(message: str) -> str | None:
     return m.group(1) if m and m.group(1) in SamplingParams.__dataclass_fields__ else None
 
 
-async def _run(request: Request, eng: Engine, req: SamplingRequest, model: str, prefix: str,
-               prompts: list[list[int]], params: SamplingParams, echo: list[str], chat: bool = False):
+async def _run(
+    request: Request,
+    eng: Engine,
+    req: SamplingRequest,
+    model: str,
+    prefix: str,
+    prompts: list[list[int]],
+    params: SamplingParams,
+    echo: list[str],
+    chat: bool = False,
+):
     try:
         params.validate(eng.abi.vocab_size)
     except ValueError as e:
@@ -225,15 +269,24 @@ async def _run(request: Request, eng: Engine, req: SamplingRequest, model: str, 
     end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eng.eos_ids))
     seqs = [s for g in groups for s in g]
     piece = _piece_fn(eng)
-    job = Job(chat=chat, rid=rid, model=model, prompt_tokens=sum(len(p) for p in prompts),
-               choices=[Choice(i, s, end_ids) for i, s in enumerate(seqs)], piece=piece,
-               echo=[e for e in echo for _ in range(params.n)],
-               include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage))
+    job = Job(
+        chat=chat,
+        rid=rid,
+        model=model,
+        prompt_tokens=sum(len(p) for p in prompts),
+        choices=[Choice(i, s, end_ids) for i, s in enumerate(seqs)],
+        piece=piece,
+        echo=[e for e in echo for _ in range(params.n)],
+        include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+    )
     for c, e in zip(job.choices, job.echo):
         c.offset = len(e)
     if req.stream:
-        return StreamingResponse(_stream(job, request, access), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(job, request, access),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     return await _collect(job, request, access)
 
 
@@ -246,8 +299,9 @@ def _piece_fn(eng: Engine) -> Any:
         if t not in cache:
             decode = eng.tokenizer.decode
             one, two = decode([t], skip_special_tokens=False), decode([t, t], skip_special_tokens=False)
-            cache[t] = two[len(one):] if two.startswith(one) and len(two) > len(one) else one
+            cache[t] = two[len(one) :] if two.startswith(one) and len(two) > len(one) else one
         return cache[t]
+
     return piece
 
 
@@ -302,8 +356,7 @@ async def _stream(job: Job, request: Request, access: dict) -> AsyncIterator[str
             if ev.finish_reason in ("stop", "length"):
                 yield job.chunk(c, None if job.chat else "", [], finish=ev.finish_reason)
             elif ev.finish_reason == "error":
-                err = {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None,
-                       "code": None}
+                err = {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}
                 yield f"data: {json.dumps({'error': err})}\n\n"
                 break
         else:

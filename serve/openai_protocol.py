@@ -20,11 +20,24 @@ LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 
 class OpenAIError(Exception):
-    def __init__(self, status: int, message: str, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(message)
-        self.status, self.message, self.type, self.param, self.code, self.headers = \
-            status, message, type, param, code, headers
+        self.status, self.message, self.type, self.param, self.code, self.headers = (
+            status,
+            message,
+            type,
+            param,
+            code,
+            headers,
+        )
 
     def response(self) -> JSONResponse:
         body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
@@ -40,6 +53,7 @@ class StreamOptions(BaseModel):
 
 class SamplingRequest(BaseModel):
     """The fields both endpoints share (OpenAI's, plus vLLM's extras). Nulls mean 'the default'."""
+
     model_config = ConfigDict(extra="ignore")
 
     model: str | None = None
@@ -72,13 +86,22 @@ class SamplingRequest(BaseModel):
             return default if value is None else value
 
         return SamplingParams(
-            max_tokens=max_tokens, temperature=given(self.temperature, 1.0), top_k=given(self.top_k, 0),
-            top_p=given(self.top_p, 1.0), min_p=given(self.min_p, 0.0),
+            max_tokens=max_tokens,
+            temperature=given(self.temperature, 1.0),
+            top_k=given(self.top_k, 0),
+            top_p=given(self.top_p, 1.0),
+            min_p=given(self.min_p, 0.0),
             repetition_penalty=given(self.repetition_penalty, 1.0),
-            presence_penalty=given(self.presence_penalty, 0.0), frequency_penalty=given(self.frequency_penalty, 0.0),
-            logit_bias=bias, seed=self.seed, stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
-            stop_token_ids=list(self.stop_token_ids or []), ignore_eos=bool(self.ignore_eos),
-            n=given(self.n, 1), logprobs=logprobs)
+            presence_penalty=given(self.presence_penalty, 0.0),
+            frequency_penalty=given(self.frequency_penalty, 0.0),
+            logit_bias=bias,
+            seed=self.seed,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=bool(self.ignore_eos),
+            n=given(self.n, 1),
+            logprobs=logprobs,
+        )
 
 
 class CompletionRequest(SamplingRequest):
@@ -101,8 +124,9 @@ class ChatMessage(BaseModel):
             parts = []
             for part in self.content:
                 if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                    raise OpenAIError(400, f"only text content parts are supported, got {part.get('type')!r}",
-                                      param="messages")
+                    raise OpenAIError(
+                        400, f"only text content parts are supported, got {part.get('type')!r}", param="messages"
+                    )
                 parts.append(part["text"])
             msg["content"] = "\n".join(parts)
         return msg
@@ -155,8 +179,11 @@ async def parse_request(request: Request, model: type[BaseModel]) -> Any:
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()))
-        raise OpenAIError(400, f"invalid request: {where}: {first.get('msg')}" if where else str(first.get("msg")),
-                          param=where or None) from e
+        raise OpenAIError(
+            400,
+            f"invalid request: {where}: {first.get('msg')}" if where else str(first.get("msg")),
+            param=where or None,
+        ) from e
 
 
 # -- responses -----------------------------------------------------------------------------------------------
@@ -188,8 +215,9 @@ class Choice:
                 if tok in self.end_ids and not text:
                     continue
                 top = [(text if t == tok else piece(t), max(lp, LOGPROB_FLOOR)) for t, lp in (s.top_logprobs or [])]
-                new.append(TokenLogprob(text, max(s.logprob if s.logprob is not None else LOGPROB_FLOOR, LOGPROB_FLOOR),
-                                  top))
+                new.append(
+                    TokenLogprob(text, max(s.logprob if s.logprob is not None else LOGPROB_FLOOR, LOGPROB_FLOOR), top)
+                )
         self.text.append(ev.text)
         self.tokens += new
         if ev.finish_reason:
@@ -215,13 +243,18 @@ class Choice:
         def entry(text: str, lp: float) -> dict[str, Any]:
             return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
 
-        return {"content": [{**entry(t.text, t.logprob), "top_logprobs": [entry(s, lp) for s, lp in t.top]}
-                            for t in tokens], "refusal": None}
+        return {
+            "content": [
+                {**entry(t.text, t.logprob), "top_logprobs": [entry(s, lp) for s, lp in t.top]} for t in tokens
+            ],
+            "refusal": None,
+        }
 
 
 @dataclass
 class Job:
     """One request's sequences and how its responses are shaped."""
+
     chat: bool
     rid: str
     model: str
@@ -234,22 +267,34 @@ class Job:
 
     def usage(self) -> dict[str, int]:
         done = sum(len(c.seq.output_ids) for c in self.choices)
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": done,
-                "total_tokens": self.prompt_tokens + done}
+        return {
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": done,
+            "total_tokens": self.prompt_tokens + done,
+        }
 
     def envelope(self, choices: list[dict], stream: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
-    def chunk(self, c: Choice, text: str | None, tokens: list[TokenLogprob], finish: str | None = None,
-              role: bool = False) -> str:
+    def chunk(
+        self, c: Choice, text: str | None, tokens: list[TokenLogprob], finish: str | None = None, role: bool = False
+    ) -> str:
         if self.chat:
             delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
-            choice = {"index": c.index, "delta": delta, "logprobs": c.chat_logprobs(tokens) if tokens else None,
-                      "finish_reason": finish}
+            choice = {
+                "index": c.index,
+                "delta": delta,
+                "logprobs": c.chat_logprobs(tokens) if tokens else None,
+                "finish_reason": finish,
+            }
         else:
-            choice = {"index": c.index, "text": text or "",
-                      "logprobs": c.completion_logprobs(tokens) if tokens else None, "finish_reason": finish}
+            choice = {
+                "index": c.index,
+                "text": text or "",
+                "logprobs": c.completion_logprobs(tokens) if tokens else None,
+                "finish_reason": finish,
+            }
         body = self.envelope([choice], stream=True)
         if self.include_usage:
             body["usage"] = None
@@ -260,11 +305,23 @@ class Job:
         for c, echo in zip(self.choices, self.echo or [""] * len(self.choices)):
             text = echo + "".join(c.text)
             if self.chat:
-                out.append({"index": c.index, "message": {"role": "assistant", "content": text},
-                            "logprobs": c.chat_logprobs(c.tokens), "finish_reason": c.finish_reason})
+                out.append(
+                    {
+                        "index": c.index,
+                        "message": {"role": "assistant", "content": text},
+                        "logprobs": c.chat_logprobs(c.tokens),
+                        "finish_reason": c.finish_reason,
+                    }
+                )
             else:
-                out.append({"index": c.index, "text": text, "logprobs": c.completion_logprobs(c.tokens),
-                            "finish_reason": c.finish_reason})
+                out.append(
+                    {
+                        "index": c.index,
+                        "text": text,
+                        "logprobs": c.completion_logprobs(c.tokens),
+                        "finish_reason": c.finish_reason,
+                    }
+                )
         return {**self.envelope(out, stream=False), "usage": self.usage()}
 
 

@@ -10,17 +10,17 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import iree.runtime as rt
+import numpy as np
 
 from models import cpu
 from models.abi import ModelABI
 
 
-
 @dataclass
 class DecodeOut:
     """Full logits [B, V] (f32), or with on-device top-k: values/indices [B, K]."""
+
     logits: np.ndarray | None = None
     top_values: np.ndarray | None = None
     top_indices: np.ndarray | None = None
@@ -29,24 +29,37 @@ class DecodeOut:
 class Runner:
     """`device_ids`: one device, or with tensor parallelism the program's N devices (rank r on the r-th)."""
 
-    def __init__(self, vmfb: Path, parameters: list[Path], abi: ModelABI, page_count: int | None = None,
-                 driver: str = "local-task", device_ids: list[int] | None = None):
+    def __init__(
+        self,
+        vmfb: Path,
+        parameters: list[Path],
+        abi: ModelABI,
+        page_count: int | None = None,
+        driver: str = "local-task",
+        device_ids: list[int] | None = None,
+    ):
         self.abi = abi
         device_ids = device_ids or list(range(abi.tensor_parallelism_size))
         if len(device_ids) != abi.tensor_parallelism_size:
-            raise ValueError(f"the program runs on {abi.tensor_parallelism_size} devices (tensor parallelism); "
-                             f"{len(device_ids)} given: {device_ids}")
+            raise ValueError(
+                f"the program runs on {abi.tensor_parallelism_size} devices (tensor parallelism); "
+                f"{len(device_ids)} given: {device_ids}"
+            )
         held = abi.paged_kv_cache.device_block_count
         self.page_count = page_count or held
         if not 2 <= self.page_count <= held:
-            raise ValueError(f"{self.page_count} KV pages asked for; the program holds {held} (page 0 is the "
-                             f"padding page): use 2..{held}, or re-export with --device-block-count")
+            raise ValueError(
+                f"{self.page_count} KV pages asked for; the program holds {held} (page 0 is the "
+                f"padding page): use 2..{held}, or re-export with --device-block-count"
+            )
         missing = [str(p) for p in parameters if not Path(p).is_file()]
         if missing:
             raise ValueError(f"parameter files not found: {missing}")
         if len(parameters) < len(abi.parameter_files):
-            raise ValueError(f"the program needs the parameter files {abi.parameter_files}; {len(parameters)} given "
-                             "(hint: --parameters OUT/model.irpa OUT/model.rank*.irpa)")
+            raise ValueError(
+                f"the program needs the parameter files {abi.parameter_files}; {len(parameters)} given "
+                "(hint: --parameters OUT/model.irpa OUT/model.rank*.irpa)"
+            )
         if driver.startswith("local"):
             cpu.require(abi.cpu_features)
         self.instance = rt.VmInstance()
@@ -72,28 +85,35 @@ class Runner:
     def function_names(self) -> list[str]:
         return [n for n in self.module.function_names if n.startswith(("prefill_bs", "decode_bs"))]
 
-    def prefill(self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray,
-                page_ids: np.ndarray) -> np.ndarray:
+    def prefill(
+        self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray
+    ) -> np.ndarray:
         """tokens [N, S] (any S: positions past a sequence's seq_len are padding) -> last-position logits [N, V]."""
         out = self._fn(f"prefill_bs{tokens.shape[0]}")(
-            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
+            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids)
+        )
         return _host(out)
 
-    def embed(self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray,
-              page_ids: np.ndarray) -> np.ndarray:
+    def embed(
+        self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray
+    ) -> np.ndarray:
         """prefill that returns every position's final-normed hidden states [N, S, H] (f32)."""
         if not self.abi.has_embed:
-            raise ValueError("this export has no embed_bs{N} entry points; re-export it with this version "
-                             "of export.paged_llm to serve embeddings")
+            raise ValueError(
+                "this export has no embed_bs{N} entry points; re-export it with this version "
+                "of export.paged_llm to serve embeddings"
+            )
         out = self._fn(f"embed_bs{tokens.shape[0]}")(
-            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids))
+            _i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids)
+        )
         return _host(out).astype(np.float32, copy=False)
 
     def decode(self, tokens: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray) -> DecodeOut:
         """One token per sequence at position seq_lens - 1 (seq_len 0: an unused, padding slot)."""
         seq_lens = _i64(seq_lens)
-        out = self._fn(f"decode_bs{tokens.shape[0]}")(_i64(tokens).reshape(-1, 1), seq_lens, seq_lens - 1,
-                                                      _i64(page_ids))
+        out = self._fn(f"decode_bs{tokens.shape[0]}")(
+            _i64(tokens).reshape(-1, 1), seq_lens, seq_lens - 1, _i64(page_ids)
+        )
         if self.abi.top_k is None:
             return DecodeOut(logits=_host(out))
         values, indices = out
@@ -115,11 +135,16 @@ def _device(driver: str, index: int) -> rt.HalDevice:
     if key not in _DEVICES:
         try:
             drv = rt.get_driver(driver)
-            _DEVICES[key] = drv.create_default_device() if driver.startswith("local") else \
-                drv.create_device_by_uri(f"{driver}://{index}")
+            _DEVICES[key] = (
+                drv.create_default_device()
+                if driver.startswith("local")
+                else drv.create_device_by_uri(f"{driver}://{index}")
+            )
         except (RuntimeError, ValueError) as e:
-            raise ValueError(f"cannot open IREE device {driver}:{index} ({e}); hint: --device local-task works "
-                             "everywhere; hip/cuda need the GPU and a VMFB compiled for it") from e
+            raise ValueError(
+                f"cannot open IREE device {driver}:{index} ({e}); hint: --device local-task works "
+                "everywhere; hip/cuda need the GPU and a VMFB compiled for it"
+            ) from e
     return _DEVICES[key]
 
 

@@ -56,16 +56,23 @@ class SamplingParams:
     def validate(self, vocab_size: int) -> None:
         """Raise ValueError naming the first field out of range and the range it must be in."""
         v = vocab_size
-        _check(_is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
-               f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}")
-        _check(0.0 <= self.temperature <= 100.0,
-               f"temperature must be in [0, 100] (0 = greedy), got {self.temperature!r}")
+        _check(
+            _is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+            f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}",
+        )
+        _check(
+            0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100] (0 = greedy), got {self.temperature!r}"
+        )
         _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
         _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
-        _check(_is_int(self.top_k) and -1 <= self.top_k <= v,
-               f"top_k must be an integer in [-1, {v}] (0 or -1 = off), got {self.top_k!r}")
-        _check(0.0 < self.repetition_penalty < math.inf,
-               f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
+        _check(
+            _is_int(self.top_k) and -1 <= self.top_k <= v,
+            f"top_k must be an integer in [-1, {v}] (0 or -1 = off), got {self.top_k!r}",
+        )
+        _check(
+            0.0 < self.repetition_penalty < math.inf,
+            f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}",
+        )
         for name, value in (("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)):
             _check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2] (0 = off), got {value!r}")
         for tok, bias in self.logit_bias.items():
@@ -78,8 +85,10 @@ class SamplingParams:
         for tok in self.stop_token_ids:
             _check(_is_int(tok) and 0 <= tok < v, f"stop_token_ids must be token ids in [0, {v}), got {tok!r}")
         _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
-        _check(self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
-               f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}")
+        _check(
+            self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+        )
 
 
 def _check(ok: bool, msg: str) -> None:
@@ -186,7 +195,7 @@ class Sampler:
         pos: np.ndarray | None = None
         if 0 < p.top_k < n:
             head = _head(x, p.top_k)
-            pos = head[np.argpartition(x[head], len(head) - p.top_k)[len(head) - p.top_k:]]
+            pos = head[np.argpartition(x[head], len(head) - p.top_k)[len(head) - p.top_k :]]
         if p.top_p < 1.0:
             pos = self._nucleus(x, pos)
         if p.min_p > 0.0:  # prob >= min_p * max_prob  <=>  logit >= max_logit + ln(min_p)
@@ -269,7 +278,7 @@ def _inverse_cdf(weights: np.ndarray, u: float) -> int:
     block_cdf = np.cumsum(np.add.reduceat(weights, starts, dtype=np.float64))
     t = u * block_cdf[-1]
     b = min(int(np.searchsorted(block_cdf, t, side="right")), len(starts) - 1)
-    inner = np.cumsum(weights[starts[b]:starts[b] + BLOCK], dtype=np.float64)
+    inner = np.cumsum(weights[starts[b] : starts[b] + BLOCK], dtype=np.float64)
     t -= block_cdf[b - 1] if b else 0.0
     i = int(starts[b]) + min(int(np.searchsorted(inner, t, side="right")), len(inner) - 1)
     if weights[i] == 0:  # rounding at a block's top end: the nearest token with any mass

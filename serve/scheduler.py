@@ -28,6 +28,7 @@ log = logging.getLogger("aotllm.scheduler")
 @dataclass
 class Event:
     """What a request's stream receives: new text and tokens, and the finish when it comes."""
+
     text: str = ""
     token_ids: list[int] = field(default_factory=list)
     logprobs: list[Sampled] = field(default_factory=list)
@@ -47,7 +48,7 @@ class Sequence:
     events: asyncio.Queue = field(default_factory=asyncio.Queue)
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
-    computed: int = 0          # tokens whose K/V are in the cache
+    computed: int = 0  # tokens whose K/V are in the cache
     finish_reason: str | None = None
     cancelled: bool = False
     pooling: str | None = None  # "mean" | "last": an embedding request (prefill only, no tokens out)
@@ -86,8 +87,16 @@ PREFILL_CHUNK = 128
 
 
 class Scheduler:
-    def __init__(self, runner: Runner, pool: PagePool, abi: ModelABI, eos_ids: list[int],
-                 max_running: int = 16, max_tokens_per_step: int = PREFILL_CHUNK, device_index: int = 0):
+    def __init__(
+        self,
+        runner: Runner,
+        pool: PagePool,
+        abi: ModelABI,
+        eos_ids: list[int],
+        max_running: int = 16,
+        max_tokens_per_step: int = PREFILL_CHUNK,
+        device_index: int = 0,
+    ):
         self.runner, self.pool, self.abi = runner, pool, abi
         self.page_size = abi.block_seq_stride
         self.eos_ids = set(eos_ids)
@@ -132,8 +141,12 @@ class Scheduler:
         if not decode and not prefill:
             if self.waiting and not self.running:  # nothing runs and the head does not fit: it never will
                 seq = self.waiting.pop(0)
-                self._finish(seq, "error", error="the prompt needs more KV pages than the pool has; "
-                             "hint: start the server with more --kv-pages")
+                self._finish(
+                    seq,
+                    "error",
+                    error="the prompt needs more KV pages than the pool has; "
+                    "hint: start the server with more --kv-pages",
+                )
             await asyncio.sleep(0)
             return
         t0 = time.perf_counter()
@@ -192,11 +205,15 @@ class Scheduler:
             if self._grow(seq, end):
                 plan.append((seq, end))
                 budget -= end - seq.computed
-        while self.waiting and budget > 0 and len(self.running) < self.max_running \
-                and len(plan) < self.abi.prefill_batch_sizes[-1]:
+        while (
+            self.waiting
+            and budget > 0
+            and len(self.running) < self.max_running
+            and len(plan) < self.abi.prefill_batch_sizes[-1]
+        ):
             seq = self.waiting[0]
             if not seq.pages and not seq.pooling:  # (embeddings need every position's hidden state)
-                seq.pages = self.pool.match_prefix(seq.tokens[:seq.prefill_target + 1])
+                seq.pages = self.pool.match_prefix(seq.tokens[: seq.prefill_target + 1])
                 seq.computed = len(seq.pages) * self.page_size
             end = min(seq.prefill_target, seq.computed + budget)
             if not self._grow(seq, end):
@@ -213,7 +230,7 @@ class Scheduler:
         decode_out = []
         sizes = self.abi.decode_batch_sizes
         for i in range(0, len(decode), sizes[-1]):
-            group = decode[i:i + sizes[-1]]
+            group = decode[i : i + sizes[-1]]
             bs = next(b for b in sizes if b >= len(group))
             pages = _page_table([s.pages for s in group], bs)
             toks = np.zeros(bs, np.int64)
@@ -233,7 +250,7 @@ class Scheduler:
         for embed in (False, True):
             items = [(i, s, end) for i, (s, end) in enumerate(prefill) if bool(s.pooling) == embed]
             for k in range(0, len(items), sizes[-1]):
-                group = items[k:k + sizes[-1]]
+                group = items[k : k + sizes[-1]]
                 bs = next(b for b in sizes if b >= len(group))
                 # exactly the longest chunk: the program takes any length (padding to a page multiple
                 # cost a 24-token prompt a third more prefill time)
@@ -242,8 +259,8 @@ class Scheduler:
                 start = np.zeros(bs, np.int64)
                 lens = np.zeros(bs, np.int64)
                 for j, (_, s, end) in enumerate(group):
-                    chunk = s.tokens[s.computed:end]
-                    toks[j, :len(chunk)] = chunk
+                    chunk = s.tokens[s.computed : end]
+                    toks[j, : len(chunk)] = chunk
                     start[j], lens[j] = s.computed, end
                 run = self.runner.embed if embed else self.runner.prefill
                 t0 = time.perf_counter()
@@ -307,5 +324,5 @@ def _page_table(page_lists: list[list[int]], rows: int) -> np.ndarray:
     """[rows, P] page ids; short rows and unused slots are padded with the padding page 0."""
     table = np.zeros((rows, max(1, max(len(p) for p in page_lists))), np.int64)
     for i, pages in enumerate(page_lists):
-        table[i, :len(pages)] = pages
+        table[i, : len(pages)] = pages
     return table

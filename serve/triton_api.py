@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import AsyncIterator
 from importlib import metadata
-from typing import Any, AsyncIterator
+from typing import Any
 
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -41,15 +42,24 @@ BAD_WORD_BIAS = -100.0
 WORD_LISTS = ("bad_words", "stop_words")
 # SamplingParams' names in engine errors -> the request field a Triton client sent
 FIELD_NAMES = {"stop_token_ids": "end_id", "stop": "stop_words", "logit_bias": "bad_words", "seed": "random_seed"}
-_TENSORS = {("BYTES", 2): "text_input bad_words stop_words", ("INT32", 2): "max_tokens",
-            ("INT32", 1): "end_id pad_id top_k min_length beam_width num_return_sequences",
-            ("FP32", 1): "temperature top_p min_p repetition_penalty presence_penalty frequency_penalty",
-            ("UINT64", 1): "random_seed", ("BOOL", 1): "stream return_log_probs exclude_input_in_output"}
-INPUTS = [{"name": n, "datatype": t, "shape": [-1, -1] if rank == 2 else [-1, 1]}
-          for (t, rank), names in _TENSORS.items() for n in names.split()]
-OUTPUTS = [{"name": "text_output", "datatype": "BYTES", "shape": [-1, -1]},
-           {"name": "cum_log_probs", "datatype": "FP32", "shape": [-1, -1]},
-           {"name": "output_log_probs", "datatype": "FP32", "shape": [-1, -1, -1]}]
+_TENSORS = {
+    ("BYTES", 2): "text_input bad_words stop_words",
+    ("INT32", 2): "max_tokens",
+    ("INT32", 1): "end_id pad_id top_k min_length beam_width num_return_sequences",
+    ("FP32", 1): "temperature top_p min_p repetition_penalty presence_penalty frequency_penalty",
+    ("UINT64", 1): "random_seed",
+    ("BOOL", 1): "stream return_log_probs exclude_input_in_output",
+}
+INPUTS = [
+    {"name": n, "datatype": t, "shape": [-1, -1] if rank == 2 else [-1, 1]}
+    for (t, rank), names in _TENSORS.items()
+    for n in names.split()
+]
+OUTPUTS = [
+    {"name": "text_output", "datatype": "BYTES", "shape": [-1, -1]},
+    {"name": "cum_log_probs", "datatype": "FP32", "shape": [-1, -1]},
+    {"name": "output_log_probs", "datatype": "FP32", "shape": [-1, -1, -1]},
+]
 
 
 class TritonError(Exception):
@@ -96,25 +106,38 @@ class TritonGenerateRequest(BaseModel):
         params = data.get("parameters")
         merged = {**params, **data} if isinstance(params, dict) else dict(data)
         merged.pop("parameters", None)
-        return {k: v[0] if isinstance(v, list) and len(v) == 1 and k not in WORD_LISTS else v
-                for k, v in merged.items()}
+        return {
+            k: v[0] if isinstance(v, list) and len(v) == 1 and k not in WORD_LISTS else v for k, v in merged.items()
+        }
 
     def sampling(self, eng: Engine) -> SamplingParams:
-        greedy = (self.temperature is None and self.top_k is None and self.top_p is None) \
-            or self.temperature == 0 or self.top_k == 1 or self.top_p == 0
+        greedy = (
+            (self.temperature is None and self.top_k is None and self.top_p is None)
+            or self.temperature == 0
+            or self.top_k == 1
+            or self.top_p == 0
+        )
         bias: dict[int, float] = {}
         for word in _words(self.bad_words):
             ids = eng.tokenizer.encode(word, add_special_tokens=False).ids
             if ids:
                 bias[ids[0]] = BAD_WORD_BIAS
         return SamplingParams(
-            max_tokens=self.max_tokens, temperature=0.0 if greedy else (self.temperature or 1.0),
-            top_k=self.top_k or 0, top_p=self.top_p or 1.0, min_p=self.min_p,
-            repetition_penalty=self.repetition_penalty, presence_penalty=self.presence_penalty,
-            frequency_penalty=self.frequency_penalty, logit_bias=bias, seed=self.random_seed,
-            stop=_words(self.stop_words), stop_token_ids=[] if self.end_id in (None, -1) else [self.end_id],
+            max_tokens=self.max_tokens,
+            temperature=0.0 if greedy else (self.temperature or 1.0),
+            top_k=self.top_k or 0,
+            top_p=self.top_p or 1.0,
+            min_p=self.min_p,
+            repetition_penalty=self.repetition_penalty,
+            presence_penalty=self.presence_penalty,
+            frequency_penalty=self.frequency_penalty,
+            logit_bias=bias,
+            seed=self.random_seed,
+            stop=_words(self.stop_words),
+            stop_token_ids=[] if self.end_id in (None, -1) else [self.end_id],
             ignore_eos=self.ignore_eos or self.end_id == -1 or self.min_length >= self.max_tokens,
-            logprobs=0 if self.return_log_probs else None)
+            logprobs=0 if self.return_log_probs else None,
+        )
 
 
 def _words(words: str | list[str] | None) -> list[str]:
@@ -129,11 +152,15 @@ def _field_message(message: str) -> str:
 
 def check_model(eng: Engine, name: str, version: str | None) -> None:
     if name not in (eng.cfg.model_name, *ALIASES):
-        raise TritonError(404, f"Request for unknown model: '{name}' is not found; this server serves "
-                               f"'{eng.cfg.model_name}' (also as {', '.join(ALIASES)})")
+        raise TritonError(
+            404,
+            f"Request for unknown model: '{name}' is not found; this server serves "
+            f"'{eng.cfg.model_name}' (also as {', '.join(ALIASES)})",
+        )
     if version not in (None, VERSION):
-        raise TritonError(404, f"Request for unknown model: '{name}' version {version} is not found; "
-                               f"the only version is {VERSION}")
+        raise TritonError(
+            404, f"Request for unknown model: '{name}' version {version} is not found; the only version is {VERSION}"
+        )
 
 
 def _data(obj: dict[str, Any]) -> str:
@@ -213,11 +240,19 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
         raise TritonError(400, _field_message(str(e))) from e
     streaming = sse and req.stream
     getattr(request.state, "access", {}).update(id=rid, model=name, stream=streaming)
-    head = {"model_name": name, "model_version": VERSION, "sequence_end": False, "sequence_id": 0,
-            "sequence_start": False}
+    head = {
+        "model_name": name,
+        "model_version": VERSION,
+        "sequence_end": False,
+        "sequence_id": 0,
+        "sequence_start": False,
+    }
     if streaming:
-        return StreamingResponse(_stream(seq, request, head, req), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        return StreamingResponse(
+            _stream(seq, request, head, req),
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
     body = await _collect(seq, request, head, req)
     if sse:
         return StreamingResponse(iter([_data(body)]), media_type="text/event-stream")
@@ -249,8 +284,9 @@ async def _collect(seq: Sequence, request: Request, head: dict[str, Any], req: T
     return body
 
 
-async def _stream(seq: Sequence, request: Request, head: dict[str, Any],
-                  req: TritonGenerateRequest) -> AsyncIterator[str]:
+async def _stream(
+    seq: Sequence, request: Request, head: dict[str, Any], req: TritonGenerateRequest
+) -> AsyncIterator[str]:
     cum = 0.0
     try:
         async for ev in sequence_events(seq, request):

@@ -17,14 +17,19 @@ import numpy as np
 from models.tp import shard_config
 from models.weights import ModelWeights, rank_paths, write_irpa
 
+
 def shard_tensors(weights: ModelWeights, tp: int) -> ModelWeights:
     """Unsharded weights -> the same model under tensor-parallel names (`rank.{r}.blk.{i}.*`)."""
     if weights.tp != 1:
         raise ValueError(f"{weights.source} is already sharded {weights.tp} ways")
     c, rc = weights.config, shard_config(weights.config, tp)
-    rows = {"attn_q.weight": rc.num_heads * c.head_dim, "attn_k.weight": rc.num_kv_heads * c.head_dim,
-            "attn_v.weight": rc.num_kv_heads * c.head_dim, "ffn_gate.weight": rc.intermediate_size,
-            "ffn_up.weight": rc.intermediate_size}
+    rows = {
+        "attn_q.weight": rc.num_heads * c.head_dim,
+        "attn_k.weight": rc.num_kv_heads * c.head_dim,
+        "attn_v.weight": rc.num_kv_heads * c.head_dim,
+        "ffn_gate.weight": rc.intermediate_size,
+        "ffn_up.weight": rc.intermediate_size,
+    }
     cols = {"attn_output.weight": rc.num_heads * c.head_dim, "ffn_down.weight": rc.intermediate_size}
     out = {}
     for name, t in weights.tensors.items():
@@ -34,9 +39,9 @@ def shard_tensors(weights: ModelWeights, tp: int) -> ModelWeights:
         _, layer, kind = name.split(".", 2)
         for r in range(tp):
             if kind in rows:
-                piece = t[r * rows[kind]:(r + 1) * rows[kind]]
+                piece = t[r * rows[kind] : (r + 1) * rows[kind]]
             elif kind in cols:
-                piece = t[:, r * cols[kind]:(r + 1) * cols[kind]]
+                piece = t[:, r * cols[kind] : (r + 1) * cols[kind]]
             else:
                 piece = t
             out[f"rank.{r}.blk.{layer}.{kind}"] = np.ascontiguousarray(piece)

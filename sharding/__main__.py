@@ -22,8 +22,9 @@ from . import shard_tensors, write_sharded
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m sharding", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m sharding", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--gguf-file", type=Path)
     src.add_argument("--hf-dir", type=Path)

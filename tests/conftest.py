@@ -38,8 +38,13 @@ def pytest_collection_finish(session):
 
         smollm2_gguf()  # (fetched here, once, before two processes want it)
         with open(cache_dir() / "test-prebuild.log", "w") as log:
-            _prebuild = subprocess.Popen([sys.executable, "-m", "tests.prebuild", *needed], cwd=ROOT, stdout=log,
-                                         stderr=subprocess.STDOUT, start_new_session=True)
+            _prebuild = subprocess.Popen(
+                [sys.executable, "-m", "tests.prebuild", *needed],
+                cwd=ROOT,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
 
 
 def pytest_sessionfinish(session):
@@ -84,11 +89,11 @@ def smollm2_reference(smollm2_path):
     tok, _ = tokenizer_from_gguf(smollm2_path)
     ids = tok.encode(SMOL_PROMPT, add_special_tokens=False).ids
     model = transformers.LlamaForCausalLM.from_pretrained(
-        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32)
+        smollm2_path.parent, gguf_file=smollm2_path.name, dtype=torch.float32
+    )
     with torch.no_grad():
-        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)
-    return ids, out[0, len(ids):].tolist(), tok
+        out = model.generate(torch.tensor([ids]), max_new_tokens=32, do_sample=False, eos_token_id=None, pad_token_id=0)
+    return ids, out[0, len(ids) :].tolist(), tok
 
 
 def _smollm2_build(name):

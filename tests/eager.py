@@ -27,8 +27,9 @@ def greedy(model: PagedLlama, prompt: list[int], n_new: int, page_ids: list[int]
     pages = page_ids or list(range(1, 1 + -(-total // s)))
     cache = model.allocate_cache(max(pages) + 1)
     page_t = torch.tensor([pages])
-    logits = model.prefill(torch.tensor([padded(prompt, s)]), torch.tensor([0]), torch.tensor([len(prompt)]),
-                           page_t, cache)
+    logits = model.prefill(
+        torch.tensor([padded(prompt, s)]), torch.tensor([0]), torch.tensor([len(prompt)]), page_t, cache
+    )
     out = [int(logits[0].argmax())]
     while len(out) < n_new:
         seq_len = len(prompt) + len(out)

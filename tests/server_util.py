@@ -61,9 +61,25 @@ def export_served_tiny(gguf_path: Path, out: Path, stride: int = 8) -> Path:
     from models.tokenizer import save_tokenizer
     from tests.tiny import char_tokenizer
 
-    assert paged_llm.main(["--gguf-file", str(gguf_path), "--output-dir", str(out), "--bs-prefill", "1,4",
-                           "--bs-decode", "1,4,8", "--block-seq-stride", str(stride),
-                           "--device-block-count", "128"]) == 0
+    assert (
+        paged_llm.main(
+            [
+                "--gguf-file",
+                str(gguf_path),
+                "--output-dir",
+                str(out),
+                "--bs-prefill",
+                "1,4",
+                "--bs-decode",
+                "1,4,8",
+                "--block-seq-stride",
+                str(stride),
+                "--device-block-count",
+                "128",
+            ]
+        )
+        == 0
+    )
     compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
     save_tokenizer(*char_tokenizer(), out)
     return out

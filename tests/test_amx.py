@@ -11,10 +11,11 @@ from models import amx, cpu
 from models.abi import ModelABI
 from serve.runner import Runner
 from tests.eager import padded
-from tests.test_export import STRIDE, export_and_compile
+from tests.test_export import export_and_compile
 
-needs_amx = pytest.mark.skipif(not (cpu.host_has_amx() and shutil.which("gcc")),
-                               reason="needs a CPU with AMX-INT8 and gcc")
+needs_amx = pytest.mark.skipif(
+    not (cpu.host_has_amx() and shutil.which("gcc")), reason="needs a CPU with AMX-INT8 and gcc"
+)
 
 
 def test_pack_is_a_permutation_and_the_eager_op_is_the_int_matmul():

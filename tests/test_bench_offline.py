@@ -9,10 +9,31 @@ from bench import offline
 
 def test_offline_bench_on_tiny_program(tiny_program, tmp_path, capsys):
     out = tmp_path / "offline.json"
-    assert offline.main(["--program", str(tiny_program), "--prefill-lens", "16,40", "--prefill-chunk", "16",
-                         "--decode-batches", "1,4",
-                         "--decode-steps", "4", "--decode-prompt-len", "8", "--repeats", "2",
-                         "--membw-mib", "32", "--json", str(out)]) == 0
+    assert (
+        offline.main(
+            [
+                "--program",
+                str(tiny_program),
+                "--prefill-lens",
+                "16,40",
+                "--prefill-chunk",
+                "16",
+                "--decode-batches",
+                "1,4",
+                "--decode-steps",
+                "4",
+                "--decode-prompt-len",
+                "8",
+                "--repeats",
+                "2",
+                "--membw-mib",
+                "32",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert "| metric" in printed and "ours f32" in printed and "llama.cpp" not in printed
     assert "machine:" in printed and "command: python -m bench.offline --program" in printed
@@ -40,10 +61,12 @@ def test_offline_bench_on_tiny_program(tiny_program, tmp_path, capsys):
 
 def test_ratio_columns_pair_engines_by_dtype():
     plan = offline.Plan([16], [1], 8, 4, 1, 0)
-    ours = offline.EngineRun("aotllm", "float16", 100, [offline.Timing("prefill", 16, 0.5, 16),
-                                                        offline.Timing("decode", 1, 1.0, 4, 4)])
-    theirs = offline.EngineRun("llama.cpp", "float16", 100, [offline.Timing("prefill", 16, 0.25, 16),
-                                                             offline.Timing("decode", 1, 2.0, 4, 4)])
+    ours = offline.EngineRun(
+        "aotllm", "float16", 100, [offline.Timing("prefill", 16, 0.5, 16), offline.Timing("decode", 1, 1.0, 4, 4)]
+    )
+    theirs = offline.EngineRun(
+        "llama.cpp", "float16", 100, [offline.Timing("prefill", 16, 0.25, 16), offline.Timing("decode", 1, 2.0, 4, 4)]
+    )
     rows, columns = offline.table_rows([ours, theirs], plan, bandwidth_gb_s=1.0)
     assert [h for _, h in columns] == ["metric", "ours f16", "llama.cpp f16", "ours/llama.cpp f16"]
     by = {row["metric"]: row for row in rows}

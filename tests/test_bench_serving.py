@@ -18,8 +18,22 @@ COUNTED_BY = {"generate": "meta_info", "openai": "usage", "triton": "logprobs"}
 
 def bench(server, tmp_path, *extra: str) -> tuple[int, dict]:
     out = tmp_path / "result.json"
-    rc = serving.main(["--url", server.url, "--num-prompts", str(N), "--input-len", str(INPUT_LEN),
-                       "--output-len", str(OUTPUT_LEN), "--ignore-eos", "--json", str(out), *extra])
+    rc = serving.main(
+        [
+            "--url",
+            server.url,
+            "--num-prompts",
+            str(N),
+            "--input-len",
+            str(INPUT_LEN),
+            "--output-len",
+            str(OUTPUT_LEN),
+            "--ignore-eos",
+            "--json",
+            str(out),
+            *extra,
+        ]
+    )
     return rc, json.loads(out.read_text())
 
 
@@ -31,8 +45,12 @@ def check_definitions(result: dict) -> None:
         assert len(r["itl_s"]) == r["chunks"] - 1 and all(gap >= 0 for gap in r["itl_s"])
         assert r["ttft_s"] + sum(r["itl_s"]) <= r["latency_s"] + 1e-9  # the last chunk comes before the end
         assert r["tpot_s"] == pytest.approx((r["latency_s"] - r["ttft_s"]) / (r["output_tokens"] - 1))
-    ms = {"ttft": [r["ttft_s"] * 1000 for r in ok], "tpot": [r["tpot_s"] * 1000 for r in ok],
-          "itl": [g * 1000 for r in ok for g in r["itl_s"]], "e2el": [r["latency_s"] * 1000 for r in ok]}
+    ms = {
+        "ttft": [r["ttft_s"] * 1000 for r in ok],
+        "tpot": [r["tpot_s"] * 1000 for r in ok],
+        "itl": [g * 1000 for r in ok for g in r["itl_s"]],
+        "e2el": [r["latency_s"] * 1000 for r in ok],
+    }
     for name, values in ms.items():
         assert s[f"mean_{name}_ms"] == pytest.approx(np.mean(values))
         assert s[f"median_{name}_ms"] == pytest.approx(np.median(values))
@@ -82,6 +100,7 @@ def test_same_seed_same_prompts(server):
             from bench.tokens import find_counter
 
             return await serving._prompts(cfg, await find_counter(client, server.url, None))
+
     a, b = asyncio.run(prompts()), asyncio.run(prompts())
     assert a == b and len({p.text for p in a}) == 3 and all(p.tokens == 12 for p in a)
 
@@ -97,8 +116,20 @@ def test_failures_are_counted_not_raised(server, tmp_path, capsys):
 
 
 def test_warmup_failure_stops_the_run(server, tmp_path, capsys):
-    rc = serving.main(["--url", server.url, "--backend", "triton", "--model", "nope", "--num-prompts", "2",
-                       "--json", str(tmp_path / "r.json")])
+    rc = serving.main(
+        [
+            "--url",
+            server.url,
+            "--backend",
+            "triton",
+            "--model",
+            "nope",
+            "--num-prompts",
+            "2",
+            "--json",
+            str(tmp_path / "r.json"),
+        ]
+    )
     assert rc == 1 and "warm-up request failed" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
 
 
@@ -119,8 +150,27 @@ def test_compare_prints_one_table(server, tmp_path, capsys):
     paths = []
     for backend in ("generate", "openai"):
         out = tmp_path / f"{backend}.json"
-        assert serving.main(["--url", server.url, "--backend", backend, "--num-prompts", "2", "--input-len", "8",
-                             "--output-len", "4", "--ignore-eos", "--json", str(out), "--disable-tqdm"]) == 0
+        assert (
+            serving.main(
+                [
+                    "--url",
+                    server.url,
+                    "--backend",
+                    backend,
+                    "--num-prompts",
+                    "2",
+                    "--input-len",
+                    "8",
+                    "--output-len",
+                    "4",
+                    "--ignore-eos",
+                    "--json",
+                    str(out),
+                    "--disable-tqdm",
+                ]
+            )
+            == 0
+        )
         paths.append(str(out))
     capsys.readouterr()
     assert serving.main(["--compare", *paths]) == 0
@@ -136,6 +186,7 @@ def test_shortfin_stream():
         async def lines():
             for line in raw.split("\n"):
                 yield line
+
         return [d async for d in sse_data(lines())]
 
     data = asyncio.run(events())
@@ -150,6 +201,7 @@ def test_our_generate_events():
 
     def ev(text, n, **meta):
         return json.dumps({"text": text, "meta_info": {"completion_tokens": n, "prompt_tokens": 5, **meta}})
+
     assert backend.parse(ev("a", 1), state) and backend.parse(ev("", 3, finish_reason="length"), state)
     assert not backend.parse(ev("", 3, finish_reason="length"), state)  # neither text nor new tokens
     assert (state.text, state.output_tokens, state.prompt_tokens) == ("a", 3, 5)
@@ -157,9 +209,13 @@ def test_our_generate_events():
 
 
 def test_table_format():
-    table = format_table([{"metric": "TTFT (ms)", "a": 1.234, "b": None}, {"metric": "n", "a": 2, "b": 3}],
-                         ["metric", "a", ("b", "run b")])
-    assert table.splitlines() == ["| metric    |    a | run b |",
-                                  "|-----------|-----:|------:|",
-                                  "| TTFT (ms) | 1.23 |     - |",
-                                  "| n         |    2 |     3 |"]
+    table = format_table(
+        [{"metric": "TTFT (ms)", "a": 1.234, "b": None}, {"metric": "n", "a": 2, "b": 3}],
+        ["metric", "a", ("b", "run b")],
+    )
+    assert table.splitlines() == [
+        "| metric    |    a | run b |",
+        "|-----------|-----:|------:|",
+        "| TTFT (ms) | 1.23 |     - |",
+        "| n         |    2 |     3 |",
+    ]

@@ -4,15 +4,16 @@ import json
 
 import pytest
 
-from serve.chat_template import (BUILTIN_TEMPLATES, ChatTemplateError, encode_prompt, render_chat,
-                                 resolve_template)
+from serve.chat_template import BUILTIN_TEMPLATES, ChatTemplateError, encode_prompt, render_chat, resolve_template
 from tests.tiny import char_tokenizer
 
 # SmolLM2-135M-Instruct's template, as its GGUF stores it (the slow test checks that it still does)
-SMOLLM2 = ("{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
-           "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
-           "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
-           "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+SMOLLM2 = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>"
+    "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}"
+    "{{'<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 # Exercises trim_blocks / lstrip_blocks, namespace, loop controls, tojson, raise_exception, strftime_now
 FANCY = """{%- set ns = namespace(n=0) %}
 {% for m in messages %}
@@ -27,18 +28,22 @@ FANCY = """{%- set ns = namespace(n=0) %}
 
 CHATS = [
     [{"role": "user", "content": "Hi there"}],
-    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"},
-     {"role": "assistant", "content": "Hello!"}, {"role": "user", "content": "  Où est Paris?  "}],
+    [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello!"},
+        {"role": "user", "content": "  Où est Paris?  "},
+    ],
 ]
 
 EXPECTED = {  # chat CHATS[1], add_generation_prompt=True, bos "<s>", eos "</s>"
     "chatml": "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n"
-              "Hello!<|im_end|>\n<|im_start|>user\n  Où est Paris?  <|im_end|>\n<|im_start|>assistant\n",
+    "Hello!<|im_end|>\n<|im_start|>user\n  Où est Paris?  <|im_end|>\n<|im_start|>assistant\n",
     "llama2": "<s>[INST] <<SYS>>\nBe brief.\n<</SYS>>\n\nHi [/INST] Hello! </s><s>[INST] Où est Paris? [/INST]",
     "llama3": "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|><|start_header_id|>user"
-              "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
-              "<|start_header_id|>user<|end_header_id|>\n\nOù est Paris?<|eot_id|><|start_header_id|>assistant"
-              "<|end_header_id|>\n\n",
+    "<|end_header_id|>\n\nHi<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nHello!<|eot_id|>"
+    "<|start_header_id|>user<|end_header_id|>\n\nOù est Paris?<|eot_id|><|start_header_id|>assistant"
+    "<|end_header_id|>\n\n",
     "mistral": "<s>[INST] Be brief.\n\nHi [/INST]Hello!</s>[INST]   Où est Paris?   [/INST]",
     "vicuna": "Be brief. USER: Hi ASSISTANT: Hello!</s>USER:   Où est Paris?   ASSISTANT:",
 }
@@ -53,8 +58,9 @@ def hf_tokenizer():
 
 
 def hf_render(hf_tokenizer, template, messages, add_generation_prompt=True, **kw):
-    return hf_tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
-                                            add_generation_prompt=add_generation_prompt, **kw)
+    return hf_tokenizer.apply_chat_template(
+        messages, chat_template=template, tokenize=False, add_generation_prompt=add_generation_prompt, **kw
+    )
 
 
 @pytest.mark.parametrize("name", sorted(BUILTIN_TEMPLATES))

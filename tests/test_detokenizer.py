@@ -74,7 +74,7 @@ def test_smollm2_after_a_prompt(smol):
     pieces = stream(IncrementalDetokenizer(smol, prompt), gen)
     assert not any(FFFD in p for p in pieces)
     full, head = smol.decode(prompt + gen), smol.decode(prompt)
-    assert "".join(pieces) == full[len(head):] == smol.decode(gen)
+    assert "".join(pieces) == full[len(head) :] == smol.decode(gen)
 
 
 def test_cost_is_per_window_not_per_total(smol):
@@ -105,8 +105,9 @@ def sentencepiece(decoder: str) -> Tokenizer:
     if decoder == "metaspace":
         tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Metaspace(prepend_scheme="first")])
     else:  # what HF's Llama tokenizer.json (and models/tokenizer.py) use
-        tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(),
-                                         decoders.Strip(" ", 1, 0)])
+        tok.decoder = decoders.Sequence(
+            [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+        )
     tok.add_special_tokens(specials)
     return tok
 

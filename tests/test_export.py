@@ -18,8 +18,24 @@ STRIDE = 8
 
 
 def export_and_compile(gguf_path, out, *extra):
-    assert paged_llm.main(["--gguf-file", str(gguf_path), "--output-dir", str(out), "--bs-prefill", "1,2",
-                           "--bs-decode", "1,4", "--block-seq-stride", str(STRIDE), *extra]) == 0
+    assert (
+        paged_llm.main(
+            [
+                "--gguf-file",
+                str(gguf_path),
+                "--output-dir",
+                str(out),
+                "--bs-prefill",
+                "1,2",
+                "--bs-decode",
+                "1,4",
+                "--block-seq-stride",
+                str(STRIDE),
+                *extra,
+            ]
+        )
+        == 0
+    )
     compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
     return out
 
@@ -32,8 +48,9 @@ def f32_program(tiny_models, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def f16_topk_program(tiny_models, tmp_path_factory):
-    out = export_and_compile(tiny_models["gqa"][2], tmp_path_factory.mktemp("f16"),
-                             "--activation-dtype", "float16", "--top-k", "4")
+    out = export_and_compile(
+        tiny_models["gqa"][2], tmp_path_factory.mktemp("f16"), "--activation-dtype", "float16", "--top-k", "4"
+    )
     return out, tiny_models["gqa"][2]
 
 
@@ -41,8 +58,12 @@ def _pair(program, pages=16):
     out, gguf_path = program
     abi = ModelABI.load(out / "config.json")
     runner = Runner(out / "model.vmfb", [out / "model.irpa"], abi, page_count=pages)
-    model = PagedLlama.from_weights(load_weights(gguf_file=gguf_path), STRIDE, DTYPES[abi.activation_dtype],
-                                    DTYPES[abi.paged_kv_cache.kv_cache_dtype])
+    model = PagedLlama.from_weights(
+        load_weights(gguf_file=gguf_path),
+        STRIDE,
+        DTYPES[abi.activation_dtype],
+        DTYPES[abi.paged_kv_cache.kv_cache_dtype],
+    )
     return runner, model, model.allocate_cache(pages)
 
 
@@ -62,17 +83,30 @@ def _check_cache(runner, cache, tol):
 def test_config_json(f32_program):
     out, _ = f32_program
     d = json.loads((out / "config.json").read_text())
-    for key in ("module_name", "module_abi_version", "max_seq_len", "attn_head_dim", "prefill_batch_sizes",
-                "decode_batch_sizes", "transformer_block_count", "has_prefill_position", "logits_normalization",
-                "top_k", "paged_kv_cache", "vocab_size"):
+    for key in (
+        "module_name",
+        "module_abi_version",
+        "max_seq_len",
+        "attn_head_dim",
+        "prefill_batch_sizes",
+        "decode_batch_sizes",
+        "transformer_block_count",
+        "has_prefill_position",
+        "logits_normalization",
+        "top_k",
+        "paged_kv_cache",
+        "vocab_size",
+    ):
         assert key in d
     assert d["prefill_batch_sizes"] == [1, 2] and d["decode_batch_sizes"] == [1, 4]
     kv = d["paged_kv_cache"]
     assert kv["block_seq_stride"] == STRIDE and kv["attention_head_count_kv"] == 2
     assert kv["paged_kv_block_size_elements_per_device"] == [2 * 2 * STRIDE * 2 * d["attn_head_dim"]]
     mlir = (out / "model.mlir").read_text()
-    assert '#flow.parameter.named<"model"::"blk.0.attn_q.weight">' in mlir or \
-        '#stream.parameter.named<"model"::"blk.0.attn_q.weight">' in mlir
+    assert (
+        '#flow.parameter.named<"model"::"blk.0.attn_q.weight">' in mlir
+        or '#stream.parameter.named<"model"::"blk.0.attn_q.weight">' in mlir
+    )
     assert (out / "model.vmfb").stat().st_size < 2_000_000  # weights stay outside the VMFB
 
 
@@ -86,8 +120,9 @@ def test_prefill_each_batch_size_ragged(f32_program, bs):
     lens = np.array([len(p) for p in prompts])
     got = runner.prefill(tokens, np.zeros(bs), lens, page_ids)
     with torch.no_grad():
-        want = model.prefill(torch.tensor(tokens), torch.zeros(bs, dtype=torch.long), torch.tensor(lens),
-                             torch.tensor(page_ids), cache).numpy()
+        want = model.prefill(
+            torch.tensor(tokens), torch.zeros(bs, dtype=torch.long), torch.tensor(lens), torch.tensor(page_ids), cache
+        ).numpy()
     assert np.abs(got - want).max() <= 1e-4
     _check_cache(runner, cache, 1e-4)
 
@@ -149,12 +184,13 @@ def test_embed_returns_every_position_hidden_state_and_fills_the_cache(f32_progr
         with torch.no_grad():
             want = model.hidden_states(*(torch.tensor(a) for a in args), cache).numpy()
         assert got.shape == want.shape == (2, len(chunk), model.config.hidden_size)
-        assert np.abs(got[0, :end - start] - want[0, :end - start]).max() <= 1e-4
+        assert np.abs(got[0, : end - start] - want[0, : end - start]).max() <= 1e-4
     _check_cache(runner, cache, 1e-4)
 
 
-@pytest.mark.parametrize("variant,kv", [("gqa", "bfloat16"), ("mqa", "bfloat16"), ("gqa", "float16"), ("mha", "float16"),
-                                        ("mqa", "float16")])
+@pytest.mark.parametrize(
+    "variant,kv", [("gqa", "bfloat16"), ("mqa", "bfloat16"), ("gqa", "float16"), ("mha", "float16"), ("mqa", "float16")]
+)
 def test_16_bit_kv_cache_matches_eager(tiny_models, tmp_path, variant, kv):
     """f32 activations over a bfloat16 or float16 cache, stored as int32 pairs (models.llama
     PagedLlama.cache_dtype), with data tiling: a ragged batch-2 prefill and batch-4 decode steps equal the
@@ -183,7 +219,7 @@ def test_16_bit_kv_cache_matches_eager(tiny_models, tmp_path, variant, kv):
         assert np.abs(got[[0, 2]] - want[[0, 2]].numpy()).max() <= 1e-4
     # (as 16-bit values: a value on a rounding boundary may land one step apart)
     got, want = _values(runner.read_cache()[1:], kv), _values(cache[1:], kv)
-    assert np.allclose(got, want, rtol=2 ** -7 if kv == "bfloat16" else 2 ** -10, atol=1e-6)
+    assert np.allclose(got, want, rtol=2**-7 if kv == "bfloat16" else 2**-10, atol=1e-6)
 
 
 def test_f16_with_on_device_top_k(f16_topk_program):

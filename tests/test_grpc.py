@@ -45,9 +45,27 @@ def start_server(vmfb: Path, irpa: Path, config: Path, *extra: str):
     """`python -m serve --grpc-port` in a process; returns (process, http url, grpc address) once healthy."""
     port, gport = free_ports(2)
     proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--vmfb", str(vmfb), "--parameters", str(irpa), "--model-config", str(config),
-         "--port", str(port), "--grpc-port", str(gport), "--log-level", "warning", *extra],
-        cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+        [
+            sys.executable,
+            "-m",
+            "serve",
+            "--vmfb",
+            str(vmfb),
+            "--parameters",
+            str(irpa),
+            "--model-config",
+            str(config),
+            "--port",
+            str(port),
+            "--grpc-port",
+            str(gport),
+            "--log-level",
+            "warning",
+            *extra,
+        ],
+        cwd=ROOT,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
@@ -63,23 +81,33 @@ def start_server(vmfb: Path, irpa: Path, config: Path, *extra: str):
 
 @pytest.fixture(scope="module")
 def served(tiny_program):
-    proc, url, address = start_server(tiny_program / "model.vmfb", tiny_program / "model.irpa",
-                                      tiny_program / "config.json", "--max-queue", str(MAX_QUEUE))
+    proc, url, address = start_server(
+        tiny_program / "model.vmfb",
+        tiny_program / "model.irpa",
+        tiny_program / "config.json",
+        "--max-queue",
+        str(MAX_QUEUE),
+    )
     with grpc.insecure_channel(address) as channel:
         yield Served(url, llm_pb2_grpc.LLMServiceStub(channel))
     proc.terminate()
     proc.wait(timeout=30)
 
 
-def request(id: int = 0, prompt: str = "", tokens: list[int] | None = None, max_new_tokens: int = 12,
-            **kw) -> llm_pb2.Request:
+def request(
+    id: int = 0, prompt: str = "", tokens: list[int] | None = None, max_new_tokens: int = 12, **kw
+) -> llm_pb2.Request:
     stop = kw.pop("stop_tokens", None)
     ignore_eos = kw.pop("ignore_eos_token", False)
     return llm_pb2.Request(
-        id=id, prompt=prompt, tokens=llm_pb2.Tokens(ids=tokens or []),
+        id=id,
+        prompt=prompt,
+        tokens=llm_pb2.Tokens(ids=tokens or []),
         choosing_parameters=llm_pb2.NextTokenChooserParameters(**kw),
         stopping_parameters=llm_pb2.StoppingCriteriaParameters(
-            max_new_tokens=max_new_tokens, stop_tokens=llm_pb2.Tokens(ids=stop or []), ignore_eos_token=ignore_eos))
+            max_new_tokens=max_new_tokens, stop_tokens=llm_pb2.Tokens(ids=stop or []), ignore_eos_token=ignore_eos
+        ),
+    )
 
 
 def generation(served: Served, *reqs: llm_pb2.Request) -> list[llm_pb2.Response]:
@@ -100,8 +128,11 @@ def tokens(rsps: list[llm_pb2.Response]) -> list[int]:
 
 def generate(served: Served, prompt: str, n: int, **params) -> dict:
     """/generate's answer (text, token_ids, input_ids) for the same prompt."""
-    r = httpx.post(f"{served.url}/generate", timeout=120, json={
-        "text": prompt, "return_input_ids": True, "sampling_params": {"max_completion_tokens": n, **params}})
+    r = httpx.post(
+        f"{served.url}/generate",
+        timeout=120,
+        json={"text": prompt, "return_input_ids": True, "sampling_params": {"max_completion_tokens": n, **params}},
+    )
     assert r.status_code == 200, r.text
     body = r.json()["responses"][0]
     return {**body["responses"][0], "input_ids": body["input_ids"]}
@@ -122,8 +153,9 @@ def wait_idle(served: Served) -> None:
 
 
 def test_help_lists_grpc_port():
-    out = subprocess.run([sys.executable, "-m", "serve", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         check=True).stdout
+    out = subprocess.run(
+        [sys.executable, "-m", "serve", "--help"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert "--grpc-port" in out
 
 
@@ -150,7 +182,7 @@ def test_max_new_tokens_and_stop_tokens(served):
     stop = free[5]
     rsps = generation(served, request(prompt="stop here", max_new_tokens=20, ignore_eos_token=True, stop_tokens=[stop]))
     got = tokens(rsps)
-    assert got == free[:free.index(stop) + 1]  # up to and including the first stop token
+    assert got == free[: free.index(stop) + 1]  # up to and including the first stop token
     assert rsps[-1].status == llm_pb2.FINISHED and rsps[-1].detail.finish_reason == llm_pb2.FINISH_REASON_STOP_SEQUENCE
     assert rsps[-1].generated == "" and not rsps[-1].detail.is_special  # the end token's text is left out
     ref = generate(served, "stop here", 20, ignore_eos=True, stop_token_ids=[stop])
@@ -174,29 +206,78 @@ def test_batch_streams_every_request_under_its_id(served):
 
 
 def test_sampling_parameters_map_like_generate(served):
-    kw = dict(prompt="Sample me", max_new_tokens=12, ignore_eos_token=True, do_sample=True, temperature=0.8,
-              top_k=20, top_p=0.9, seed=1234, repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.2)
+    kw = dict(
+        prompt="Sample me",
+        max_new_tokens=12,
+        ignore_eos_token=True,
+        do_sample=True,
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        seed=1234,
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+    )
     a, b = tokens(generation(served, request(**kw))), tokens(generation(served, request(**kw)))
-    ref = generate(served, "Sample me", 12, ignore_eos=True, temperature=0.8, top_k=20, top_p=0.9, seed=1234,
-                   repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.2)
+    ref = generate(
+        served,
+        "Sample me",
+        12,
+        ignore_eos=True,
+        temperature=0.8,
+        top_k=20,
+        top_p=0.9,
+        seed=1234,
+        repetition_penalty=1.1,
+        presence_penalty=0.5,
+        frequency_penalty=0.2,
+    )
     assert a == b == ref["token_ids"]
     # do_sample false is greedy whatever the other fields say
     greedy = tokens(generation(served, request(**{**kw, "do_sample": False})))
-    assert greedy == generate(served, "Sample me", 12, ignore_eos=True, repetition_penalty=1.1,
-                              presence_penalty=0.5, frequency_penalty=0.2)["token_ids"]
+    assert (
+        greedy
+        == generate(
+            served,
+            "Sample me",
+            12,
+            ignore_eos=True,
+            repetition_penalty=1.1,
+            presence_penalty=0.5,
+            frequency_penalty=0.2,
+        )["token_ids"]
+    )
 
 
-@pytest.mark.parametrize("reqs, code, words", [
-    ([], grpc.StatusCode.INVALID_ARGUMENT, ["BatchedRequest.req is empty"]),
-    ([request(5, "ok", max_new_tokens=0)], grpc.StatusCode.INVALID_ARGUMENT,
-     ["req[0] (id 5)", "stopping_parameters.max_new_tokens"]),
-    ([request(1, "ok"), request(9)], grpc.StatusCode.INVALID_ARGUMENT, ["req[1] (id 9)", "prompt", "tokens.ids"]),
-    ([request(2, tokens=[1, 100000])], grpc.StatusCode.INVALID_ARGUMENT, ["tokens.ids", "100000", "vocabulary"]),
-    ([request(4, "ok", do_sample=True, top_p=1.5)], grpc.StatusCode.INVALID_ARGUMENT, ["choosing_parameters.top_p"]),
-    ([request(6, "ok", stop_tokens=[999999])], grpc.StatusCode.INVALID_ARGUMENT, ["stopping_parameters.stop_tokens"]),
-    ([request(i, "queue", max_new_tokens=50) for i in range(MAX_QUEUE + 1)], grpc.StatusCode.RESOURCE_EXHAUSTED,
-     ["retry"]),
-])
+@pytest.mark.parametrize(
+    "reqs, code, words",
+    [
+        ([], grpc.StatusCode.INVALID_ARGUMENT, ["BatchedRequest.req is empty"]),
+        (
+            [request(5, "ok", max_new_tokens=0)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["req[0] (id 5)", "stopping_parameters.max_new_tokens"],
+        ),
+        ([request(1, "ok"), request(9)], grpc.StatusCode.INVALID_ARGUMENT, ["req[1] (id 9)", "prompt", "tokens.ids"]),
+        ([request(2, tokens=[1, 100000])], grpc.StatusCode.INVALID_ARGUMENT, ["tokens.ids", "100000", "vocabulary"]),
+        (
+            [request(4, "ok", do_sample=True, top_p=1.5)],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["choosing_parameters.top_p"],
+        ),
+        (
+            [request(6, "ok", stop_tokens=[999999])],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["stopping_parameters.stop_tokens"],
+        ),
+        (
+            [request(i, "queue", max_new_tokens=50) for i in range(MAX_QUEUE + 1)],
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            ["retry"],
+        ),
+    ],
+)
 def test_bad_requests_are_clear_errors_and_the_server_goes_on(served, reqs, code, words):
     with pytest.raises(grpc.RpcError) as err:
         generation(served, *reqs)
@@ -209,8 +290,9 @@ def test_bad_requests_are_clear_errors_and_the_server_goes_on(served, reqs, code
 
 def test_client_cancel_frees_the_sequence(served):
     before = metric(served, "requests_finished_total", 'finish_reason="cancelled"')
-    call = served.stub.Generation(llm_pb2.BatchedRequest(
-        req=[request(1, "cancel me", max_new_tokens=400, ignore_eos_token=True)]), timeout=120)
+    call = served.stub.Generation(
+        llm_pb2.BatchedRequest(req=[request(1, "cancel me", max_new_tokens=400, ignore_eos_token=True)]), timeout=120
+    )
     assert next(call).rsp[0].status == llm_pb2.PROCESSING
     call.cancel()
     wait_idle(served)
@@ -226,13 +308,24 @@ def test_response_mapping_of_the_end_token():
     from serve.scheduler import Event, Sequence
 
     def job(stop_ids, out, reason):
-        seq = Sequence(rid="r", prompt_ids=[1], params=SamplingParams(stop_token_ids=stop_ids), sampler=None,
-                       detok=None, stops=None, output_ids=out, finish_reason=reason)
+        seq = Sequence(
+            rid="r",
+            prompt_ids=[1],
+            params=SamplingParams(stop_token_ids=stop_ids),
+            sampler=None,
+            detok=None,
+            stops=None,
+            output_ids=out,
+            finish_reason=reason,
+        )
         return Job(3, seq, frozenset({2}))
 
     eos = response(job([], [5, 2], "stop"), Event(token_ids=[2], finish_reason="stop"))
-    assert (eos.status, eos.detail.finish_reason, eos.detail.is_special) == \
-        (llm_pb2.FINISHED, llm_pb2.FINISH_REASON_EOS_TOKEN, True)
+    assert (eos.status, eos.detail.finish_reason, eos.detail.is_special) == (
+        llm_pb2.FINISHED,
+        llm_pb2.FINISH_REASON_EOS_TOKEN,
+        True,
+    )
     stop = response(job([5], [5], "stop"), Event(token_ids=[5], finish_reason="stop"))
     assert (stop.detail.finish_reason, stop.detail.is_special) == (llm_pb2.FINISH_REASON_STOP_SEQUENCE, False)
     failed = response(job([], [5], "error"), Event(finish_reason="error", error="boom"))

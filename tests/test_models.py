@@ -19,8 +19,13 @@ def full_logits(model: PagedLlama, tokens: list[int]) -> torch.Tensor:
     n_pages = -(-len(tokens) // s)
     cache = model.allocate_cache(n_pages + 1)
     with torch.no_grad():
-        h = model.hidden_states(torch.tensor([padded(tokens, s)]), torch.tensor([0]), torch.tensor([len(tokens)]),
-                                torch.tensor([list(range(1, n_pages + 1))]), cache)
+        h = model.hidden_states(
+            torch.tensor([padded(tokens, s)]),
+            torch.tensor([0]),
+            torch.tensor([len(tokens)]),
+            torch.tensor([list(range(1, n_pages + 1))]),
+            cache,
+        )
         return model.logits(h)[0, : len(tokens)]
 
 
@@ -49,9 +54,19 @@ def _kquant_gguf(tmp_path, hf):
     """The GGUF of `hf` with one tensor type per quantisation we read, K-quants as random valid blocks."""
     import gguf
 
-    path = write_gguf(hf, tmp_path / "q.gguf", quant={
-        "attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q4_1", "ffn_gate": "Q5_0", "ffn_up": "Q5_1",
-        "attn_output": "BF16", "token_embd.weight": "F16"})
+    path = write_gguf(
+        hf,
+        tmp_path / "q.gguf",
+        quant={
+            "attn_q": "Q8_0",
+            "attn_k": "Q4_0",
+            "attn_v": "Q4_1",
+            "ffn_gate": "Q5_0",
+            "ffn_up": "Q5_1",
+            "attn_output": "BF16",
+            "token_embd.weight": "F16",
+        },
+    )
     # Rewrite blk.1's projections as K-quants: HF's own GGUF loader dequantises them for the reference.
     reader = gguf.GGUFReader(path)
     w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
@@ -59,8 +74,13 @@ def _kquant_gguf(tmp_path, hf):
         if key.startswith(("GGUF.", "general.architecture")):
             continue
         w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-    kq = {"blk.1.attn_q.weight": "Q2_K", "blk.1.attn_k.weight": "Q3_K", "blk.1.attn_v.weight": "Q4_K",
-          "blk.1.ffn_gate.weight": "Q5_K", "blk.1.ffn_up.weight": "Q6_K"}
+    kq = {
+        "blk.1.attn_q.weight": "Q2_K",
+        "blk.1.attn_k.weight": "Q3_K",
+        "blk.1.attn_v.weight": "Q4_K",
+        "blk.1.ffn_gate.weight": "Q5_K",
+        "blk.1.ffn_up.weight": "Q6_K",
+    }
     for i, t in enumerate(reader.tensors):
         if t.name in kq:
             rows, cols = int(t.shape[1]), int(t.shape[0])
@@ -99,10 +119,13 @@ def test_ragged_batched_prefill_scattered_pages(tiny_models):
     width = 24
     cache = model.allocate_cache(16)
     with torch.no_grad():
-        logits = model.prefill(torch.tensor([padded(p, STRIDE) + [0] * (width - len(padded(p, STRIDE)))
-                                             for p in prompts]),
-                               torch.zeros(3, dtype=torch.long), torch.tensor([len(p) for p in prompts]),
-                               torch.tensor(page_ids), cache)
+        logits = model.prefill(
+            torch.tensor([padded(p, STRIDE) + [0] * (width - len(padded(p, STRIDE))) for p in prompts]),
+            torch.zeros(3, dtype=torch.long),
+            torch.tensor([len(p) for p in prompts]),
+            torch.tensor(page_ids),
+            cache,
+        )
     for i, p in enumerate(prompts):
         assert (logits[i] - full_logits(model, p)[-1]).abs().max().item() <= 1e-5
 
@@ -132,16 +155,22 @@ def test_batched_decode_with_padding_slots(tiny_models):
     cache = model.allocate_cache(16)
     pages = torch.tensor([[3, 8, 0], [5, 1, 10], [0, 0, 0], [0, 0, 0]])
     with torch.no_grad():
-        model.prefill(torch.tensor([padded(t[0][:-1], STRIDE, 8)[:24], padded(t[1][:-1], STRIDE)[:24]]),
-                      torch.tensor([0, 0]), torch.tensor([10, 19]), pages[:2], cache)
+        model.prefill(
+            torch.tensor([padded(t[0][:-1], STRIDE, 8)[:24], padded(t[1][:-1], STRIDE)[:24]]),
+            torch.tensor([0, 0]),
+            torch.tensor([10, 19]),
+            pages[:2],
+            cache,
+        )
         d = model.decode(torch.tensor([[t[0][-1]], [t[1][-1]], [0], [0]]), torch.tensor([11, 20, 0, 0]), pages, cache)
     assert torch.isfinite(d).all()
     for i in range(2):
         assert (d[i] - refs[i][-1]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("dtype,kv,tol", [("float16", "float16", 5e-2), ("bfloat16", "bfloat16", 2e-1),
-                                          ("float32", "float16", 1e-2)])
+@pytest.mark.parametrize(
+    "dtype,kv,tol", [("float16", "float16", 5e-2), ("bfloat16", "bfloat16", 2e-1), ("float32", "float16", 1e-2)]
+)
 def test_dtypes(tiny_models, dtype, kv, tol):
     from models.llama import DTYPES
 

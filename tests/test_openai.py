@@ -39,8 +39,11 @@ def chat_prompt_ids(messages=CHAT):
 
 
 def generate_greedy(server, input_ids, n_tokens):
-    r = httpx.post(f"{server.url}/generate", timeout=120, json={
-        "input_ids": input_ids, "sampling_params": {"max_completion_tokens": n_tokens, "ignore_eos": True}})
+    r = httpx.post(
+        f"{server.url}/generate",
+        timeout=120,
+        json={"input_ids": input_ids, "sampling_params": {"max_completion_tokens": n_tokens, "ignore_eos": True}},
+    )
     return r.json()["responses"][0]["responses"][0]["text"]
 
 
@@ -54,8 +57,11 @@ def sse(server, path, payload):
 
 def metrics(server):
     text = httpx.get(f"{server.url}/metrics").text
-    return {s.name + json.dumps(s.labels, sort_keys=True): s.value
-            for fam in text_string_to_metric_families(text) for s in fam.samples}
+    return {
+        s.name + json.dumps(s.labels, sort_keys=True): s.value
+        for fam in text_string_to_metric_families(text)
+        for s in fam.samples
+    }
 
 
 def test_models(client):
@@ -67,8 +73,9 @@ def test_models(client):
 
 def test_completion_greedy_equals_generate_and_usage_is_exact(server, client):
     prompt = "The quick brown fox"
-    r = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0,
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL, prompt=prompt, max_tokens=12, temperature=0, extra_body={"ignore_eos": True}
+    )
     ids = char_tokenizer()[0].encode(prompt).ids
     assert r.id.startswith("cmpl-") and r.object == "text_completion" and r.model == MODEL
     assert r.choices[0].text == generate_greedy(server, ids, 12) and r.choices[0].finish_reason == "length"
@@ -76,8 +83,9 @@ def test_completion_greedy_equals_generate_and_usage_is_exact(server, client):
 
 
 def test_chat_renders_chatml_and_usage_is_exact(server, client):
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_completion_tokens=10, temperature=0,
-                                       extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL, messages=CHAT, max_completion_tokens=10, temperature=0, extra_body={"ignore_eos": True}
+    )
     ids = chat_prompt_ids()
     assert r.id.startswith("chatcmpl-") and r.object == "chat.completion"
     msg = r.choices[0].message
@@ -86,14 +94,16 @@ def test_chat_renders_chatml_and_usage_is_exact(server, client):
 
 
 def test_n_and_seed_reproducible(client):
-    kw = dict(model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=1234, n=2,
-              extra_body={"ignore_eos": True})
+    kw = dict(
+        model=MODEL, messages=CHAT, max_tokens=8, temperature=1.0, seed=1234, n=2, extra_body={"ignore_eos": True}
+    )
     a, b = client.chat.completions.create(**kw), client.chat.completions.create(**kw)
     assert [c.index for c in a.choices] == [0, 1]
     assert [c.message.content for c in a.choices] == [c.message.content for c in b.choices]
     assert a.usage.completion_tokens == 16 and a.usage.prompt_tokens == len(chat_prompt_ids())
-    c = client.completions.create(model=MODEL, prompt=["one", "two"], max_tokens=5, n=2, seed=3,
-                                  extra_body={"ignore_eos": True})
+    c = client.completions.create(
+        model=MODEL, prompt=["one", "two"], max_tokens=5, n=2, seed=3, extra_body={"ignore_eos": True}
+    )
     assert [ch.index for ch in c.choices] == [0, 1, 2, 3]
     assert c.usage.prompt_tokens == 6 and c.usage.completion_tokens == 20
 
@@ -104,20 +114,34 @@ def test_stop_strings(client):
     assert len(full) >= 6
     stop = full[3:5]
     cut = client.completions.create(max_tokens=20, stop=[stop, "\x7f"], **kw).choices[0]
-    assert cut.text == full[:full.index(stop)] and cut.finish_reason == "stop"
+    assert cut.text == full[: full.index(stop)] and cut.finish_reason == "stop"
     assert client.completions.create(max_tokens=20, stop=stop, **kw).choices[0].text == cut.text
 
 
 def test_logit_bias_forces_a_token(client):
     z = char_tokenizer()[0].token_to_id("z")
-    r = client.completions.create(model=MODEL, prompt="abc", max_tokens=6, temperature=0, logit_bias={str(z): 100},
-                                  extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="abc",
+        max_tokens=6,
+        temperature=0,
+        logit_bias={str(z): 100},
+        extra_body={"ignore_eos": True},
+    )
     assert r.choices[0].text == "zzzzzz"
 
 
 def test_completion_logprobs_concatenate_to_text(client):
-    r = client.completions.create(model=MODEL, prompt="Logprobs", max_tokens=10, temperature=0.8, seed=5,
-                                  logprobs=3, stop=["e"], extra_body={"ignore_eos": True})
+    r = client.completions.create(
+        model=MODEL,
+        prompt="Logprobs",
+        max_tokens=10,
+        temperature=0.8,
+        seed=5,
+        logprobs=3,
+        stop=["e"],
+        extra_body={"ignore_eos": True},
+    )
     ch = r.choices[0]
     lp = ch.logprobs
     assert "".join(lp.tokens) == ch.text and len(lp.token_logprobs) == len(lp.tokens) == len(lp.top_logprobs)
@@ -128,8 +152,15 @@ def test_completion_logprobs_concatenate_to_text(client):
 
 
 def test_chat_logprobs(client):
-    r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=8, temperature=0, logprobs=True,
-                                       top_logprobs=2, extra_body={"ignore_eos": True})
+    r = client.chat.completions.create(
+        model=MODEL,
+        messages=CHAT,
+        max_tokens=8,
+        temperature=0,
+        logprobs=True,
+        top_logprobs=2,
+        extra_body={"ignore_eos": True},
+    )
     content = r.choices[0].logprobs.content
     assert "".join(t.token for t in content) == r.choices[0].message.content and len(content) == 8
     for t in content:
@@ -138,15 +169,27 @@ def test_chat_logprobs(client):
 
 
 def test_chat_stream_structure(server, client):
-    payload = {"model": MODEL, "messages": CHAT, "max_tokens": 6, "n": 2, "seed": 9, "stream": True,
-               "stream_options": {"include_usage": True}, "ignore_eos": True, "unknown_field": [1]}
+    payload = {
+        "model": MODEL,
+        "messages": CHAT,
+        "max_tokens": 6,
+        "n": 2,
+        "seed": 9,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+        "ignore_eos": True,
+        "unknown_field": [1],
+    }
     chunks = sse(server, "/v1/chat/completions", payload)
     assert len({c["id"] for c in chunks}) == 1 and chunks[0]["id"].startswith("chatcmpl-")
     assert all(c["object"] == "chat.completion.chunk" and c["model"] == MODEL and c["created"] for c in chunks)
     *body, last = chunks
     prompt_tokens = len(chat_prompt_ids())
-    assert last["choices"] == [] and last["usage"] == {"prompt_tokens": prompt_tokens, "completion_tokens": 12,
-                                                       "total_tokens": prompt_tokens + 12}
+    assert last["choices"] == [] and last["usage"] == {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": 12,
+        "total_tokens": prompt_tokens + 12,
+    }
     assert all(c["usage"] is None and len(c["choices"]) == 1 for c in body)
     texts = []
     for i in (0, 1):
@@ -154,8 +197,10 @@ def test_chat_stream_structure(server, client):
         assert mine[0]["delta"] == {"role": "assistant", "content": ""}
         assert [m["finish_reason"] for m in mine] == [None] * (len(mine) - 1) + ["length"]
         texts.append("".join(m["delta"].get("content", "") for m in mine))
-    whole = client.chat.completions.create(**{k: v for k, v in payload.items() if k not in (
-        "stream", "stream_options", "ignore_eos", "unknown_field")}, extra_body={"ignore_eos": True})
+    whole = client.chat.completions.create(
+        **{k: v for k, v in payload.items() if k not in ("stream", "stream_options", "ignore_eos", "unknown_field")},
+        extra_body={"ignore_eos": True},
+    )
     assert texts == [c.message.content for c in whole.choices]
 
 
@@ -192,25 +237,34 @@ def test_unknown_model_is_404(server, client):
         client.completions.create(model="nope", prompt="x")
     r = httpx.post(f"{server.url}/v1/completions", json={"model": "nope", "prompt": "x"})
     assert r.status_code == 404
-    assert r.json() == {"error": {"message": r.json()["error"]["message"], "type": "invalid_request_error",
-                                  "param": "model", "code": "model_not_found"}}
+    assert r.json() == {
+        "error": {
+            "message": r.json()["error"]["message"],
+            "type": "invalid_request_error",
+            "param": "model",
+            "code": "model_not_found",
+        }
+    }
 
 
-@pytest.mark.parametrize("kw,param", [
-    ({"temperature": -1}, "temperature"),
-    ({"top_p": 0}, "top_p"),
-    ({"n": 0}, "n"),
-    ({"max_tokens": 0}, "max_tokens"),
-    ({"presence_penalty": 3}, "presence_penalty"),
-    ({"logprobs": 6}, "logprobs"),
-    ({"logit_bias": {"abc": 1}}, "logit_bias"),
-    ({"logit_bias": {"99999": 1}}, "logit_bias"),
-    ({"stop": [""]}, "stop"),
-    ({"prompt": ""}, "prompt"),
-    ({"prompt": "x" * 600}, "prompt"),
-    ({"prompt": [5, 99999]}, "prompt"),
-    ({"n": "many"}, "n"),
-])
+@pytest.mark.parametrize(
+    "kw,param",
+    [
+        ({"temperature": -1}, "temperature"),
+        ({"top_p": 0}, "top_p"),
+        ({"n": 0}, "n"),
+        ({"max_tokens": 0}, "max_tokens"),
+        ({"presence_penalty": 3}, "presence_penalty"),
+        ({"logprobs": 6}, "logprobs"),
+        ({"logit_bias": {"abc": 1}}, "logit_bias"),
+        ({"logit_bias": {"99999": 1}}, "logit_bias"),
+        ({"stop": [""]}, "stop"),
+        ({"prompt": ""}, "prompt"),
+        ({"prompt": "x" * 600}, "prompt"),
+        ({"prompt": [5, 99999]}, "prompt"),
+        ({"n": "many"}, "n"),
+    ],
+)
 def test_bad_completion_params_are_400(server, client, kw, param):
     body = {"model": MODEL, "prompt": "hi", **kw}
     with pytest.raises(openai.BadRequestError):
@@ -221,14 +275,17 @@ def test_bad_completion_params_are_400(server, client, kw, param):
     assert err["param"] is not None and err["param"].startswith(param)
 
 
-@pytest.mark.parametrize("kw", [
-    {"messages": []},
-    {"messages": [{"content": "no role"}]},
-    {"top_logprobs": 21, "logprobs": True},
-    {"top_logprobs": 2},
-    {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-    {"response_format": {"type": "json_object"}},
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"messages": []},
+        {"messages": [{"content": "no role"}]},
+        {"top_logprobs": 21, "logprobs": True},
+        {"top_logprobs": 2},
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
+        {"response_format": {"type": "json_object"}},
+    ],
+)
 def test_bad_chat_params_are_400(client, kw):
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(**{"model": MODEL, "messages": CHAT, **kw})
@@ -256,8 +313,13 @@ def eager_embedding(tiny_models, ids, pooling):
     model = PagedLlama.from_weights(load_weights(gguf_file=tiny_models["llama31"][2]), 8)
     pages = list(range(1, 1 + -(-len(ids) // 8)))
     with torch.no_grad():
-        h = model.hidden_states(torch.tensor([padded(ids, 8)]), torch.tensor([0]), torch.tensor([len(ids)]),
-                                torch.tensor([pages]), model.allocate_cache(len(pages) + 1))[0, :len(ids)].double()
+        h = model.hidden_states(
+            torch.tensor([padded(ids, 8)]),
+            torch.tensor([0]),
+            torch.tensor([len(ids)]),
+            torch.tensor([pages]),
+            model.allocate_cache(len(pages) + 1),
+        )[0, : len(ids)].double()
     v = (h.mean(0) if pooling == "mean" else h[-1]).numpy()
     return v / np.linalg.norm(v)
 
@@ -294,9 +356,15 @@ def test_embeddings_last_pooling_over_chunked_prefill(tiny_program, tiny_models)
         s.stop()
 
 
-@pytest.mark.parametrize("body,param", [({"input": []}, "input"), ({"input": "x", "dimensions": 3}, "dimensions"),
-                                        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
-                                        ({"input": [[999999]]}, "input")])
+@pytest.mark.parametrize(
+    "body,param",
+    [
+        ({"input": []}, "input"),
+        ({"input": "x", "dimensions": 3}, "dimensions"),
+        ({"input": "x", "encoding_format": "int8"}, "encoding_format"),
+        ({"input": [[999999]]}, "input"),
+    ],
+)
 def test_bad_embedding_requests_are_400(server, body, param):
     r = httpx.post(f"{server.url}/v1/embeddings", json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
@@ -307,8 +375,10 @@ def test_tokenize_round_trip(server):
     text = "Hello, world!"
     r = httpx.post(f"{server.url}/tokenize", json={"content": text}).json()
     assert r["tokens"] == tok.encode(text, add_special_tokens=False).ids
-    assert httpx.post(f"{server.url}/tokenize", json={"text": text, "add_special": True}).json()["tokens"] == \
-        tok.encode(text).ids
+    assert (
+        httpx.post(f"{server.url}/tokenize", json={"text": text, "add_special": True}).json()["tokens"]
+        == tok.encode(text).ids
+    )
     pieces = httpx.post(f"{server.url}/tokenize", json={"content": "ab", "with_pieces": True}).json()["tokens"]
     assert pieces == [{"id": tok.token_to_id("a"), "piece": "a"}, {"id": tok.token_to_id("b"), "piece": "b"}]
     assert httpx.post(f"{server.url}/detokenize", json={"tokens": r["tokens"]}).json()["content"] == text
@@ -333,8 +403,12 @@ def test_metrics_move_with_traffic(server, client):
     assert delta("aotllm_e2e_request_latency_seconds_count{}") == 1
     assert 0 < delta("aotllm_device_seconds_total" + dev) < delta("aotllm_step_seconds_total" + dev)
     assert after["aotllm_kv_pages_total" + dev] == 127 and after["aotllm_requests_running" + dev] >= 0
-    for name in ("aotllm_kv_pages_used", "aotllm_kv_pages_cached", "aotllm_requests_waiting",
-                 "aotllm_prefix_cache_hit_tokens_total"):
+    for name in (
+        "aotllm_kv_pages_used",
+        "aotllm_kv_pages_cached",
+        "aotllm_requests_waiting",
+        "aotllm_prefix_cache_hit_tokens_total",
+    ):
         assert name + dev in after
 
 
@@ -397,8 +471,9 @@ def test_access_log_line_per_request(client):
     old_level = logger.level
     logger.setLevel(logging.INFO)
     try:
-        r = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, user="alice",
-                                           extra_body={"ignore_eos": True})
+        r = client.chat.completions.create(
+            model=MODEL, messages=CHAT, max_tokens=3, user="alice", extra_body={"ignore_eos": True}
+        )
         list(client.completions.create(model=MODEL, prompt="s", max_tokens=2, stream=True))
         deadline = time.time() + 10  # the server logs a stream after its last byte: that may come later
         while not any(line["path"] == "/v1/completions" for line in handler.lines) and time.time() < deadline:
@@ -424,10 +499,19 @@ def test_loading_is_503_with_retry_after():
 def test_queue_full_is_503_with_retry_after(tiny_program):
     s = ServerThread(_cfg(tiny_program, max_queue=2))  # a second app in this process: its own registry
     try:
+
         async def many():
             async with httpx.AsyncClient(timeout=120) as c:
-                return await asyncio.gather(*(c.post(f"{s.url}/v1/completions", json={
-                    "model": MODEL, "prompt": "queue", "max_tokens": 30, "ignore_eos": True}) for _ in range(6)))
+                return await asyncio.gather(
+                    *(
+                        c.post(
+                            f"{s.url}/v1/completions",
+                            json={"model": MODEL, "prompt": "queue", "max_tokens": 30, "ignore_eos": True},
+                        )
+                        for _ in range(6)
+                    )
+                )
+
         rs = asyncio.run(many())
         codes = sorted(r.status_code for r in rs)
         assert 200 in codes and 503 in codes
@@ -446,8 +530,11 @@ def test_smollm2_chat(smollm2_path, smollm2_f32_artifacts, smollm2_reference):
 
     art = smollm2_f32_artifacts
     _, ref, tok = smollm2_reference
-    s = ServerThread(EngineConfig(vmfb=art.vmfb, parameters=[art.irpa], model_config=art.config, tokenizer=art.dir,
-                                  model_name="smollm2"))
+    s = ServerThread(
+        EngineConfig(
+            vmfb=art.vmfb, parameters=[art.irpa], model_config=art.config, tokenizer=art.dir, model_name="smollm2"
+        )
+    )
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=300)
         messages = [{"role": "user", "content": "What is the capital of France?"}]
@@ -458,14 +545,18 @@ def test_smollm2_chat(smollm2_path, smollm2_f32_artifacts, smollm2_reference):
         hf_ids = hf_ids["input_ids"] if hasattr(hf_ids, "keys") else hf_ids
         assert r.usage.prompt_tokens == len(hf_ids)
         assert "Paris" in r.choices[0].message.content and r.choices[0].finish_reason == "stop"
-        greedy = c.completions.create(model="smollm2", prompt=SMOL_PROMPT, temperature=0, max_tokens=32,
-                                      extra_body={"ignore_eos": True})
+        greedy = c.completions.create(
+            model="smollm2", prompt=SMOL_PROMPT, temperature=0, max_tokens=32, extra_body={"ignore_eos": True}
+        )
         assert greedy.choices[0].text == tok.decode(ref)
         # embeddings: related sentences lie closer than unrelated ones
         import numpy as np
 
-        texts = ["The cat sat on the mat.", "A kitten was sitting on the rug.",
-                 "Quarterly tax returns must be filed by April."]
+        texts = [
+            "The cat sat on the mat.",
+            "A kitten was sitting on the rug.",
+            "Quarterly tax returns must be filed by April.",
+        ]
         e = [np.array(d.embedding) for d in c.embeddings.create(model="smollm2", input=texts).data]
         assert len(e[0]) == 576 and float(e[0] @ e[1]) > float(e[0] @ e[2])
     finally:

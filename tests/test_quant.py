@@ -49,8 +49,12 @@ def test_w8a8_compiled_matches_eager_and_tracks_float(w8a8_program):
     pages = np.array([[4, 9, 2, 11]])
     got = runner.prefill(np.array([padded(prompt, STRIDE)]), np.zeros(1), np.array([len(prompt)]), pages)
     with torch.no_grad():
-        args = (torch.tensor([padded(prompt, STRIDE)]), torch.zeros(1, dtype=torch.long),
-                torch.tensor([len(prompt)]), torch.tensor(pages))
+        args = (
+            torch.tensor([padded(prompt, STRIDE)]),
+            torch.zeros(1, dtype=torch.long),
+            torch.tensor([len(prompt)]),
+            torch.tensor(pages),
+        )
         want = q.prefill(*args, q.allocate_cache(16)).numpy()
         ref = f32.prefill(*args, f32.allocate_cache(16)).numpy()
     # compiled == eager up to an activation landing on the other side of a rounding boundary
@@ -82,8 +86,12 @@ def test_w8a8_as_served_batches_match_eager(tiny_models, tmp_path):
     g = torch.Generator().manual_seed(7)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in (13, 22)]
     pages = np.array([[5, 9, 2, 0], [11, 3, 7, 14]])
-    args = (np.array([p + [0] * (24 - len(p)) for p in prompts]), np.zeros(2, np.int64),
-            np.array([len(p) for p in prompts]), pages)
+    args = (
+        np.array([p + [0] * (24 - len(p)) for p in prompts]),
+        np.zeros(2, np.int64),
+        np.array([len(p) for p in prompts]),
+        pages,
+    )
     got = runner.prefill(*args)
     with torch.no_grad():
         want = q.prefill(*(torch.tensor(a) for a in args), cache).numpy()
@@ -110,8 +118,12 @@ def test_w8a8_gpu_targets_compile(w8a8_program, target, arch):
 def test_w8a8_refusals(tiny_models, w8a8_program, tmp_path, capsys):
     gguf = tiny_models["gqa"][2]
     for extra in (["--activation-dtype", "float16"], ["--tensor-parallelism-size", "2"]):
-        assert paged_llm.main(["--gguf-file", str(gguf), "--output-dir", str(tmp_path / "x"),
-                               "--quantization", "w8a8", *extra]) == 2
+        assert (
+            paged_llm.main(
+                ["--gguf-file", str(gguf), "--output-dir", str(tmp_path / "x"), "--quantization", "w8a8", *extra]
+            )
+            == 2
+        )
         assert "w8a8 needs --activation-dtype float32 and tensor parallelism 1" in capsys.readouterr().err
     out, _ = w8a8_program  # its IRPA is int8: re-exporting it would read int8 as floats
     assert paged_llm.main(["--irpa-file", str(out / "model.irpa"), "--output-dir", str(tmp_path / "y")]) == 2

@@ -81,8 +81,13 @@ def test_distribution(temperature, p1):
 
 
 def test_penalties_follow_the_formulas():
-    params = SamplingParams(temperature=0.0, repetition_penalty=2.0, presence_penalty=0.5,
-                            frequency_penalty=0.25, logit_bias={0: 1.0, 5: -1.5})
+    params = SamplingParams(
+        temperature=0.0,
+        repetition_penalty=2.0,
+        presence_penalty=0.5,
+        frequency_penalty=0.25,
+        logit_bias={0: 1.0, 5: -1.5},
+    )
     s = Sampler(params, prompt_ids=[0, 1])
     for tok in (2, 2, 4):  # generated history: 2 twice, 4 once
         forced = np.zeros(6, np.float32)
@@ -126,11 +131,14 @@ def test_logprobs_are_of_the_raw_distribution():
     assert none.logprob is None and none.top_logprobs is None
 
 
-@pytest.mark.parametrize("params", [
-    SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2, logprobs=3),
-    SamplingParams(temperature=1.0, top_k=10, min_p=0.05, frequency_penalty=0.5),
-    SamplingParams(temperature=0.0, presence_penalty=1.0),
-])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=0.8, top_p=0.9, repetition_penalty=1.2, logprobs=3),
+        SamplingParams(temperature=1.0, top_k=10, min_p=0.05, frequency_penalty=0.5),
+        SamplingParams(temperature=0.0, presence_penalty=1.0),
+    ],
+)
 def test_top_k_matches_full_row_when_k_covers_the_mass(params):
     rng = np.random.default_rng(5)
     full_rows, tops = [], []
@@ -166,29 +174,42 @@ def test_full_vocab_sampling_is_fast():
 
 def test_validate_accepts_defaults():
     SamplingParams().validate(V)
-    SamplingParams(temperature=0, top_k=-1, top_p=0.5, min_p=1.0, logit_bias={0: -100, V - 1: 100},
-                   stop=["a"] * 16, stop_token_ids=[0, 2], n=16, logprobs=20, seed=-3).validate(V)
+    SamplingParams(
+        temperature=0,
+        top_k=-1,
+        top_p=0.5,
+        min_p=1.0,
+        logit_bias={0: -100, V - 1: 100},
+        stop=["a"] * 16,
+        stop_token_ids=[0, 2],
+        n=16,
+        logprobs=20,
+        seed=-3,
+    ).validate(V)
 
 
-@pytest.mark.parametrize("field, value, words", [
-    ("max_tokens", 0, "[1, 1000000]"),
-    ("temperature", -0.5, "[0, 100]"),
-    ("temperature", float("nan"), "[0, 100]"),
-    ("top_p", 0.0, "(0, 1]"),
-    ("min_p", 1.5, "[0, 1]"),
-    ("top_k", -2, f"[-1, {V}]"),
-    ("top_k", V + 1, f"[-1, {V}]"),
-    ("repetition_penalty", 0.0, "> 0"),
-    ("presence_penalty", 2.5, "[-2, 2]"),
-    ("frequency_penalty", -3.0, "[-2, 2]"),
-    ("logit_bias", {V: 1.0}, f"[0, {V})"),
-    ("logit_bias", {5: 101.0}, "[-100, 100]"),
-    ("n", 17, "[1, 16]"),
-    ("stop", ["x"] * 17, "at most 16"),
-    ("stop", [""], "non-empty"),
-    ("logprobs", 21, "[0, 20]"),
-    ("stop_token_ids", [-1], f"[0, {V})"),
-])
+@pytest.mark.parametrize(
+    "field, value, words",
+    [
+        ("max_tokens", 0, "[1, 1000000]"),
+        ("temperature", -0.5, "[0, 100]"),
+        ("temperature", float("nan"), "[0, 100]"),
+        ("top_p", 0.0, "(0, 1]"),
+        ("min_p", 1.5, "[0, 1]"),
+        ("top_k", -2, f"[-1, {V}]"),
+        ("top_k", V + 1, f"[-1, {V}]"),
+        ("repetition_penalty", 0.0, "> 0"),
+        ("presence_penalty", 2.5, "[-2, 2]"),
+        ("frequency_penalty", -3.0, "[-2, 2]"),
+        ("logit_bias", {V: 1.0}, f"[0, {V})"),
+        ("logit_bias", {5: 101.0}, "[-100, 100]"),
+        ("n", 17, "[1, 16]"),
+        ("stop", ["x"] * 17, "at most 16"),
+        ("stop", [""], "non-empty"),
+        ("logprobs", 21, "[0, 20]"),
+        ("stop_token_ids", [-1], f"[0, {V})"),
+    ],
+)
 def test_validate_names_the_field_and_range(field, value, words):
     with pytest.raises(ValueError) as err:
         SamplingParams(**{field: value}).validate(V)

@@ -20,8 +20,22 @@ def test_config_files_parse():
 
 
 def test_shortfin_spellings():
-    a = parse_args(["--vmfb", "m.vmfb", "--parameters", "a.irpa", "b.irpa", "--model_config", "c.json",
-                    "--tokenizer_json", "t.json", "--device_ids", "0", "1"])
+    a = parse_args(
+        [
+            "--vmfb",
+            "m.vmfb",
+            "--parameters",
+            "a.irpa",
+            "b.irpa",
+            "--model_config",
+            "c.json",
+            "--tokenizer_json",
+            "t.json",
+            "--device_ids",
+            "0",
+            "1",
+        ]
+    )
     assert a.model_config == Path("c.json") and a.tokenizer == Path("t.json") and a.device_ids == [0, 1]
     assert a.parameters == [Path("a.irpa"), Path("b.irpa")]
 
@@ -55,6 +69,5 @@ def test_pooling_flag(capsys):
 def test_quantization_flag_is_for_the_default_model(capsys):
     assert parse_args(["--quantization", "w8a8"]).quantization == "w8a8"
     with pytest.raises(SystemExit):
-        parse_args(["--vmfb", "m.vmfb", "--parameters", "a.irpa", "--model-config", "c.json",
-                    "--quantization", "w8a8"])
+        parse_args(["--vmfb", "m.vmfb", "--parameters", "a.irpa", "--model-config", "c.json", "--quantization", "w8a8"])
     assert "give it to python -m export.paged_llm" in capsys.readouterr().err

@@ -6,7 +6,6 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from models.llama import PagedLlama
 from models.weights import load_weights
@@ -46,8 +45,14 @@ def test_greedy_matches_eager_model(server, tiny_program):
     tok, _ = char_tokenizer()
     prompt = "The quick brown fox"
     ids = tok.encode(prompt).ids
-    r = gen(server, {"text": prompt, "sampling_params": {"max_completion_tokens": 12, "ignore_eos": True},
-                     "return_input_ids": True})
+    r = gen(
+        server,
+        {
+            "text": prompt,
+            "sampling_params": {"max_completion_tokens": 12, "ignore_eos": True},
+            "return_input_ids": True,
+        },
+    )
     assert r.status_code == 200, r.text
     body = r.json()["responses"][0]
     assert body["prompt"] == prompt and body["input_ids"] == ids
@@ -61,8 +66,14 @@ def test_long_prompt_prefilled_in_chunks_matches_eager_model(tiny_program):
     s = ServerThread(_cfg(tiny_program, max_tokens_per_step=STRIDE))  # 45 prompt tokens: 6 prefill steps
     try:
         ids = char_tokenizer()[0].encode("A longer prompt, prefilled a page at a time.").ids
-        r = gen(s, {"input_ids": ids, "return_input_ids": True,
-                    "sampling_params": {"max_completion_tokens": 8, "ignore_eos": True}})
+        r = gen(
+            s,
+            {
+                "input_ids": ids,
+                "return_input_ids": True,
+                "sampling_params": {"max_completion_tokens": 8, "ignore_eos": True},
+            },
+        )
         assert r.status_code == 200, r.text
         model = PagedLlama.from_weights(load_weights(gguf_file=tiny_program[1]), STRIDE)
         assert r.json()["responses"][0]["responses"][0]["token_ids"] == greedy(model, ids, 8)
@@ -80,7 +91,7 @@ def test_stream_concatenates_to_non_stream(server):
         lines = [l for l in r.iter_lines() if l]
     assert lines[-1] == "data: [DONE]"
     for line in lines[:-1]:
-        chunks.append(json.loads(line[len("data: "):]))
+        chunks.append(json.loads(line[len("data: ") :]))
     assert "".join(c["text"] for c in chunks) == full
     assert chunks[-1]["meta_info"]["finish_reason"] == "length"
 
@@ -92,9 +103,14 @@ async def _post_all(url, payloads):
 
 
 def test_batching_changes_nothing(server):
-    payloads = [{"text": f"prompt number {i} " + "x" * (i * 3), "return_input_ids": True,
-                 "sampling_params": {"max_completion_tokens": 4 + (i * 5) % 17, "ignore_eos": True}}
-                for i in range(16)]
+    payloads = [
+        {
+            "text": f"prompt number {i} " + "x" * (i * 3),
+            "return_input_ids": True,
+            "sampling_params": {"max_completion_tokens": 4 + (i * 5) % 17, "ignore_eos": True},
+        }
+        for i in range(16)
+    ]
     alone = [gen(server, p).json()["responses"][0]["responses"][0] for p in payloads]
     together = asyncio.run(_post_all(server.url, payloads))
     assert together == alone
@@ -102,11 +118,14 @@ def test_batching_changes_nothing(server):
 
 
 def test_seeded_sampling_is_batch_independent(server):
-    p = {"text": "seeded", "sampling_params": {"max_completion_tokens": 8, "temperature": 1.0, "seed": 7,
-                                                 "ignore_eos": True}}
+    p = {
+        "text": "seeded",
+        "sampling_params": {"max_completion_tokens": 8, "temperature": 1.0, "seed": 7, "ignore_eos": True},
+    }
     alone = gen(server, p).json()["responses"][0]["responses"][0]["text"]
-    others = [{"text": f"other {i}", "sampling_params": {"max_completion_tokens": 8, "temperature": 1.0}}
-              for i in range(5)]
+    others = [
+        {"text": f"other {i}", "sampling_params": {"max_completion_tokens": 8, "temperature": 1.0}} for i in range(5)
+    ]
     together = asyncio.run(_post_all(server.url, [p] + others))
     assert together[0]["text"] == alone
 
@@ -126,8 +145,11 @@ def test_prefix_cache_reuses_pages(server):
 
 async def _burst(url, n):
     async def one(i):
-        payload = {"text": f"burst {i}", "stream": True,
-                   "sampling_params": {"max_completion_tokens": 24, "ignore_eos": True}}
+        payload = {
+            "text": f"burst {i}",
+            "stream": True,
+            "sampling_params": {"max_completion_tokens": 24, "ignore_eos": True},
+        }
         async with httpx.AsyncClient(timeout=120) as client:
             async with client.stream("POST", f"{url}/generate", json=payload) as r:
                 got = 0
@@ -137,6 +159,7 @@ async def _burst(url, n):
                         if i % 4 == 0 and got == 2:
                             return "disconnected"
                 return "done"
+
     return await asyncio.gather(*(one(i) for i in range(n)))
 
 
@@ -159,8 +182,14 @@ def test_burst_with_disconnects_returns_every_page(server):
 def test_small_pool_completes_everything(tiny_program):
     s = ServerThread(_cfg(tiny_program, kv_pages=12, max_queue=64))
     try:
-        payloads = [{"text": f"pool pressure {i} " * 2, "return_input_ids": True,
-                     "sampling_params": {"max_completion_tokens": 30, "ignore_eos": True}} for i in range(12)]
+        payloads = [
+            {
+                "text": f"pool pressure {i} " * 2,
+                "return_input_ids": True,
+                "sampling_params": {"max_completion_tokens": 30, "ignore_eos": True},
+            }
+            for i in range(12)
+        ]
         alone = gen(s, payloads[0]).json()["responses"][0]["responses"][0]
         results = asyncio.run(_post_all(s.url, payloads))
         assert all(r["finish_reason"] == "length" and len(r["token_ids"]) == 30 for r in results)
@@ -171,19 +200,22 @@ def test_small_pool_completes_everything(tiny_program):
         s.stop()
 
 
-@pytest.mark.parametrize("body,needle", [
-    ("{not json", "malformed JSON"),
-    ({"text": 5}, "text"),
-    ({"text": "hi", "sampling_params": {"max_completion_tokens": -3}}, "max_completion_tokens"),
-    ({"text": "hi", "sampling_params": {"max_completion_tokens": 10**9}}, "max_completion_tokens"),
-    ({"text": "hi", "sampling_params": {"temperature": -1}}, "temperature"),
-    ({"text": "hi", "sampling_params": {"top_p": 0}}, "top_p"),
-    ({"text": "hi", "input_ids": [3, 4]}, "exactly one"),
-    ({"input_ids": [3, 4000]}, "outside the vocabulary"),
-    ({"text": ""}, "empty"),
-    ({"text": "x" * 600}, "context"),
-    ({"text": "hi", "sampling_params": {"bogus": 1}}, "bogus"),
-])
+@pytest.mark.parametrize(
+    "body,needle",
+    [
+        ("{not json", "malformed JSON"),
+        ({"text": 5}, "text"),
+        ({"text": "hi", "sampling_params": {"max_completion_tokens": -3}}, "max_completion_tokens"),
+        ({"text": "hi", "sampling_params": {"max_completion_tokens": 10**9}}, "max_completion_tokens"),
+        ({"text": "hi", "sampling_params": {"temperature": -1}}, "temperature"),
+        ({"text": "hi", "sampling_params": {"top_p": 0}}, "top_p"),
+        ({"text": "hi", "input_ids": [3, 4]}, "exactly one"),
+        ({"input_ids": [3, 4000]}, "outside the vocabulary"),
+        ({"text": ""}, "empty"),
+        ({"text": "x" * 600}, "context"),
+        ({"text": "hi", "sampling_params": {"bogus": 1}}, "bogus"),
+    ],
+)
 def test_bad_input_is_a_400_with_a_hint(server, body, needle):
     if isinstance(body, str):
         r = httpx.post(f"{server.url}/generate", content=body, headers={"content-type": "application/json"})
@@ -199,9 +231,11 @@ def test_queue_full_is_503_with_retry_after(tiny_program):
     s = ServerThread(_cfg(tiny_program, max_queue=2))
     try:
         payload = {"text": "queue", "sampling_params": {"max_completion_tokens": 40, "ignore_eos": True}}
+
         async def many():
             async with httpx.AsyncClient(timeout=120) as client:
                 return await asyncio.gather(*(client.post(f"{s.url}/generate", json=payload) for _ in range(6)))
+
         rs = asyncio.run(many())
         codes = sorted(r.status_code for r in rs)
         assert 200 in codes and 503 in codes
@@ -212,8 +246,14 @@ def test_queue_full_is_503_with_retry_after(tiny_program):
 
 
 def test_two_devices_share_the_load(tiny_program, server):
-    payloads = [{"text": f"device spread {i}", "return_input_ids": True,
-                 "sampling_params": {"max_completion_tokens": 6, "ignore_eos": True}} for i in range(8)]
+    payloads = [
+        {
+            "text": f"device spread {i}",
+            "return_input_ids": True,
+            "sampling_params": {"max_completion_tokens": 6, "ignore_eos": True},
+        }
+        for i in range(8)
+    ]
     alone = [gen(server, p).json()["responses"][0]["responses"][0] for p in payloads]
     s = ServerThread(_cfg(tiny_program, device_ids=[0, 1]))
     try:
@@ -224,8 +264,10 @@ def test_two_devices_share_the_load(tiny_program, server):
 
 
 def test_n_and_stop_strings(server):
-    r = gen(server, {"text": "n copies", "sampling_params": {"max_completion_tokens": 8, "n": 2,
-                                                               "temperature": 1.0, "seed": 3}})
+    r = gen(
+        server,
+        {"text": "n copies", "sampling_params": {"max_completion_tokens": 8, "n": 2, "temperature": 1.0, "seed": 3}},
+    )
     assert r.status_code == 200, r.text
     outs = r.json()["responses"][0]["responses"]
     assert len(outs) == 2 and all(o["text"] for o in outs)
@@ -234,10 +276,10 @@ def test_n_and_stop_strings(server):
         text = gen(server, {"text": prompt, "sampling_params": params}).json()["responses"][0]["responses"][0]["text"]
         if len(text) >= 4:  # (the tiny random model often emits special tokens, which have no text)
             break
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     r = gen(server, {"text": prompt, "sampling_params": {**params, "stop": [stop]}}).json()
     out = r["responses"][0]["responses"][0]
-    assert out["text"] == text[:text.index(stop)] and out["finish_reason"] == "stop"
+    assert out["text"] == text[: text.index(stop)] and out["finish_reason"] == "stop"
 
 
 def test_max_tokens_per_request(tiny_program):

@@ -29,10 +29,22 @@ TEXTS = [
 ]
 
 
-def write_gguf(path: Path, tokens: list[str], types: list[int], *, model: str = "llama", pre: str | None = None,
-               scores: list[float] | None = None, merges: list[str] | None = None, bos: int | None = 1,
-               eos: int | None = 2, unk: int | None = 0, add_bos: bool | None = None,
-               chat_template: str | None = None, add_space_prefix: bool | None = None) -> Path:
+def write_gguf(
+    path: Path,
+    tokens: list[str],
+    types: list[int],
+    *,
+    model: str = "llama",
+    pre: str | None = None,
+    scores: list[float] | None = None,
+    merges: list[str] | None = None,
+    bos: int | None = 1,
+    eos: int | None = 2,
+    unk: int | None = 0,
+    add_bos: bool | None = None,
+    chat_template: str | None = None,
+    add_space_prefix: bool | None = None,
+) -> Path:
     """A GGUF with tokenizer metadata, minimal llama metadata and one tiny tensor (enough for transformers)."""
     w = gguf.GGUFWriter(str(path), "llama")
     w.add_block_count(1)
@@ -77,11 +89,46 @@ def hf_gguf_tokenizer(path: Path):
 
 # --- a tiny SentencePiece (llama) vocabulary --------------------------------------------------
 
-SPM_PIECES = ["▁", "▁h", "▁he", "▁hel", "▁hell", "▁hello", "▁w", "▁wo", "▁wor", "▁world",
-              "h", "e", "l", "o", "w", "r", "d", "ll", "lo", "or", "ld",
-              "▁t", "▁th", "▁the", "t", "▁▁", "a", "▁a"]
-SPM_TEXTS = ["hello world", " hello  world", "héllo wörld ☃", "the<|im_end|>the", "", "日本 hello\tworld\n",
-             "a a a", "unknown: ß∑😀"]
+SPM_PIECES = [
+    "▁",
+    "▁h",
+    "▁he",
+    "▁hel",
+    "▁hell",
+    "▁hello",
+    "▁w",
+    "▁wo",
+    "▁wor",
+    "▁world",
+    "h",
+    "e",
+    "l",
+    "o",
+    "w",
+    "r",
+    "d",
+    "ll",
+    "lo",
+    "or",
+    "ld",
+    "▁t",
+    "▁th",
+    "▁the",
+    "t",
+    "▁▁",
+    "a",
+    "▁a",
+]
+SPM_TEXTS = [
+    "hello world",
+    " hello  world",
+    "héllo wörld ☃",
+    "the<|im_end|>the",
+    "",
+    "日本 hello\tworld\n",
+    "a a a",
+    "unknown: ß∑😀",
+]
 
 
 @pytest.fixture(scope="module")
@@ -89,8 +136,9 @@ def spm_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
     tokens = ["<unk>", "<s>", "</s>", *(f"<0x{i:02X}>" for i in range(256)), *SPM_PIECES, "<|im_end|>"]
     types = [2, 3, 3, *[6] * 256, *[1] * len(SPM_PIECES), 3]
     scores = [0.0] * 259 + [-float(i) for i in range(len(SPM_PIECES))] + [0.0]
-    return write_gguf(tmp_path_factory.mktemp("spm") / "spm.gguf", tokens, types, scores=scores,
-                      chat_template="{{ messages }}")
+    return write_gguf(
+        tmp_path_factory.mktemp("spm") / "spm.gguf", tokens, types, scores=scores, chat_template="{{ messages }}"
+    )
 
 
 def test_spm_matches_hf_conversion(spm_gguf: Path) -> None:
@@ -105,16 +153,23 @@ def test_spm_matches_hf_conversion(spm_gguf: Path) -> None:
     # Unknown characters fall back to their UTF-8 bytes.
     assert tok.encode("ß", add_special_tokens=False).tokens == ["▁", "<0xC3>", "<0x9F>"]
     assert tok.decode(tok.encode("héllo wörld ☃").ids) == "héllo wörld ☃"
-    assert info == TokenizerInfo(bos_id=1, eos_id=2, eot_ids=[2, 287], pad_id=None, add_bos=True, add_eos=False,
-                                 chat_template="{{ messages }}", bos_token="<s>", eos_token="</s>")
+    assert info == TokenizerInfo(
+        bos_id=1,
+        eos_id=2,
+        eot_ids=[2, 287],
+        pad_id=None,
+        add_bos=True,
+        add_eos=False,
+        chat_template="{{ messages }}",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
 
 
 def test_spm_add_space_prefix_false_is_honoured(tmp_path: Path, spm_gguf: Path) -> None:
     """HF ignores tokenizer.ggml.add_space_prefix; llama.cpp (and we) add no leading ▁ when it is false."""
     fields = gguf.GGUFReader(spm_gguf).fields
-    tokens, types, scores = (
-        fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "token_type", "scores")
-    )
+    tokens, types, scores = (fields[f"tokenizer.ggml.{key}"].contents() for key in ("tokens", "token_type", "scores"))
     path = write_gguf(tmp_path / "nospace.gguf", tokens, types, scores=scores, add_space_prefix=False)
     tok, _ = tokenizer_from_gguf(path)
     assert tok.encode("hello world", add_special_tokens=False).tokens == ["h", "e", "ll", "o", "▁world"]
@@ -132,8 +187,7 @@ def byte_level_gguf(path: Path, pre: str) -> Path:
     merged = [m.replace(" ", "") for m in merges]
     tokens = ["<|begin_of_text|>", "<|eot_id|>", *alphabet, *merged, "<think>"]
     types = [3, 3, *[1] * (len(alphabet) + len(merged)), 4]
-    return write_gguf(path, tokens, types, model="gpt2", pre=pre, merges=merges, bos=0, eos=1, unk=None,
-                      add_bos=True)
+    return write_gguf(path, tokens, types, model="gpt2", pre=pre, merges=merges, bos=0, eos=1, unk=None, add_bos=True)
 
 
 def test_llama_bpe_groups_digits_by_three(tmp_path: Path) -> None:
@@ -152,8 +206,9 @@ def test_smollm_pre_splits_like_llama_cpp(tmp_path: Path) -> None:
     """llama.cpp's smollm split is the regex list ["\\p{N}", gpt-2 regex]; ours is Digits then ByteLevel."""
     tok, _ = tokenizer_from_gguf(byte_level_gguf(tmp_path / "smollm.gguf", "smollm"))
     gpt2 = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
-    llama_cpp = pre_tokenizers.Sequence([pre_tokenizers.Split(Regex(r"\p{N}"), "isolated"),
-                                         pre_tokenizers.Split(Regex(gpt2), "isolated")])
+    llama_cpp = pre_tokenizers.Sequence(
+        [pre_tokenizers.Split(Regex(r"\p{N}"), "isolated"), pre_tokenizers.Split(Regex(gpt2), "isolated")]
+    )
     for text in [*TEXTS, " ½ ¼ x² ⅞ ٣٤ 一二", "a1b22 333\n\n 4"]:
         ours = [span for _, span in tok.pre_tokenizer.pre_tokenize_str(text)]
         assert ours == [span for _, span in llama_cpp.pre_tokenize_str(text)], text
@@ -198,14 +253,28 @@ def test_load_plain_hf_folder(tmp_path: Path, spm_gguf: Path) -> None:
     tok, _ = tokenizer_from_gguf(spm_gguf)
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(tmp_path / "tokenizer.json"))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": {"content": "</s>", "special": True},
-        "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
-    }))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": "<s>",
+                "eos_token": {"content": "</s>", "special": True},
+                "chat_template": [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}],
+            }
+        )
+    )
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 287]}))
     _, info = load_tokenizer(tmp_path)
-    assert info == TokenizerInfo(bos_id=1, eos_id=2, eot_ids=[2, 287], pad_id=None, add_bos=True, add_eos=False,
-                                 chat_template="D", bos_token="<s>", eos_token="</s>")
+    assert info == TokenizerInfo(
+        bos_id=1,
+        eos_id=2,
+        eot_ids=[2, 287],
+        pad_id=None,
+        add_bos=True,
+        add_eos=False,
+        chat_template="D",
+        bos_token="<s>",
+        eos_token="</s>",
+    )
     with pytest.raises(FileNotFoundError, match="tokenizer.json"):
         load_tokenizer(tmp_path / "missing")
 

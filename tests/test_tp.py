@@ -27,9 +27,27 @@ ROOT = __import__("pathlib").Path(__file__).resolve().parents[1]
 
 
 def export_tp(source_flag, source, out, tp, *extra):
-    assert paged_llm.main([source_flag, str(source), "--output-dir", str(out), "--bs-prefill", "1,2",
-                           "--bs-decode", "1,4", "--block-seq-stride", str(STRIDE), "--device-block-count", "64",
-                           *(["--tensor-parallelism-size", str(tp)] if tp else []), *extra]) == 0
+    assert (
+        paged_llm.main(
+            [
+                source_flag,
+                str(source),
+                "--output-dir",
+                str(out),
+                "--bs-prefill",
+                "1,2",
+                "--bs-decode",
+                "1,4",
+                "--block-seq-stride",
+                str(STRIDE),
+                "--device-block-count",
+                "64",
+                *(["--tensor-parallelism-size", str(tp)] if tp else []),
+                *extra,
+            ]
+        )
+        == 0
+    )
     return out
 
 
@@ -41,14 +59,27 @@ def mha(tiny_models):
 @pytest.fixture(scope="module")
 def programs(mha, tmp_path_factory):
     """The tiny MHA model at TP=1, 2 (exported from `python -m sharding`'s files) and 4, compiled."""
-    from tests.tiny import char_tokenizer
     from models.tokenizer import save_tokenizer
+    from tests.tiny import char_tokenizer
 
     root = tmp_path_factory.mktemp("tp")
     out = {1: export_tp("--gguf-file", mha, root / "tp1", None), 4: export_tp("--gguf-file", mha, root / "tp4", 4)}
-    shard = subprocess.run([sys.executable, "-m", "sharding", "--gguf-file", str(mha), "--tensor-parallelism-size",
-                            "2", "--output-irpa", str(root / "sharded" / "model.irpa")], cwd=ROOT,
-                           capture_output=True, text=True)
+    shard = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sharding",
+            "--gguf-file",
+            str(mha),
+            "--tensor-parallelism-size",
+            "2",
+            "--output-irpa",
+            str(root / "sharded" / "model.irpa"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert shard.returncode == 0, shard.stderr
     save_tokenizer(*char_tokenizer(), root / "sharded")  # as sharding writes a GGUF's tokenizer there
     out[2] = export_tp("--irpa-file", root / "sharded" / "model.irpa", root / "tp2", None)
@@ -72,16 +103,31 @@ def test_eager_sharded_equals_unsharded(mha):
 
 
 def test_heads_that_do_not_divide_say_why():
-    smollm2_like = LlamaConfig(vocab_size=64, hidden_size=576, intermediate_size=1536, num_layers=1, num_heads=9,
-                               num_kv_heads=3, head_dim=64)
+    smollm2_like = LlamaConfig(
+        vocab_size=64, hidden_size=576, intermediate_size=1536, num_layers=1, num_heads=9, num_kv_heads=3, head_dim=64
+    )
     check_tp(smollm2_like, 3)
     with pytest.raises(ModelError, match=r"must divide the model's attention heads 9, KV heads 3.*over \[1, 3\]"):
         check_tp(smollm2_like, 2)
 
 
 def test_sharding_cli_errors_clearly(mha, tmp_path):
-    r = subprocess.run([sys.executable, "-m", "sharding", "--gguf-file", str(mha), "--tensor-parallelism-size", "3",
-                        "--output-irpa", str(tmp_path / "m.irpa")], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sharding",
+            "--gguf-file",
+            str(mha),
+            "--tensor-parallelism-size",
+            "3",
+            "--output-irpa",
+            str(tmp_path / "m.irpa"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "tensor parallelism 3 must divide" in r.stderr and "[1, 2, 4]" in r.stderr
 
 
@@ -122,8 +168,13 @@ def _same_outputs(one: Runner, many: Runner, tol: float = 1e-5) -> None:
 def test_compiled_tp_equals_tp1_logits_and_cache(programs, tp):
     def runner(t):
         abi = ModelABI.load(programs[t] / "config.json")
-        return Runner(programs[t] / "model.vmfb", [programs[t] / f for f in abi.parameter_files], abi, 16,
-                      device_ids=list(range(t)))
+        return Runner(
+            programs[t] / "model.vmfb",
+            [programs[t] / f for f in abi.parameter_files],
+            abi,
+            16,
+            device_ids=list(range(t)),
+        )
 
     one, many = runner(1), runner(tp)
     _same_outputs(one, many)
@@ -143,29 +194,39 @@ def test_bfloat16_cache_on_two_devices_equals_one(mha, tmp_path):
         out[tp] = export_tp("--gguf-file", mha, tmp_path / f"tp{tp}", tp, "--kv-cache-dtype", "bfloat16")
         compile_mlir(CompileRequest(out[tp] / "model.mlir", devices=tp), out[tp] / "model.vmfb")
     abis = {t: ModelABI.load(out[t] / "config.json") for t in out}
-    one, two = (Runner(out[t] / "model.vmfb", [out[t] / f for f in abis[t].parameter_files], abis[t], 16,
-                       device_ids=list(range(t))) for t in (1, 2))
+    one, two = (
+        Runner(
+            out[t] / "model.vmfb", [out[t] / f for f in abis[t].parameter_files], abis[t], 16, device_ids=list(range(t))
+        )
+        for t in (1, 2)
+    )
     # (up to a K/V value on a bfloat16 rounding boundary: the two programs sum in different orders)
     _same_outputs(one, two, tol=1e-4)
+
     def values(cache, heads):  # [page][layer][k|v][slot][head][dim] as floats
         return torch.from_numpy(cache).view(torch.bfloat16).float().numpy().reshape(16, 2, 2, STRIDE, heads, 16)
+
     assert one.read_cache().dtype == np.int32 and one.read_cache().shape == (16, 1024)
     full = values(one.read_cache(), 4)
     for r in range(2):
         assert two.read_cache(r).shape == (16, 512)
         # (a value on a rounding boundary may land one bfloat16 step apart)
-        slab, want = values(two.read_cache(r), 2)[1:], full[1:, :, :, :, 2 * r:2 * r + 2]
-        assert np.allclose(slab, want, rtol=2 ** -7, atol=1e-6)
+        slab, want = values(two.read_cache(r), 2)[1:], full[1:, :, :, :, 2 * r : 2 * r + 2]
+        assert np.allclose(slab, want, rtol=2**-7, atol=1e-6)
 
 
 def test_server_on_n_devices_gives_the_same_tokens(programs):
     def serve(tp, ids):
         abi = ModelABI.load(programs[tp] / "config.json")
-        return ServerThread(tiny_config(programs[tp], parameters=[programs[tp] / f for f in abi.parameter_files],
-                                        device_ids=ids))
+        return ServerThread(
+            tiny_config(programs[tp], parameters=[programs[tp] / f for f in abi.parameter_files], device_ids=ids)
+        )
 
-    body = {"text": ["Hello there", "The quick brown fox jumps"],
-            "sampling_params": {"max_completion_tokens": 12, "ignore_eos": True}, "return_input_ids": True}
+    body = {
+        "text": ["Hello there", "The quick brown fox jumps"],
+        "sampling_params": {"max_completion_tokens": 12, "ignore_eos": True},
+        "return_input_ids": True,
+    }
     outs = {}
     for tp, ids in ((1, [0]), (2, [0, 1]), (4, [0, 1, 2, 3]), (2, [0, 1, 2, 3])):  # the last: 2 replicas of TP=2
         s = serve(tp, ids)
@@ -198,22 +259,40 @@ def test_sharded_mlir_compiles_for_hip_0_to_7(tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_tp3_equals_tp1(smollm2_path, smollm2_f32_artifacts, smollm2_tp3_artifacts, smollm2_reference,
-                                tmp_path):
+def test_smollm2_tp3_equals_tp1(
+    smollm2_path, smollm2_f32_artifacts, smollm2_tp3_artifacts, smollm2_reference, tmp_path
+):
     ids, ref, _ = smollm2_reference
-    r = subprocess.run([sys.executable, "-m", "sharding", "--gguf-file", str(smollm2_path),
-                        "--tensor-parallelism-size", "2", "--output-irpa", str(tmp_path / "m.irpa")],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "sharding",
+            "--gguf-file",
+            str(smollm2_path),
+            "--tensor-parallelism-size",
+            "2",
+            "--output-irpa",
+            str(tmp_path / "m.irpa"),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
     assert r.returncode == 2 and "attention heads 9" in r.stderr  # 9 heads, 3 KV heads: N=2 cannot work
     art, one = smollm2_tp3_artifacts, smollm2_f32_artifacts
-    body = {"input_ids": ids, "sampling_params": {"max_completion_tokens": 32, "ignore_eos": True},
-            "return_input_ids": True}
+    body = {
+        "input_ids": ids,
+        "sampling_params": {"max_completion_tokens": 32, "ignore_eos": True},
+        "return_input_ids": True,
+    }
     tokens = {}
     for name, a, devices in (("tp1", one, [0]), ("tp3", art, [0, 1, 2])):
         s = ServerThread(tiny_config(a.dir, vmfb=a.vmfb, parameters=a.parameters, device_ids=devices))
         try:
-            tokens[name] = httpx.post(f"{s.url}/generate", json=body, timeout=300).json()[
-                "responses"][0]["responses"][0]["token_ids"]
+            tokens[name] = httpx.post(f"{s.url}/generate", json=body, timeout=300).json()["responses"][0]["responses"][
+                0
+            ]["token_ids"]
             if name == "tp3":  # logits within f32 round-off of the unsharded program's
                 runner = s.engine.schedulers[0].runner
                 pages = np.array([list(range(1, 4))])
@@ -221,7 +300,8 @@ def test_smollm2_tp3_equals_tp1(smollm2_path, smollm2_f32_artifacts, smollm2_tp3
                 got = runner.prefill(toks, np.zeros(1), np.array([len(ids)]), pages)
                 abi = ModelABI.load(one.config)
                 want = Runner(one.vmfb, one.parameters, abi, 8, device_ids=[5]).prefill(
-                    toks, np.zeros(1), np.array([len(ids)]), pages)
+                    toks, np.zeros(1), np.array([len(ids)]), pages
+                )
                 assert np.abs(got - want).max() <= 1e-3 * max(1.0, np.abs(want).max())
         finally:
             s.stop()

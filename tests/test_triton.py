@@ -32,8 +32,15 @@ def triton(server, payload, model="ensemble"):
 
 
 def generate_greedy(server, text, n, ignore_eos=False):
-    r = post(server, "/generate", {"text": text, "return_input_ids": True,
-                                   "sampling_params": {"max_completion_tokens": n, "ignore_eos": ignore_eos}})
+    r = post(
+        server,
+        "/generate",
+        {
+            "text": text,
+            "return_input_ids": True,
+            "sampling_params": {"max_completion_tokens": n, "ignore_eos": ignore_eos},
+        },
+    )
     return r.json()["responses"][0]["responses"][0]
 
 
@@ -57,8 +64,12 @@ def test_the_curl_line(server):
 @pytest.mark.parametrize("path", ["/v2/models/{m}/generate", "/v2/models/{m}/versions/1/generate"])
 @pytest.mark.parametrize("model", [MODEL, "ensemble", "tensorrt_llm_bls", "tensorrt_llm"])
 def test_names_versions_and_parameters(server, path, model):
-    payload = {"text_input": "abc", "parameters": {"max_tokens": [5], "temperature": 0}, "unknown_field": 1,
-               "exclude_input_in_output": True}
+    payload = {
+        "text_input": "abc",
+        "parameters": {"max_tokens": [5], "temperature": 0},
+        "unknown_field": 1,
+        "exclude_input_in_output": True,
+    }
     r = post(server, path.format(m=model), payload)
     assert r.status_code == 200, r.text
     assert r.json()["model_name"] == model
@@ -94,10 +105,10 @@ def test_stop_words_end_id_and_bad_words(server):
     text, ids = out["text"], out["token_ids"]
     base = {"text_input": prompt, "max_tokens": 16, "exclude_input_in_output": True, "return_finish_reason": True}
     assert triton(server, {**base, "end_id": -1})["text_output"] == text  # end_id -1: EOS does not stop
-    stop = text[len(text) // 2: len(text) // 2 + 2]
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
     for stop_words in (stop, [stop], ["", "never appears", stop]):
         body = triton(server, {**base, "end_id": -1, "stop_words": stop_words})
-        assert body["text_output"] == text[:text.index(stop)] and body["finish_reason"] == "stop"
+        assert body["text_output"] == text[: text.index(stop)] and body["finish_reason"] == "stop"
     tok, info = char_tokenizer()
     end = ids[3]
     cut = next(i for i, t in enumerate(ids) if t == end or t == info.eos_id)
@@ -109,8 +120,14 @@ def test_stop_words_end_id_and_bad_words(server):
 
 
 def test_sampling_is_seeded(server):
-    payload = {"text_input": "seeded", "max_tokens": 10, "temperature": 1.0, "top_k": 50, "random_seed": 7,
-               "end_id": -1}
+    payload = {
+        "text_input": "seeded",
+        "max_tokens": 10,
+        "temperature": 1.0,
+        "top_k": 50,
+        "random_seed": 7,
+        "end_id": -1,
+    }
     first = triton(server, payload)["text_output"]
     del payload["random_seed"]
     assert triton(server, {**payload, "seed": 7})["text_output"] == first  # vLLM's name works too
@@ -136,22 +153,25 @@ def test_health_and_metadata(server):
     assert r.status_code == 404 and set(r.json()) == {"error"}
 
 
-@pytest.mark.parametrize("change,needle", [
-    ({"max_tokens": -3}, "max_tokens"),
-    ({"max_tokens": None}, "max_tokens"),
-    ({"max_tokens": 10**9}, "max_tokens"),
-    ({"temperature": -1}, "temperature"),
-    ({"temperature": 1000}, "temperature"),
-    ({"top_p": 2}, "top_p"),
-    ({"top_k": -2}, "top_k"),
-    ({"text_input": None}, "text_input"),
-    ({"text_input": ""}, "text_input"),
-    ({"text_input": "x" * 600}, "context"),
-    ({"end_id": 4000}, "end_id"),
-    ({"stop_words": [str(i) for i in range(17)]}, "stop_words"),
-    ({"presence_penalty": 5}, "presence_penalty"),
-    ({"beam_width": 2}, "beam_width"),
-])
+@pytest.mark.parametrize(
+    "change,needle",
+    [
+        ({"max_tokens": -3}, "max_tokens"),
+        ({"max_tokens": None}, "max_tokens"),
+        ({"max_tokens": 10**9}, "max_tokens"),
+        ({"temperature": -1}, "temperature"),
+        ({"temperature": 1000}, "temperature"),
+        ({"top_p": 2}, "top_p"),
+        ({"top_k": -2}, "top_k"),
+        ({"text_input": None}, "text_input"),
+        ({"text_input": ""}, "text_input"),
+        ({"text_input": "x" * 600}, "context"),
+        ({"end_id": 4000}, "end_id"),
+        ({"stop_words": [str(i) for i in range(17)]}, "stop_words"),
+        ({"presence_penalty": 5}, "presence_penalty"),
+        ({"beam_width": 2}, "beam_width"),
+    ],
+)
 def test_bad_input_is_a_400_naming_the_field(server, change, needle):
     payload = {k: v for k, v in {**CURL, **change}.items() if v is not None}
     for route in ("generate", "generate_stream"):
@@ -166,15 +186,21 @@ def test_bad_input_is_a_400_naming_the_field(server, change, needle):
 def test_not_loaded_is_503():
     with TestClient(create_app({})) as client:
         assert client.get("/v2/health/live").status_code == 200
-        for r in (client.get("/v2/health/ready"), client.get("/v2/models/ensemble"),
-                  client.post("/v2/models/ensemble/generate", json=CURL)):
+        for r in (
+            client.get("/v2/health/ready"),
+            client.get("/v2/models/ensemble"),
+            client.post("/v2/models/ensemble/generate", json=CURL),
+        ):
             assert r.status_code == 503 and r.headers["retry-after"] and set(r.json()) == {"error"}
 
 
 def cancelled(server):
     text = httpx.get(f"{server.url}/metrics").text
-    return sum(float(line.split()[-1]) for line in text.splitlines()
-               if line.startswith('aotllm_requests_finished_total{finish_reason="cancelled"}'))
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith('aotllm_requests_finished_total{finish_reason="cancelled"}')
+    )
 
 
 def test_stream_disconnect_frees_the_pages(server):
@@ -184,9 +210,11 @@ def test_stream_disconnect_frees_the_pages(server):
         events = (line for line in r.iter_lines() if line.startswith("data: "))
         next(events), next(events)  # two pieces, then the client goes away
     deadline = time.time() + 30
-    while time.time() < deadline and not (all(s.used == 0 for s in server.engine.pool_stats())
-                                          and all(s.load == 0 for s in server.engine.schedulers)
-                                          and cancelled(server) == before + 1):  # counted at stream teardown
+    while time.time() < deadline and not (
+        all(s.used == 0 for s in server.engine.pool_stats())
+        and all(s.load == 0 for s in server.engine.schedulers)
+        and cancelled(server) == before + 1
+    ):  # counted at stream teardown
         time.sleep(0.1)
     assert all(s.used == 0 for s in server.engine.pool_stats()) and cancelled(server) == before + 1
     assert triton(server, CURL)["text_output"]
@@ -199,8 +227,10 @@ def test_queue_full_is_503_with_retry_after(tiny_program):
 
         async def many():
             async with httpx.AsyncClient(timeout=120) as client:
-                return await asyncio.gather(*(client.post(f"{s.url}/v2/models/ensemble/generate", json=payload)
-                                              for _ in range(6)))
+                return await asyncio.gather(
+                    *(client.post(f"{s.url}/v2/models/ensemble/generate", json=payload) for _ in range(6))
+                )
+
         rs = asyncio.run(many())
         assert {r.status_code for r in rs} == {200, 503}
         busy = next(r for r in rs if r.status_code == 503)
@@ -216,7 +246,7 @@ def test_smollm2_answers_the_curl_line(smollm2_f32_artifacts):
     s = ServerThread(EngineConfig(vmfb=art.vmfb, parameters=[art.irpa], model_config=art.config, tokenizer=art.dir))
     try:
         body = post(s, "/v2/models/ensemble/generate", CURL).json()
-        answer = body["text_output"][len(CURL["text_input"]):]
+        answer = body["text_output"][len(CURL["text_input"]) :]
         assert body["text_output"].startswith(CURL["text_input"])
         assert sum(c.isalpha() for c in answer) >= 20, answer
         chunks = stream(s, {**CURL, "stream": True})

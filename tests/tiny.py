@@ -39,13 +39,26 @@ def hf_model(v: Variant, seed: int = 0):
     import transformers
 
     kw = dict(
-        vocab_size=v.vocab, hidden_size=v.hidden, intermediate_size=v.intermediate, num_hidden_layers=v.layers,
-        num_attention_heads=v.heads, num_key_value_heads=v.kv_heads, head_dim=v.head_dim or v.hidden // v.heads,
-        rms_norm_eps=1e-5, max_position_embeddings=512, tie_word_embeddings=v.tied, rope_theta=v.theta,
+        vocab_size=v.vocab,
+        hidden_size=v.hidden,
+        intermediate_size=v.intermediate,
+        num_hidden_layers=v.layers,
+        num_attention_heads=v.heads,
+        num_key_value_heads=v.kv_heads,
+        head_dim=v.head_dim or v.hidden // v.heads,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=512,
+        tie_word_embeddings=v.tied,
+        rope_theta=v.theta,
     )
     if v.llama3_rope:
-        kw["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                              "high_freq_factor": 4.0, "original_max_position_embeddings": 64}
+        kw["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        }
     cfg = transformers.LlamaConfig(**kw)
     torch.manual_seed(seed)
     model = transformers.LlamaForCausalLM(cfg).eval()
@@ -64,7 +77,6 @@ def save_hf(model, folder: Path) -> Path:
 def write_gguf(model, path: Path, quant: dict[str, str] | None = None) -> Path:
     """Write `model` as llama.cpp's convert_hf_to_gguf would: permuted Q/K, rope_freqs for llama3."""
     import gguf
-    from models.config import config_from_hf
 
     cfg = model.config
     c = config_from_hf_dict(cfg)
@@ -123,8 +135,13 @@ def config_from_hf_dict(cfg):
 
 
 # Byte offsets of the f16 scale fields in one block of each K-quant (llama.cpp's block layouts).
-_K_BLOCK = {"Q2_K": (84, (80, 82)), "Q3_K": (110, (108,)), "Q4_K": (144, (0, 2)),
-            "Q5_K": (176, (0, 2)), "Q6_K": (210, (208,))}
+_K_BLOCK = {
+    "Q2_K": (84, (80, 82)),
+    "Q3_K": (110, (108,)),
+    "Q4_K": (144, (0, 2)),
+    "Q5_K": (176, (0, 2)),
+    "Q6_K": (210, (208,)),
+}
 
 
 def random_kquant(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray:
@@ -133,7 +150,7 @@ def random_kquant(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray
     rng = np.random.default_rng(seed)
     blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
     for off in scale_offsets:
-        blocks[:, :, off:off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
+        blocks[:, :, off : off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
     return blocks.reshape(rows, -1)
 
 
