@@ -1,5 +1,5 @@
 """Helpers that drive the eager paged model the way the server drives the compiled one (and the compiled
-one, through serve.runner, the same way)."""
+one, through serve.core.runner, the same way)."""
 
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ def greedy(model: PagedLlama, prompt: list[int], n_new: int, page_ids: list[int]
 
 
 def compiled_greedy(runner, prompt: list[int], n_new: int, pages: np.ndarray) -> list[int]:
-    """`greedy` through a serve.runner.Runner: one prefill, then decode steps, on the given page table."""
+    """`greedy` through a serve.core.runner.Runner: one prefill, then decode steps, on the given page table."""
     s = runner.abi.block_seq_stride
     logits = runner.prefill(np.array([padded(prompt, s)]), np.array([0]), np.array([len(prompt)]), pages)
     out = [int(logits[0].argmax())]

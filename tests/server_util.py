@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import uvicorn
+from fastapi.testclient import TestClient
 
-from serve.api import create_app
-from serve.engine import Engine, EngineConfig
+from serve.core.engine import Engine, EngineConfig
+from serve.frontends.app import create_app
 
 
 def free_port() -> int:
@@ -21,34 +25,49 @@ def free_port() -> int:
 
 class ServerThread:
     def __init__(self, cfg: EngineConfig):
-        self.state: dict = {}
-        app = create_app(self.state)
-        state = self.state
+        self._engine: Engine | None = None
 
-        @app.on_event("startup")
-        async def _start():
-            engine = Engine(cfg)
-            await engine.start()
-            state["engine"] = engine
+        def load(report) -> Engine:
+            self._engine = Engine(cfg)
+            return self._engine
 
+        app = create_app(load)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60
-        while not (self.server.started and "engine" in self.state):
+        while not (self.server.started and httpx.get(f"{self.url}/health", timeout=5).status_code == 200):
             if time.time() > deadline or not self.thread.is_alive():
                 raise RuntimeError("test server did not start")
             time.sleep(0.05)
 
     @property
     def engine(self) -> Engine:
-        return self.state["engine"]
+        assert self._engine is not None
+        return self._engine
 
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=10)
+
+
+@contextlib.contextmanager
+def loading_client(status: str = "loading the model") -> Iterator[TestClient]:
+    """A client of an app whose engine is still loading: its loader waits until the block ends."""
+    release = threading.Event()
+
+    def load(report) -> Engine:
+        report(status)
+        release.wait()
+        raise RuntimeError("the test ended before the model loaded")
+
+    try:
+        with TestClient(create_app(load)) as client:
+            yield client
+    finally:
+        release.set()
 
 
 TINY_MODEL_NAME = "tiny-llama"
@@ -58,7 +77,7 @@ def export_served_tiny(gguf_path: Path, out: Path, stride: int = 8) -> Path:
     """The tiny llama31 model exported (prefill 1,4 / decode 1,4,8), compiled, with a char tokenizer."""
     from compile import CompileRequest, compile_mlir
     from export import paged_llm
-    from models.tokenizer import save_tokenizer
+    from models.gguf_tokenizer import save_tokenizer
     from tests.tiny import char_tokenizer
 
     assert (

@@ -4,7 +4,13 @@ import json
 
 import pytest
 
-from serve.chat_template import BUILTIN_TEMPLATES, ChatTemplateError, encode_prompt, render_chat, resolve_template
+from serve.frontends.chat_template import (
+    BUILTIN_TEMPLATES,
+    ChatTemplateError,
+    encode_prompt,
+    render_chat,
+    resolve_template,
+)
 from tests.tiny import char_tokenizer
 
 # SmolLM2-135M-Instruct's template, as its GGUF stores it (the slow test checks that it still does)
@@ -128,7 +134,7 @@ def test_encode_prompt_adds_bos_once():
 def test_smollm2_gguf_template_equals_hf(smollm2_path):
     import transformers
 
-    from models.tokenizer import tokenizer_from_gguf
+    from models.gguf_tokenizer import tokenizer_from_gguf
 
     tok, info = tokenizer_from_gguf(smollm2_path)
     assert info.chat_template == SMOLLM2

@@ -303,9 +303,9 @@ def test_client_cancel_frees_the_sequence(served):
 
 
 def test_response_mapping_of_the_end_token():
-    from serve.grpc_api import Job, response
-    from serve.sampling import SamplingParams
-    from serve.scheduler import Event, Sequence
+    from serve.core.sampling import SamplingParams
+    from serve.core.scheduler import Event, Sequence
+    from serve.frontends.grpc_api import Job, response
 
     def job(stop_ids, out, reason):
         seq = Sequence(
@@ -333,11 +333,13 @@ def test_response_mapping_of_the_end_token():
 
 
 def test_unavailable_while_loading():
-    from serve.grpc_api import CallError, LLMService
-    from serve.metrics import Metrics
+    from serve.frontends.grpc_api import CallError, LLMService
+    from serve.frontends.metrics import Metrics
+    from serve.frontends.state import ServerState
 
     with pytest.raises(CallError) as err:
-        LLMService({"status": "loading the model"}, Metrics({}))._submit(llm_pb2.BatchedRequest(req=[request()]), "r")
+        state = ServerState(Metrics(), status="loading the model")
+        LLMService(state)._submit(llm_pb2.BatchedRequest(req=[request()]), "r")
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "loading the model" in err.value.message
 
 

@@ -1,6 +1,6 @@
 """serve/kv_pages.py: allocation, reference counts, prefix cache and LRU eviction."""
 
-from serve.kv_pages import PagePool
+from serve.core.kv_pages import PagePool
 
 
 def test_allocate_release_never_hands_out_page_zero():

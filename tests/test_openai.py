@@ -9,15 +9,13 @@ from types import SimpleNamespace
 import httpx
 import openai
 import pytest
-from fastapi.testclient import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
-from serve.api import create_app
-from serve.chat_template import BUILTIN_TEMPLATES, encode_prompt, render_chat
-from serve.engine import EngineConfig
-from serve.metrics import Metrics
-from serve.scheduler import Event
-from tests.server_util import TINY_MODEL_NAME, ServerThread, tiny_config
+from serve.core.engine import EngineConfig
+from serve.core.scheduler import Event
+from serve.frontends.chat_template import BUILTIN_TEMPLATES, encode_prompt, render_chat
+from serve.frontends.metrics import Metrics
+from tests.server_util import TINY_MODEL_NAME, ServerThread, loading_client, tiny_config
 from tests.tiny import char_tokenizer
 
 MODEL = TINY_MODEL_NAME
@@ -438,7 +436,7 @@ def test_client_disconnects_cancel_and_free_pages(server):
 
 def test_sequence_timer_counts_once_per_sequence():
     seq = SimpleNamespace(arrival=time.monotonic())
-    m = Metrics({})
+    m = Metrics()
     outer, inner = m.timer(seq), m.timer(seq)  # two observers of one sequence
     for ev in (Event(text="a", token_ids=[5]), Event(text="b", token_ids=[6]), Event(finish_reason="stop")):
         inner(ev)
@@ -453,7 +451,7 @@ def test_sequence_timer_counts_once_per_sequence():
     gone = m.timer(seq)  # closed timers release the sequence; one that never finishes counts as cancelled
     gone.close()
     assert value("aotllm_requests_finished_total", {"finish_reason": "cancelled"}) == 1
-    assert Metrics({}).registry.get_sample_value("aotllm_requests_finished_total", {"finish_reason": "stop"}) is None
+    assert Metrics().registry.get_sample_value("aotllm_requests_finished_total", {"finish_reason": "stop"}) is None
 
 
 class _Records(logging.Handler):
@@ -489,7 +487,7 @@ def test_access_log_line_per_request(client):
 
 
 def test_loading_is_503_with_retry_after():
-    with TestClient(create_app({"status": "loading the model"})) as c:
+    with loading_client() as c:
         for r in (c.get("/v1/models"), c.post("/v1/chat/completions", json={"messages": CHAT})):
             assert r.status_code == 503 and r.headers["retry-after"]
             assert r.json()["error"]["type"] == "server_error"

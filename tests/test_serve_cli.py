@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from serve.__main__ import parse_args
+from serve.flags import parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 

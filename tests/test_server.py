@@ -9,7 +9,7 @@ import pytest
 
 from models.llama import PagedLlama
 from models.weights import load_weights
-from serve.engine import EngineConfig
+from serve.core.engine import EngineConfig
 from tests.eager import greedy
 from tests.server_util import ServerThread, tiny_config
 from tests.tiny import char_tokenizer
@@ -88,7 +88,7 @@ def test_stream_concatenates_to_non_stream(server):
     chunks = []
     with httpx.stream("POST", f"{server.url}/generate", json={**payload, "stream": True}, timeout=60) as r:
         assert r.headers["content-type"].startswith("text/event-stream")
-        lines = [l for l in r.iter_lines() if l]
+        lines = [x for x in r.iter_lines() if x]
     assert lines[-1] == "data: [DONE]"
     for line in lines[:-1]:
         chunks.append(json.loads(line[len("data: ") :]))

@@ -16,7 +16,7 @@ from models.config import LlamaConfig, ModelError
 from models.llama import PagedLlama
 from models.tp import check_tp
 from models.weights import load_weights, rank_paths
-from serve.runner import Runner
+from serve.core.runner import Runner
 from sharding import shard_tensors
 from tests.eager import padded
 from tests.server_util import ServerThread, tiny_config
@@ -59,7 +59,7 @@ def mha(tiny_models):
 @pytest.fixture(scope="module")
 def programs(mha, tmp_path_factory):
     """The tiny MHA model at TP=1, 2 (exported from `python -m sharding`'s files) and 4, compiled."""
-    from models.tokenizer import save_tokenizer
+    from models.gguf_tokenizer import save_tokenizer
     from tests.tiny import char_tokenizer
 
     root = tmp_path_factory.mktemp("tp")
@@ -241,7 +241,7 @@ def test_server_on_n_devices_gives_the_same_tokens(programs):
 
 
 def test_wrong_device_count_is_a_clear_error(programs):
-    from serve.engine import Engine
+    from serve.core.engine import Engine
 
     abi = ModelABI.load(programs[4] / "config.json")
     cfg = tiny_config(programs[4], parameters=[programs[4] / f for f in abi.parameter_files], device_ids=[0, 1])

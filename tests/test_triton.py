@@ -6,11 +6,9 @@ import time
 
 import httpx
 import pytest
-from fastapi.testclient import TestClient
 
-from serve.api import create_app
-from serve.engine import EngineConfig
-from tests.server_util import TINY_MODEL_NAME, ServerThread, tiny_config
+from serve.core.engine import EngineConfig
+from tests.server_util import TINY_MODEL_NAME, ServerThread, loading_client, tiny_config
 from tests.tiny import char_tokenizer
 
 MODEL = TINY_MODEL_NAME
@@ -184,7 +182,7 @@ def test_bad_input_is_a_400_naming_the_field(server, change, needle):
 
 
 def test_not_loaded_is_503():
-    with TestClient(create_app({})) as client:
+    with loading_client() as client:
         assert client.get("/v2/health/live").status_code == 200
         for r in (
             client.get("/v2/health/ready"),

@@ -1,13 +1,11 @@
 """OpenAI-compatible API: GET /v1/models, POST /v1/completions and /v1/chat/completions (streamed as OpenAI
-streams), llama.cpp-style POST /tokenize and /detokenize, and GET /metrics. Every error is OpenAI's error
+streams), POST /v1/embeddings, and llama.cpp-style POST /tokenize and /detokenize. Every error is OpenAI's error
 object {"error": {"message", "type", "param", "code"}}; unknown request fields are ignored."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import json
-import re
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -17,10 +15,13 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
-from .api import cancel_groups, sequence_events
+from serve.core.engine import BadRequest, Engine, QueueFull
+from serve.core.sampling import SamplingParams
+from serve.core.scheduler import Event
+
 from .chat_template import ChatTemplateError, encode_prompt, render_chat, resolve_template
-from .engine import BadRequest, Engine, QueueFull
-from .metrics import add_metrics_routes
+from .common import Submission, collect, fan_in, sequence_events
+from .metrics import access_record
 from .openai_protocol import (
     ChatRequest,
     Choice,
@@ -33,12 +34,10 @@ from .openai_protocol import (
     TokenizeRequest,
     parse_request,
 )
-from .sampling import SamplingParams
-from .scheduler import Sequence
+from .state import NotReady, server
 
 
-def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
-    add_metrics_routes(app, engine_ref)
+def add_routes(app: FastAPI) -> None:
     started = int(time.time())
     templates: dict[int, str] = {}  # id(engine) -> resolved chat template
 
@@ -46,16 +45,11 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
         return exc.response()
 
-    def engine() -> Engine:
-        eng = engine_ref.get("engine")
-        if eng is None:
-            raise OpenAIError(
-                503,
-                engine_ref.get("status", "the model is still loading"),
-                type="server_error",
-                headers={"Retry-After": "5"},
-            )
-        return eng
+    def engine(request: Request) -> Engine:
+        try:
+            return server(request).ready_engine()
+        except NotReady as e:
+            raise OpenAIError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from e
 
     def check_model(eng: Engine, name: str | None) -> str:
         if name is not None and name != eng.cfg.model_name:
@@ -67,9 +61,9 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
             )
         return eng.cfg.model_name
 
-    def chat_template(eng: Engine) -> str:
+    def chat_template(request: Request, eng: Engine) -> str:
         if id(eng) not in templates:
-            choice = engine_ref.get("chat_template") or getattr(eng.cfg, "chat_template", None)
+            choice = server(request).chat_template
             try:
                 templates[id(eng)] = resolve_template(choice, eng.tok_info.chat_template)
             except (ValueError, OSError) as e:
@@ -86,18 +80,18 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
         }
 
     @app.get("/v1/models")
-    async def list_models() -> dict:
-        return {"object": "list", "data": [model_card(engine())]}
+    async def list_models(request: Request) -> dict:
+        return {"object": "list", "data": [model_card(engine(request))]}
 
     @app.get("/v1/models/{name:path}")
-    async def get_model(name: str) -> dict:
-        eng = engine()
+    async def get_model(request: Request, name: str) -> dict:
+        eng = engine(request)
         check_model(eng, name)
         return model_card(eng)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        eng = engine()
+        eng = engine(request)
         req: CompletionRequest = await parse_request(request, CompletionRequest)
         model = check_model(eng, req.model)
         if req.suffix:
@@ -117,7 +111,7 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
-        eng = engine()
+        eng = engine(request)
         req: ChatRequest = await parse_request(request, ChatRequest)
         model = check_model(eng, req.model)
         if (req.response_format or {}).get("type", "text") != "text":
@@ -127,7 +121,7 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
         info = eng.tok_info
         try:
             text = render_chat(
-                chat_template(eng),
+                chat_template(request, eng),
                 [m.for_template() for m in req.messages],
                 req.add_generation_prompt,
                 info.bos_token,
@@ -146,7 +140,7 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
-        eng = engine()
+        eng = engine(request)
         req: EmbeddingRequest = await parse_request(request, EmbeddingRequest)
         model = check_model(eng, req.model)
         if req.encoding_format not in ("float", "base64"):
@@ -162,31 +156,32 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
             raise OpenAIError(400, "the input is empty", param="input")
         ids = [_call(eng.encode, p, param="input") for p in prompts]
         rid = f"embd-{uuid.uuid4().hex}"
-        getattr(request.state, "access", {}).update(id=rid, model=model, user=req.user, inputs=len(ids))
-        seqs: list[Sequence] = []
+        record = access_record()
+        record.id, record.model, record.user, record.inputs = rid, model, req.user, len(ids)
         try:
-            for i, x in enumerate(ids):
-                seqs.append(eng.embed(x, f"{rid}-{i}"))
-        except (BadRequest, QueueFull) as e:
-            cancel_groups([seqs])
-            if isinstance(e, QueueFull):
-                raise OpenAIError(
-                    503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}
-                ) from e
-            raise OpenAIError(400, f"input {len(seqs)}: {e}", param="input") from e
+            with Submission(eng) as sub:
+                for x in ids:
+                    sub.add_embedding(x, f"{rid}-{len(sub.groups)}")
+        except QueueFull as e:
+            raise _queue_full(e) from e
+        except BadRequest as e:
+            raise OpenAIError(400, f"input {len(sub.groups)}: {e}", param="input") from e
+        seqs = sub.sequences
+        vecs: list[np.ndarray | None] = [None] * len(seqs)
+        errors: list[str | None] = [None] * len(seqs)
 
-        async def one(seq: Sequence) -> np.ndarray:
-            vec, err = None, None
-            async for ev in sequence_events(seq, request):
-                vec, err = ev.embedding if ev.embedding is not None else vec, ev.error or err
-            if vec is None:
-                raise OpenAIError(500, f"embedding failed: {err or seq.finish_reason}", type="server_error")
-            return vec
+        def on_event(i: int, ev: Event) -> None:
+            if ev.embedding is not None:
+                vecs[i] = ev.embedding
+            errors[i] = ev.error or errors[i]
+            if ev.finish_reason and vecs[i] is None:
+                reason = errors[i] or seqs[i].finish_reason
+                raise OpenAIError(500, f"embedding failed: {reason}", type="server_error")
 
-        try:
-            vecs = await asyncio.gather(*(one(s) for s in seqs))
-        finally:
-            cancel_groups([seqs])  # (no-op for finished sequences)
+        await collect(seqs, lambda s: sequence_events(s, request), on_event)
+        for i, v in enumerate(vecs):
+            if v is None:  # (the client went away before its embedding)
+                raise OpenAIError(500, f"embedding failed: {errors[i] or seqs[i].finish_reason}", type="server_error")
         n_tokens = sum(len(x) for x in ids)
         data = [
             {
@@ -207,7 +202,7 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
 
     @app.post("/tokenize")
     async def tokenize(request: Request) -> dict:
-        eng = engine()
+        eng = engine(request)
         req: TokenizeRequest = await parse_request(request, TokenizeRequest)
         text = next((t for t in (req.content, req.text, req.prompt) if t is not None), None)
         if text is None:
@@ -220,7 +215,7 @@ def add_openai_routes(app: FastAPI, engine_ref: dict) -> None:
 
     @app.post("/detokenize")
     async def detokenize(request: Request) -> dict:
-        eng = engine()
+        eng = engine(request)
         req: DetokenizeRequest = await parse_request(request, DetokenizeRequest)
         _call(eng.encode, req.tokens, param="tokens")  # range check
         text = eng.tokenizer.decode(req.tokens, skip_special_tokens=False)
@@ -234,9 +229,8 @@ def _call(fn: Any, arg: Any, param: str = "prompt") -> Any:
         raise OpenAIError(400, str(e), param=param) from e
 
 
-def _bad_param(message: str) -> str | None:
-    m = re.match(r"(\w+)", message)
-    return m.group(1) if m and m.group(1) in SamplingParams.__dataclass_fields__ else None
+def _queue_full(e: QueueFull) -> OpenAIError:
+    return OpenAIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"})
 
 
 async def _run(
@@ -250,24 +244,19 @@ async def _run(
     echo: list[str],
     chat: bool = False,
 ):
-    try:
-        params.validate(eng.abi.vocab_size)
-    except ValueError as e:
-        raise OpenAIError(400, str(e), param=_bad_param(str(e))) from e
     rid = f"{prefix}-{uuid.uuid4().hex}"
-    access = getattr(request.state, "access", {})
-    access.update(id=rid, model=model, user=req.user, stream=bool(req.stream), n=params.n)
-    groups: list[list[Sequence]] = []
     try:
-        for i, ids in enumerate(prompts):
-            groups.append(eng.submit(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}"))
-    except (BadRequest, QueueFull) as e:
-        cancel_groups(groups)
-        if isinstance(e, QueueFull):
-            raise OpenAIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from e
-        raise OpenAIError(400, str(e), param=_bad_param(str(e)) or ("messages" if chat else "prompt")) from e
+        with Submission(eng) as sub:
+            for i, ids in enumerate(prompts):
+                sub.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}")
+    except QueueFull as e:
+        raise _queue_full(e) from e
+    except BadRequest as e:
+        raise OpenAIError(400, str(e), param=e.field or ("messages" if chat else "prompt")) from e
+    record = access_record()
+    record.id, record.model, record.user, record.stream, record.n = rid, model, req.user, bool(req.stream), params.n
     end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eng.eos_ids))
-    seqs = [s for g in groups for s in g]
+    seqs = sub.sequences
     piece = _piece_fn(eng)
     job = Job(
         chat=chat,
@@ -283,11 +272,11 @@ async def _run(
         c.offset = len(e)
     if req.stream:
         return StreamingResponse(
-            _stream(job, request, access),
+            _stream(job, request),
             media_type="text/event-stream",
             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
         )
-    return await _collect(job, request, access)
+    return await _collect(job, request)
 
 
 def _piece_fn(eng: Engine) -> Any:
@@ -305,20 +294,21 @@ def _piece_fn(eng: Engine) -> Any:
     return piece
 
 
-def _log_usage(job: Job, access: dict) -> None:
-    access.update(job.usage(), finish_reasons=[c.finish_reason for c in job.choices])
+def _log_usage(job: Job) -> None:
+    usage, record = job.usage(), access_record()
+    record.prompt_tokens, record.completion_tokens = usage["prompt_tokens"], usage["completion_tokens"]
+    record.total_tokens, record.finish_reasons = usage["total_tokens"], [c.finish_reason for c in job.choices]
 
 
-async def _collect(job: Job, request: Request, access: dict) -> JSONResponse:
-    async def one(c: Choice) -> None:
-        async for ev in sequence_events(c.seq, request):
-            c.feed(ev, job.piece)
-
+async def _collect(job: Job, request: Request) -> JSONResponse:
     try:
-        await asyncio.gather(*(one(c) for c in job.choices))
+
+        def on_event(index: int, ev: Event) -> None:
+            job.choices[index].feed(ev, job.piece)
+
+        await collect([c.seq for c in job.choices], lambda s: sequence_events(s, request), on_event)
     finally:
-        cancel_groups([[c.seq for c in job.choices if not c.finish_reason]])
-        _log_usage(job, access)
+        _log_usage(job)
     failed = next((c for c in job.choices if c.finish_reason == "error"), None)
     if failed:
         raise OpenAIError(500, f"generation failed: {failed.error}", type="server_error")
@@ -327,29 +317,16 @@ async def _collect(job: Job, request: Request, access: dict) -> JSONResponse:
     return JSONResponse(job.full())
 
 
-async def _stream(job: Job, request: Request, access: dict) -> AsyncIterator[str]:
-    queue: asyncio.Queue = asyncio.Queue()
-
-    async def pump(c: Choice) -> None:
-        try:
-            async for ev in sequence_events(c.seq, request):
-                await queue.put((c, ev))
-        finally:
-            queue.put_nowait((c, None))
-
-    tasks = [asyncio.create_task(pump(c)) for c in job.choices]
+async def _stream(job: Job, request: Request) -> AsyncIterator[str]:
+    events = fan_in([c.seq for c in job.choices], lambda s: sequence_events(s, request))
     try:
         for c in job.choices:
             if job.chat:
                 yield job.chunk(c, None, [], role=True)
             if job.echo and job.echo[c.index]:
                 yield job.chunk(c, job.echo[c.index], [])
-        left = len(job.choices)
-        while left:
-            c, ev = await queue.get()
-            if ev is None:
-                left -= 1
-                continue
+        async for index, ev in events:
+            c = job.choices[index]
             tokens = c.feed(ev, job.piece)
             if ev.text or tokens:
                 yield job.chunk(c, ev.text, tokens)
@@ -364,7 +341,5 @@ async def _stream(job: Job, request: Request, access: dict) -> AsyncIterator[str
                 yield f"data: {json.dumps({**job.envelope([], stream=True), 'usage': job.usage()})}\n\n"
         yield "data: [DONE]\n\n"
     finally:  # the client went away (or we are done): nothing keeps pages past this point
-        cancel_groups([[c.seq for c in job.choices if not c.seq.finish_reason]])
-        for t in tasks:
-            t.cancel()
-        _log_usage(job, access)
+        await events.aclose()
+        _log_usage(job)

@@ -16,18 +16,23 @@ from models.tokenizer import load_tokenizer
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .kv_pages import PagePool
 from .runner import Runner
-from .sampling import Sampler, SamplingParams
+from .sampling import ParamError, Sampler, SamplingParams
 from .scheduler import PREFILL_CHUNK, Scheduler, Sequence
 
 log = logging.getLogger("aotllm.engine")
 
 
 class QueueFull(RuntimeError):
-    pass
+    """Too many requests queued or running: the client should retry shortly (a 503)."""
 
 
 class BadRequest(ValueError):
-    pass
+    """The request cannot be served as asked (a 400). `field` names the SamplingParams field at fault, if
+    one is; each front-end maps it to its protocol's name."""
+
+    def __init__(self, message: str, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -98,12 +103,14 @@ class Engine:
     def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> list[Sequence]:
         """Queue `params.n` sequences for one prompt; returns them (their `events` queues stream results)."""
         try:
-            params.validate(self.abi.vocab_size)
-        except ValueError as e:
-            raise BadRequest(str(e)) from e
+            params.validate(self.abi.vocab_size)  # the one place sampling parameters are checked
+        except ParamError as e:
+            raise BadRequest(str(e), e.field) from e
         cap = self.cfg.max_tokens_per_request
         if cap and params.max_tokens > cap:
-            raise BadRequest(f"max tokens {params.max_tokens} is above this server's limit of {cap} per request")
+            raise BadRequest(
+                f"max tokens {params.max_tokens} is above this server's limit of {cap} per request", "max_tokens"
+            )
         self._check_prompt(prompt_ids, params.n)
         rid = rid or uuid.uuid4().hex
         seqs = []

@@ -31,10 +31,14 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from .api import sequence_events, validation_message
-from .engine import Engine, QueueFull
-from .sampling import SamplingParams
-from .scheduler import Sequence
+from serve.core.engine import BadRequest, Engine, QueueFull
+from serve.core.sampling import SamplingParams
+from serve.core.scheduler import Event, Sequence
+
+from .common import Submission, cancel, collect, sequence_events
+from .generate import validation_message
+from .metrics import access_record
+from .state import NotReady, server
 
 ALIASES = ("ensemble", "tensorrt_llm_bls", "tensorrt_llm")
 VERSION = "1"
@@ -145,9 +149,8 @@ def _words(words: str | list[str] | None) -> list[str]:
     return [w for w in ([words] if isinstance(words, str) else words or []) if w]
 
 
-def _field_message(message: str) -> str:
-    first = message.split(" ", 1)[0].split("[", 1)[0]
-    return f"{FIELD_NAMES[first]}: {message}" if first in FIELD_NAMES else message
+def _field_message(e: BadRequest) -> str:
+    return f"{FIELD_NAMES[e.field]}: {e}" if e.field in FIELD_NAMES else str(e)
 
 
 def check_model(eng: Engine, name: str, version: str | None) -> None:
@@ -167,7 +170,7 @@ def _data(obj: dict[str, Any]) -> str:
     return f"data: {json.dumps(obj)}\n\n"
 
 
-def add_triton_routes(app: FastAPI, engine_ref: dict) -> None:
+def add_routes(app: FastAPI) -> None:
     try:
         server_version = metadata.version("aotllm")
     except metadata.PackageNotFoundError:
@@ -177,38 +180,38 @@ def add_triton_routes(app: FastAPI, engine_ref: dict) -> None:
     async def _triton_error(request: Request, exc: TritonError) -> JSONResponse:
         return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
 
-    def engine() -> Engine:
-        eng = engine_ref.get("engine")
-        if eng is None:
-            raise TritonError(503, engine_ref.get("status", "the model is still loading"), {"Retry-After": "5"})
-        return eng
+    def engine(request: Request) -> Engine:
+        try:
+            return server(request).ready_engine()
+        except NotReady as e:
+            raise TritonError(503, str(e), {"Retry-After": "5"}) from e
 
     @app.get("/v2/health/live")
     async def health_live() -> Response:
         return Response(status_code=200)
 
     @app.get("/v2/health/ready")
-    async def health_ready() -> Response:
-        engine()
+    async def health_ready(request: Request) -> Response:
+        engine(request)
         return Response(status_code=200)
 
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
         return {"name": "aotllm", "version": server_version, "extensions": ["generate"]}
 
-    async def model_metadata(name: str, version: str | None = None) -> dict[str, Any]:
-        check_model(engine(), name, version)
+    async def model_metadata(request: Request, name: str, version: str | None = None) -> dict[str, Any]:
+        check_model(engine(request), name, version)
         return {"name": name, "versions": [VERSION], "platform": "ensemble", "inputs": INPUTS, "outputs": OUTPUTS}
 
-    async def model_ready(name: str, version: str | None = None) -> Response:
-        check_model(engine(), name, version)
+    async def model_ready(request: Request, name: str, version: str | None = None) -> Response:
+        check_model(engine(request), name, version)
         return Response(status_code=200)
 
     async def generate(request: Request, name: str, version: str | None = None) -> Response:
-        return await _generate(request, engine(), name, version, sse=False)
+        return await _generate(request, engine(request), name, version, sse=False)
 
     async def generate_stream(request: Request, name: str, version: str | None = None) -> Response:
-        return await _generate(request, engine(), name, version, sse=True)
+        return await _generate(request, engine(request), name, version, sse=True)
 
     m = "/v2/models/{name:path}"  # a served name may hold "/": the more specific paths come first
     for v in ("/versions/{version}", ""):
@@ -232,14 +235,15 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
     params = req.sampling(eng)
     rid = f"triton-{uuid.uuid4().hex}"
     try:
-        params.validate(eng.abi.vocab_size)
-        seq = eng.submit(eng.encode(req.text_input), params, rid)[0]
+        with Submission(eng) as sub:
+            seq = sub.add(eng.encode(req.text_input), params, rid)[0]
     except QueueFull as e:
         raise TritonError(503, str(e), {"Retry-After": "1"}) from e
-    except ValueError as e:  # (engine.BadRequest too)
-        raise TritonError(400, _field_message(str(e))) from e
+    except BadRequest as e:
+        raise TritonError(400, _field_message(e)) from e
     streaming = sse and req.stream
-    getattr(request.state, "access", {}).update(id=rid, model=name, stream=streaming)
+    record = access_record()
+    record.id, record.model, record.stream = rid, name, streaming
     head = {
         "model_name": name,
         "model_version": VERSION,
@@ -262,15 +266,15 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
 async def _collect(seq: Sequence, request: Request, head: dict[str, Any], req: TritonGenerateRequest) -> dict:
     pieces: list[str] = []
     logprobs: list[float] = []
-    error = None
-    try:
-        async for ev in sequence_events(seq, request):
-            pieces.append(ev.text)
-            logprobs += [s.logprob or 0.0 for s in ev.logprobs]
-            error = ev.error or error
-    finally:
-        if not seq.finish_reason:
-            seq.cancel()
+    error: str | None = None
+
+    def on_event(_: int, ev: Event) -> None:
+        nonlocal error
+        pieces.append(ev.text)
+        logprobs.extend(s.logprob or 0.0 for s in ev.logprobs)
+        error = ev.error or error
+
+    await collect([seq], lambda s: sequence_events(s, request), on_event)
     if seq.finish_reason == "error":
         raise TritonError(500, f"generation failed: {error}")
     if seq.finish_reason not in ("stop", "length"):
@@ -303,5 +307,4 @@ async def _stream(
             if ev.text or (req.return_log_probs and ev.logprobs) or "finish_reason" in chunk:
                 yield _data(chunk)
     finally:  # the client went away (or we are done): nothing keeps pages past this point
-        if not seq.finish_reason:
-            seq.cancel()
+        cancel([seq])

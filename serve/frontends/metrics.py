@@ -1,4 +1,4 @@
-"""Observability: Prometheus metrics (GET /metrics) and a structured access log ("aotllm.access").
+"""Observability: Prometheus metrics (served at GET /metrics) and a structured access log ("aotllm.access").
 
 Each app gets its own `CollectorRegistry` (several apps may live in one process). Engine state (queue
 lengths, KV pages, token and prefix-cache counters) is read from the schedulers at scrape time; request
@@ -13,12 +13,16 @@ import logging
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from typing import Any
+from contextvars import ContextVar
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
 
-from fastapi import FastAPI, Response
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from serve.core.engine import Engine
 
 access_log = logging.getLogger("aotllm.access")
 PREFIX = "aotllm"
@@ -35,11 +39,11 @@ QUIET_PATHS = ("/health", "/metrics", "/v2/health/ready", "/v2/health/live")
 class EngineCollector(Collector):
     """Gauges and counters read from the engine's schedulers and page pools when scraped."""
 
-    def __init__(self, engine_ref: dict) -> None:
-        self.engine_ref = engine_ref
+    def __init__(self, engine: Callable[[], Engine | None]) -> None:
+        self.engine = engine  # the engine, or None while it loads
 
     def collect(self) -> Iterator[Metric]:
-        engine = self.engine_ref.get("engine")
+        engine = self.engine()
         scheds = list(engine.schedulers) if engine is not None else []
 
         def family(kind: type, name: str, doc: str, value: Any) -> Metric:
@@ -88,9 +92,9 @@ class EngineCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, engine_ref: dict) -> None:
+    def __init__(self, engine: Callable[[], Engine | None] = lambda: None) -> None:
         self.registry = CollectorRegistry()
-        self.registry.register(EngineCollector(engine_ref))
+        self.registry.register(EngineCollector(engine))
         r = self.registry
         self.finished = Counter(
             f"{PREFIX}_requests_finished", "Sequences finished, by finish reason.", ["finish_reason"], registry=r
@@ -160,10 +164,37 @@ class SequenceTimer:
             self.on_close = None
 
 
+@dataclass
+class AccessRecord:
+    """What a handler adds to its request's access-log line; fields left None are not logged."""
+
+    id: str | None = None  # the request id the handler answered with (when the client sent no X-Request-Id)
+    model: str | None = None
+    user: str | None = None
+    stream: bool | None = None
+    n: int | None = None
+    inputs: int | None = None  # embeddings: how many inputs
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    total_tokens: int | None = None
+    finish_reasons: list[str | None] | None = None
+
+
+_access: ContextVar[AccessRecord] = ContextVar("aotllm_access")
+
+
+def access_record() -> AccessRecord:
+    """The access-log record of the request being handled (a throwaway one outside the access log)."""
+    try:
+        return _access.get()
+    except LookupError:
+        return AccessRecord()
+
+
 class AccessLog:
     """ASGI middleware: one structured line per HTTP request, logged when the response body is complete
-    (after the last chunk of a stream). Handlers add fields through `request.state.access` (a dict); the
-    request id is the X-Request-Id header, else the handler's id, else a fresh one; it is echoed back."""
+    (after the last chunk of a stream). Handlers add fields to `access_record()`; the request id is the
+    X-Request-Id header, else the handler's id, else a fresh one; it is echoed back."""
 
     def __init__(self, app: Any) -> None:
         self.app = app
@@ -174,8 +205,8 @@ class AccessLog:
         t0 = time.monotonic()
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")[:128]
-        fields: dict[str, Any] = {}
-        scope.setdefault("state", {})["access"] = fields
+        record = AccessRecord()
+        token = _access.set(record)  # (tasks the handler starts copy this context: they share `record`)
         status = {"code": 500}
 
         async def send_logged(message: dict) -> None:
@@ -191,9 +222,11 @@ class AccessLog:
         try:
             await self.app(scope, receive, send_logged)
         finally:
+            _access.reset(token)
             client = scope.get("client")
+            fields = {k: v for k, v in asdict(record).items() if v is not None and k != "id"}
             line = {
-                "request_id": given or fields.pop("id", None) or uuid.uuid4().hex,
+                "request_id": given or record.id or uuid.uuid4().hex,
                 "method": scope.get("method"),
                 "path": scope.get("path"),
                 "status": status["code"],
@@ -203,16 +236,3 @@ class AccessLog:
             }
             if scope.get("path") not in QUIET_PATHS or status["code"] >= 400:
                 access_log.info(json.dumps(line, default=str), extra={"access": line})
-
-
-def add_metrics_routes(app: FastAPI, engine_ref: dict) -> Metrics:
-    """GET /metrics and the access log; the `Metrics` is also at `app.state.metrics`."""
-    metrics = Metrics(engine_ref)
-    app.state.metrics = metrics
-    app.add_middleware(AccessLog)
-
-    @app.get("/metrics", include_in_schema=False)
-    async def prometheus_metrics() -> Response:
-        return Response(metrics.render(), media_type=CONTENT_TYPE_LATEST)
-
-    return metrics

@@ -13,8 +13,8 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .sampling import SamplingParams
-from .scheduler import Event, Sequence
+from serve.core.sampling import SamplingParams
+from serve.core.scheduler import Event, Sequence
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 

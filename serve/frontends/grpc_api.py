@@ -33,14 +33,16 @@ from dataclasses import dataclass
 
 import grpc
 
-from .api import cancel_groups
-from .engine import BadRequest, Engine, QueueFull
+from serve.core.engine import BadRequest, Engine, QueueFull
+from serve.core.sampling import SamplingParams
+from serve.core.scheduler import Event, Sequence
+
+from .common import Submission, cancel, fan_in
 from .metrics import Metrics, access_log
-from .sampling import SamplingParams
-from .scheduler import Event, Sequence
+from .state import NotReady, ServerState
 
 try:
-    from .proto import llm_pb2, llm_pb2_grpc
+    from serve.proto import llm_pb2, llm_pb2_grpc
 except ImportError as e:  # the stubs are build outputs, not sources
     raise ImportError(
         "serve/proto/llm_pb2*.py are generated from llm.proto when the package is built: "
@@ -104,9 +106,8 @@ def sampling_params(req: llm_pb2.Request) -> SamplingParams:
     )
 
 
-def _field_message(message: str) -> str:
-    first = message.split(" ", 1)[0]
-    return f"{FIELD_NAMES[first]}: {message}" if first in FIELD_NAMES else message
+def _field_message(e: BadRequest) -> str:
+    return f"{FIELD_NAMES[e.field]}: {e}" if e.field in FIELD_NAMES else str(e)
 
 
 def prompt_ids(eng: Engine, req: llm_pb2.Request) -> list[int]:
@@ -173,16 +174,15 @@ async def merged_events(seq: Sequence, metrics: Metrics) -> AsyncIterator[Event]
 
 
 class LLMService(llm_pb2_grpc.LLMServiceServicer):
-    def __init__(self, engine_ref: dict, metrics: Metrics) -> None:
-        self.engine_ref, self.metrics = engine_ref, metrics
+    def __init__(self, state: ServerState) -> None:
+        self.state = state
         self._special: tuple[Engine, frozenset[int]] | None = None  # the engine's special token ids
 
     def _engine(self) -> Engine:
-        eng = self.engine_ref.get("engine")
-        if eng is None:
-            status = self.engine_ref.get("status", "the model is still loading")
-            raise CallError(grpc.StatusCode.UNAVAILABLE, f"{status}; retry in a few seconds")
-        return eng
+        try:
+            return self.state.ready_engine()
+        except NotReady as e:
+            raise CallError(grpc.StatusCode.UNAVAILABLE, f"{e}; retry in a few seconds") from e
 
     def _special_ids(self, eng: Engine) -> frozenset[int]:
         if self._special is None or self._special[0] is not eng:
@@ -197,21 +197,17 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "BatchedRequest.req is empty: add a Request")
         special = self._special_ids(eng)
         jobs: list[Job] = []
-        try:
+        with Submission(eng) as sub:
             for i, req in enumerate(batch.req):
                 try:
-                    seq = eng.submit(prompt_ids(eng, req), sampling_params(req), f"{rid}-{i}")[0]
+                    seq = sub.add(prompt_ids(eng, req), sampling_params(req), f"{rid}-{i}")[0]
                 except BadRequest as e:
                     raise CallError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"req[{i}] (id {req.id}): {_field_message(str(e))}"
+                        grpc.StatusCode.INVALID_ARGUMENT, f"req[{i}] (id {req.id}): {_field_message(e)}"
                     ) from e
+                except QueueFull as e:
+                    raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
                 jobs.append(Job(req.id, seq, special))
-        except QueueFull as e:
-            cancel_groups([[j.seq for j in jobs]])
-            raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e
-        except CallError:
-            cancel_groups([[j.seq for j in jobs]])
-            raise
         return jobs
 
     async def Generation(
@@ -235,7 +231,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             status = grpc.StatusCode.CANCELLED
             raise
         finally:
-            cancel_groups([[j.seq for j in jobs]])
+            cancel(j.seq for j in jobs)
             line = {
                 "request_id": rid,
                 "method": "gRPC",
@@ -248,42 +244,26 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             access_log.info(json.dumps(line), extra={"access": line})
 
     async def _stream(self, jobs: list[Job]) -> AsyncIterator[llm_pb2.Response]:
-        """Every job's responses as they are produced; each job's pump ends with None."""
-        queue: asyncio.Queue[llm_pb2.Response | None] = asyncio.Queue()
-
-        async def pump(job: Job) -> None:
-            try:
-                async for ev in merged_events(job.seq, self.metrics):
-                    if ev.error:
-                        job.error = ev.error
-                        log.error("request id %d failed: %s", job.id, ev.error)
-                    if ev.token_ids or ev.text or ev.finish_reason:
-                        await queue.put(response(job, ev))
-            finally:
-                queue.put_nowait(None)
-
-        tasks = [asyncio.create_task(pump(j)) for j in jobs]
-        try:
-            left = len(tasks)
-            while left:
-                rsp = await queue.get()
-                if rsp is None:
-                    left -= 1
-                else:
-                    yield rsp
-        finally:
-            for t in tasks:
-                t.cancel()
+        """Every job's responses as they are produced."""
+        events = fan_in([j.seq for j in jobs], lambda s: merged_events(s, self.state.metrics))
+        async with contextlib.aclosing(events):
+            async for index, ev in events:
+                job = jobs[index]
+                if ev.error:
+                    job.error = ev.error
+                    log.error("request id %d failed: %s", job.id, ev.error)
+                if ev.token_ids or ev.text or ev.finish_reason:
+                    yield response(job, ev)
 
 
 def _ascii(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
-async def start_grpc_server(engine_ref: dict, metrics: Metrics, host: str, port: int) -> grpc.aio.Server:
+async def start_grpc_server(state: ServerState, host: str, port: int) -> grpc.aio.Server:
     """LLMService listening on host:port, in the running event loop (the engine's); stop it with `.stop()`."""
     server = grpc.aio.server()
-    llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMService(engine_ref, metrics), server)
+    llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMService(state), server)
     address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     try:
         server.add_insecure_port(address)

@@ -54,46 +54,69 @@ class SamplingParams:
     logprobs: int | None = None  # top logprobs per token (0 => only the chosen token's)
 
     def validate(self, vocab_size: int) -> None:
-        """Raise ValueError naming the first field out of range and the range it must be in."""
+        """Raise ParamError for the first field out of range, naming the range it must be in."""
         v = vocab_size
         _check(
             _is_int(self.max_tokens) and 1 <= self.max_tokens <= MAX_TOKENS_LIMIT,
+            "max_tokens",
             f"max_tokens must be an integer in [1, {MAX_TOKENS_LIMIT}], got {self.max_tokens!r}",
         )
         _check(
-            0.0 <= self.temperature <= 100.0, f"temperature must be in [0, 100] (0 = greedy), got {self.temperature!r}"
+            0.0 <= self.temperature <= 100.0,
+            "temperature",
+            f"temperature must be in [0, 100] (0 = greedy), got {self.temperature!r}",
         )
-        _check(0.0 < self.top_p <= 1.0, f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
-        _check(0.0 <= self.min_p <= 1.0, f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
+        _check(0.0 < self.top_p <= 1.0, "top_p", f"top_p must be in (0, 1] (1 = off), got {self.top_p!r}")
+        _check(0.0 <= self.min_p <= 1.0, "min_p", f"min_p must be in [0, 1] (0 = off), got {self.min_p!r}")
         _check(
             _is_int(self.top_k) and -1 <= self.top_k <= v,
+            "top_k",
             f"top_k must be an integer in [-1, {v}] (0 or -1 = off), got {self.top_k!r}",
         )
         _check(
             0.0 < self.repetition_penalty < math.inf,
+            "repetition_penalty",
             f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}",
         )
         for name, value in (("presence_penalty", self.presence_penalty), ("frequency_penalty", self.frequency_penalty)):
-            _check(-2.0 <= value <= 2.0, f"{name} must be in [-2, 2] (0 = off), got {value!r}")
+            _check(-2.0 <= value <= 2.0, name, f"{name} must be in [-2, 2] (0 = off), got {value!r}")
         for tok, bias in self.logit_bias.items():
-            _check(_is_int(tok) and 0 <= tok < v, f"logit_bias keys must be token ids in [0, {v}), got {tok!r}")
-            _check(-100.0 <= bias <= 100.0, f"logit_bias[{tok}] must be in [-100, 100], got {bias!r}")
-        _check(self.seed is None or _is_int(self.seed), f"seed must be an integer or null, got {self.seed!r}")
-        _check(len(self.stop) <= MAX_STOPS, f"stop allows at most {MAX_STOPS} strings, got {len(self.stop)}")
+            _check(
+                _is_int(tok) and 0 <= tok < v,
+                "logit_bias",
+                f"logit_bias keys must be token ids in [0, {v}), got {tok!r}",
+            )
+            _check(-100.0 <= bias <= 100.0, "logit_bias", f"logit_bias[{tok}] must be in [-100, 100], got {bias!r}")
+        _check(self.seed is None or _is_int(self.seed), "seed", f"seed must be an integer or null, got {self.seed!r}")
+        _check(len(self.stop) <= MAX_STOPS, "stop", f"stop allows at most {MAX_STOPS} strings, got {len(self.stop)}")
         for s in self.stop:
-            _check(isinstance(s, str) and s != "", f"stop strings must be non-empty strings, got {s!r}")
+            _check(isinstance(s, str) and s != "", "stop", f"stop strings must be non-empty strings, got {s!r}")
         for tok in self.stop_token_ids:
-            _check(_is_int(tok) and 0 <= tok < v, f"stop_token_ids must be token ids in [0, {v}), got {tok!r}")
-        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
+            _check(
+                _is_int(tok) and 0 <= tok < v,
+                "stop_token_ids",
+                f"stop_token_ids must be token ids in [0, {v}), got {tok!r}",
+            )
+        _check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n", f"n must be an integer in [1, {MAX_N}], got {self.n!r}")
         _check(
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            "logprobs",
             f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
         )
 
 
-def _check(ok: bool, msg: str) -> None:
+class ParamError(ValueError):
+    """A sampling parameter out of range: `field` is its SamplingParams name (front-ends map it to their
+    protocol's name), the message says the range it must be in."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
+def _check(ok: bool, field: str, msg: str) -> None:
     if not ok:
-        raise ValueError(msg)
+        raise ParamError(field, msg)
 
 
 def _is_int(x: object) -> bool:

@@ -1,0 +1,135 @@
+"""python -m serve's flags: argparse, one table of other servers' spellings, and --config FILE merging."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from models.abi import QUANTIZATIONS
+
+from .core.scheduler import PREFILL_CHUNK
+
+# Other servers' spellings of our flags -> our flag's name (its argparse dest). Each is accepted on the
+# command line (--ALIAS) and as a --config key: shortfin's flags and ppl.llm.serving's config keys.
+ALIASES = {
+    "model_config": "model_config",
+    "tokenizer_json": "tokenizer",
+    "device_ids": "device_ids",
+    "max_running_batch": "max_running",
+}
+
+
+def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
+    """The flags; with `suppress_defaults`, a namespace holds only the flags given on the command line."""
+    p = argparse.ArgumentParser(
+        prog="python -m serve",
+        description="The aotllm HTTP server (and, with --grpc-port, ppl.llm.serving's gRPC service).",
+        argument_default=argparse.SUPPRESS if suppress_defaults else None,
+    )
+
+    def flag(name: str, **kw: Any) -> None:
+        dest = kw.setdefault("dest", name.lstrip("-").replace("-", "_"))
+        aliases = [f"--{a}" for a, d in ALIASES.items() if d == dest and f"--{a}" != name]
+        if suppress_defaults:
+            kw.pop("default", None)
+        p.add_argument(name, *aliases, **kw)
+
+    flag("--config", type=Path, help="a JSON file of these flags (command-line flags win)")
+    flag("--vmfb", type=Path)
+    flag("--parameters", type=Path, nargs="+", help="IRPA file(s): model.irpa [model.rank*.irpa]")
+    flag("--model-config", type=Path, help="the export's config.json")
+    flag("--tokenizer", type=Path, help="tokenizer.json or its folder (default: next to --model-config)")
+    flag(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        default="none",
+        help="the default model only: build it with export's --quantization (w8a8: int8 weights and "
+        "activations: faster decode on CPU, slightly different text; docs/benchmarks.md)",
+    )
+    flag("--device", default="local-task", help="IREE driver: local-task, hip or cuda")
+    flag("--device-ids", type=int, nargs="+", default=[0])
+    flag("--host", default="127.0.0.1")
+    flag("--port", type=int, default=8000)
+    flag(
+        "--grpc-port",
+        type=int,
+        default=None,
+        help="also serve ppl.llm.serving's gRPC LLMService (llm.proto) on this port, same --host",
+    )
+    flag("--kv-pages", type=int, help="KV pages per device (default: the export's device_block_count)")
+    flag("--max-running", type=int, default=16, help="sequences decoding at once per device")
+    flag("--max-queue", type=int, default=256, help="requests queued or running before 503s")
+    flag(
+        "--max-tokens-per-step",
+        type=int,
+        default=PREFILL_CHUNK,
+        help="prefill token budget per step: long prompts are prefilled in chunks this size",
+    )
+    flag(
+        "--max-tokens-per-request",
+        type=int,
+        default=None,
+        help="refuse requests asking for more completion tokens (default: the context length)",
+    )
+    flag("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    flag("--model-name", default=None, help="the name /v1/models lists (default: the export folder's)")
+    flag(
+        "--chat-template",
+        default=None,
+        help="built-in (chatml, llama2, llama3, mistral, vicuna) or a Jinja / tokenizer_config.json "
+        "file; default: the model's own, else chatml",
+    )
+    flag(
+        "--pooling",
+        choices=("mean", "last"),
+        default="mean",
+        help="/v1/embeddings: mean of the final hidden states, or the last one (then L2-normalised)",
+    )
+    flag("--log-level", default="info")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = _parser()
+    args = p.parse_args(argv)
+    if args.config:
+        given = vars(_parser(suppress_defaults=True).parse_args(argv))
+        _merge_config(p, args, given)
+    if args.chat_template:
+        from .frontends.chat_template import resolve_template
+
+        try:
+            resolve_template(args.chat_template, None)
+        except ValueError as e:
+            p.error(f"--chat-template: {e}")
+    model_args = [args.vmfb, args.parameters, args.model_config]
+    if any(model_args) and not all(model_args):
+        p.error("give --vmfb, --parameters and --model-config together (or none of them for the default model)")
+    if args.vmfb and args.quantization != "none":
+        p.error("--quantization builds the default model; for your own export give it to python -m export.paged_llm")
+    return args
+
+
+def _merge_config(p: argparse.ArgumentParser, args: argparse.Namespace, given: dict[str, Any]) -> None:
+    """The --config file's keys (our names, with - or _, or an alias) fill the flags not given on the
+    command line, converted as the flag converts its value."""
+    try:
+        conf = json.loads(args.config.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        p.error(f"--config {args.config}: {e}")
+    if not isinstance(conf, dict):
+        p.error(f"--config {args.config}: expected a JSON object of flags")
+    actions = {a.dest: a for a in p._actions}
+    for key, value in conf.items():
+        name = key.replace("-", "_")
+        dest = ALIASES.get(name, name)
+        action = actions.get(dest)
+        if action is None or dest in ("config", "help"):
+            p.error(f"--config {args.config}: unknown key {key!r}")
+        if dest in given:
+            continue
+        convert = action.type if callable(action.type) else (lambda v: v)
+        many = action.nargs in ("+", "*")
+        setattr(args, dest, [convert(v) for v in value] if many else convert(value))

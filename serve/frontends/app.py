@@ -1,0 +1,78 @@
+"""The HTTP application: every front-end's routes on one FastAPI app, whose lifespan makes the server state,
+loads the engine in a thread (the routes answer 503 meanwhile) and, when asked, serves gRPC beside it."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import threading
+from collections.abc import AsyncIterator, Callable
+
+from fastapi import FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from serve.core.engine import Engine
+
+from . import generate, openai_api, triton_api
+from .metrics import AccessLog, Metrics
+from .state import ServerState, server
+
+log = logging.getLogger("aotllm.app")
+
+# Builds the engine; blocking (it runs in a thread while the server answers). It reports what it is doing
+# through the callback: that text is the 503's message until the engine is ready.
+EngineLoader = Callable[[Callable[[str], None]], Engine]
+
+
+def create_app(
+    load: EngineLoader, chat_template: str | None = None, grpc_address: tuple[str, int] | None = None
+) -> FastAPI:
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, ServerState]]:
+        state = ServerState(metrics=Metrics(lambda: state.engine), chat_template=chat_template)
+        loop = asyncio.get_running_loop()
+        threading.Thread(target=_load, args=(load, state, loop), name="engine-loader", daemon=True).start()
+        grpc_server = None
+        if grpc_address is not None:
+            from .grpc_api import start_grpc_server  # (imports the generated stubs: only when asked for)
+
+            grpc_server = await start_grpc_server(state, *grpc_address)
+        try:
+            yield {"server": state}
+        finally:
+            if grpc_server is not None:
+                await grpc_server.stop(grace=1.0)  # open streams are cancelled, their sequences too
+
+    app = FastAPI(title="aotllm", lifespan=lifespan)
+    app.add_middleware(AccessLog)
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
+        return generate.error(400, generate.validation_message(exc))
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus_metrics(request: Request) -> Response:
+        return Response(server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+    generate.add_routes(app)
+    openai_api.add_routes(app)
+    triton_api.add_routes(app)
+    return app
+
+
+def _load(load: EngineLoader, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
+    """The loader thread: build the engine, start its schedulers on the server's loop, publish it."""
+
+    def report(status: str) -> None:
+        state.status = status
+
+    try:
+        report("loading the model")
+        engine = load(report)
+        asyncio.run_coroutine_threadsafe(engine.start(), loop).result()
+        state.engine = engine
+    except Exception as e:  # keep answering with the reason
+        log.error("could not load the model: %s", e)
+        state.status = f"failed to load the model: {e}"
