@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -68,6 +69,42 @@ def loading_client(status: str = "loading the model") -> Iterator[TestClient]:
             yield client
     finally:
         release.set()
+
+
+@contextlib.contextmanager
+def paused(engine: Engine) -> Iterator[None]:
+    """Inside the block the engine's schedulers run no step: whatever is queued stays queued."""
+
+    async def idle() -> None:
+        await asyncio.sleep(0.005)
+
+    for s in engine.schedulers:
+        s.step = idle  # type: ignore[method-assign]  # (read by run_forever on the server's loop each step)
+    try:
+        yield
+    finally:
+        for s in engine.schedulers:
+            del s.step
+
+
+def overflow_queue(
+    server: ServerThread, send: Callable[[httpx.AsyncClient], Awaitable[httpx.Response]], queued: int
+) -> list[httpx.Response]:
+    """`queued` requests sent while the engine is paused (they stay queued: the queue is full), then one
+    more (refused), then the engine resumes and the queued ones finish. Their responses, the refused last."""
+
+    async def run() -> list[httpx.Response]:
+        async with httpx.AsyncClient(timeout=120) as client:
+            with paused(server.engine):
+                tasks = [asyncio.create_task(send(client)) for _ in range(queued)]
+                deadline = time.time() + 30
+                while sum(s.load for s in server.engine.schedulers) < queued:
+                    assert time.time() < deadline, "the requests were not queued"
+                    await asyncio.sleep(0.01)
+                refused = await send(client)
+            return [*await asyncio.gather(*tasks), refused]
+
+    return asyncio.run(run())
 
 
 TINY_MODEL_NAME = "tiny-llama"

@@ -1,6 +1,5 @@
 """serve/openai_api.py + serve/metrics.py over the real HTTP server, with the real `openai` client."""
 
-import asyncio
 import json
 import logging
 import time
@@ -12,10 +11,11 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from serve.core.engine import EngineConfig
-from serve.core.scheduler import Event
+from serve.core.scheduler import Counters, Event
 from serve.frontends.chat_template import BUILTIN_TEMPLATES, encode_prompt, render_chat
 from serve.frontends.metrics import Metrics
-from tests.server_util import TINY_MODEL_NAME, ServerThread, loading_client, tiny_config
+from serve.frontends.openai_protocol import ChatMessage
+from tests.server_util import TINY_MODEL_NAME, ServerThread, loading_client, overflow_queue, tiny_config
 from tests.tiny import char_tokenizer
 
 MODEL = TINY_MODEL_NAME
@@ -291,6 +291,7 @@ def test_bad_chat_params_are_400(client, kw):
 
 def test_text_content_parts_are_joined(client):
     parts = [{"type": "text", "text": "Be"}, {"type": "text", "text": "brief."}]
+    assert ChatMessage(role="user", content=parts).for_template()["content"] == "Be\nbrief."
     r = client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": parts}], max_tokens=2)
     assert r.usage.prompt_tokens == len(chat_prompt_ids([{"role": "user", "content": "Be\nbrief."}]))
 
@@ -400,7 +401,8 @@ def test_metrics_move_with_traffic(server, client):
     assert delta("aotllm_inter_token_latency_seconds_count{}") == 4
     assert delta("aotllm_e2e_request_latency_seconds_count{}") == 1
     assert 0 < delta("aotllm_device_seconds_total" + dev) < delta("aotllm_step_seconds_total" + dev)
-    assert after["aotllm_kv_pages_total" + dev] == 127 and after["aotllm_requests_running" + dev] >= 0
+    assert after["aotllm_kv_pages_total" + dev] == 127
+    assert _wait_idle(server.engine) and metrics(server)["aotllm_requests_running" + dev] == 0
     for name in (
         "aotllm_kv_pages_used",
         "aotllm_kv_pages_cached",
@@ -432,6 +434,17 @@ def test_client_disconnects_cancel_and_free_pages(server):
     while metrics(server).get(cancelled, 0) - before.get(cancelled, 0) < 2 and time.time() < deadline:
         time.sleep(0.05)
     assert metrics(server)[cancelled] - before.get(cancelled, 0) == 2
+
+
+def test_engine_gauges_read_the_schedulers():
+    stats = SimpleNamespace(total=10, used=3, cached=2, prefix_hit_tokens=0, prefix_queries=0, prefix_hits=0)
+    sched = SimpleNamespace(
+        device_index=0, running=[1, 2, 3], waiting=[4], pool=SimpleNamespace(stats=lambda: stats), counters=Counters()
+    )
+    get = Metrics(lambda: SimpleNamespace(schedulers=[sched])).registry.get_sample_value
+    dev = {"device": "0"}
+    assert get("aotllm_requests_running", dev) == 3 and get("aotllm_requests_waiting", dev) == 1
+    assert (get("aotllm_kv_pages_used", dev), get("aotllm_kv_pages_cached", dev)) == (3, 2)
 
 
 def test_sequence_timer_counts_once_per_sequence():
@@ -497,20 +510,9 @@ def test_loading_is_503_with_retry_after():
 def test_queue_full_is_503_with_retry_after(tiny_program):
     s = ServerThread(_cfg(tiny_program, max_queue=2))  # a second app in this process: its own registry
     try:
-
-        async def many():
-            async with httpx.AsyncClient(timeout=120) as c:
-                return await asyncio.gather(
-                    *(
-                        c.post(
-                            f"{s.url}/v1/completions",
-                            json={"model": MODEL, "prompt": "queue", "max_tokens": 30, "ignore_eos": True},
-                        )
-                        for _ in range(6)
-                    )
-                )
-
-        rs = asyncio.run(many())
+        payload = {"model": MODEL, "prompt": "queue", "max_tokens": 30, "ignore_eos": True}
+        rs = overflow_queue(s, lambda c: c.post(f"{s.url}/v1/completions", json=payload), 2)
+        assert [r.status_code for r in rs] == [200, 200, 503]
         codes = sorted(r.status_code for r in rs)
         assert 200 in codes and 503 in codes
         busy = next(r for r in rs if r.status_code == 503)

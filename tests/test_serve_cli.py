@@ -1,10 +1,17 @@
 """python -m serve's command line: --config files, shortfin spellings, clear errors."""
 
+import json
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import pytest
 
 from serve.flags import parse_args
+from tests.server_util import free_port
+from tests.tiny import char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -71,3 +78,65 @@ def test_quantization_flag_is_for_the_default_model(capsys):
     with pytest.raises(SystemExit):
         parse_args(["--vmfb", "m.vmfb", "--parameters", "a.irpa", "--model-config", "c.json", "--quantization", "w8a8"])
     assert "give it to python -m export.paged_llm" in capsys.readouterr().err
+
+
+def test_config_file_takes_alias_spellings_and_command_line_aliases_win(tmp_path):
+    conf = tmp_path / "c.json"
+    conf.write_text(
+        json.dumps(
+            {
+                "vmfb": "m.vmfb",
+                "parameters": ["a.irpa"],
+                "model_config": "c.json",
+                "tokenizer_json": "file-tokenizer.json",
+                "device_ids": [0, 1],
+                "max_running_batch": 4,
+                "max-queue": 9,
+            }
+        )
+    )
+    a = parse_args(["--config", str(conf)])
+    assert a.tokenizer == Path("file-tokenizer.json") and a.device_ids == [0, 1] and a.max_running == 4
+    assert a.max_queue == 9 and a.parameters == [Path("a.irpa")] and a.model_config == Path("c.json")
+    for tok in (["--tokenizer_json", "cli.json"], ["--tokenizer=cli.json"], ["--tokenizer_j", "cli.json"]):
+        b = parse_args(["--config", str(conf), *tok, "--max_running_batch", "2", "--device-ids", "3"])
+        assert b.tokenizer == Path("cli.json") and b.max_running == 2 and b.device_ids == [3]
+
+
+def test_server_started_with_a_config_file_uses_the_alias_flag_over_it(served_tiny, tmp_path):
+    """The file names a tokenizer that does not exist: the server loads only if --tokenizer_json wins."""
+    conf = tmp_path / "serve.json"
+    conf.write_text(
+        json.dumps(
+            {
+                "vmfb": str(served_tiny / "model.vmfb"),
+                "parameters": [str(served_tiny / "model.irpa")],
+                "model_config": str(served_tiny / "config.json"),
+                "tokenizer": str(tmp_path / "no-such-tokenizer.json"),
+                "max_running_batch": 2,
+            }
+        )
+    )
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serve", "--config", str(conf), "--tokenizer_json", str(served_tiny)]
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], cwd=ROOT)
+    try:
+        deadline = time.time() + 120
+        while True:
+            assert proc.poll() is None, "the server exited"
+            assert time.time() < deadline, "the server did not become healthy"
+            try:
+                r = httpx.get(f"{url}/health", timeout=5)
+            except httpx.TransportError:
+                time.sleep(0.2)
+                continue
+            assert "failed" not in r.text, r.text
+            if r.status_code == 200:
+                break
+            time.sleep(0.2)
+        tokens = httpx.post(f"{url}/tokenize", json={"content": "ab"}, timeout=30).json()["tokens"]
+        assert tokens == char_tokenizer()[0].encode("ab", add_special_tokens=False).ids
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

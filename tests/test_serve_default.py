@@ -10,44 +10,73 @@ from pathlib import Path
 import httpx
 import pytest
 
+from models.cache import cache_lock
 from tests.conftest import SMOL_PROMPT
 from tests.server_util import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# `python -m serve`, which writes the names in its sys.modules to the file named by $MODULES_FILE at exit
+SERVE_RECORDING_MODULES = (
+    "import atexit, json, os, runpy, sys\n"
+    "def record():\n"
+    "    with open(os.environ['MODULES_FILE'], 'w') as f:\n"
+    "        json.dump(sorted(sys.modules), f)\n"
+    "atexit.register(record)\n"
+    "runpy.run_module('serve', run_name='__main__', alter_sys=True)\n"
+)
+# what the serving process must never load (the exporter runs in a subprocess of its own)
+NOT_SERVING = ("torch", "iree.turbine", "transformers", "export.paged_llm", "sharding", "models.llama")
+
+
+def _health(url: str) -> httpx.Response | None:
+    try:
+        return httpx.get(f"{url}/health", timeout=5)
+    except httpx.TransportError:
+        return None
 
 
 @pytest.fixture(scope="module")
-def default_server(smollm2_f32_artifacts):
+def default_server(smollm2_f32_artifacts, tmp_path_factory):
+    """The server, started while this process holds the lock of the default program's cache folder, as
+    a first start's build would: /health must say 503 (with the reason) until the lock is released."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "serve", "--port", str(port), "--log-level", "warning"],
-        cwd=ROOT,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
     url = f"http://127.0.0.1:{port}"
+    modules = tmp_path_factory.mktemp("serve") / "modules.json"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "MODULES_FILE": str(modules)}
+    cmd = [sys.executable, "-c", SERVE_RECORDING_MODULES, "--port", str(port), "--log-level", "warning"]
+    loading: list[httpx.Response] = []  # every answer while the build cannot finish
+    with cache_lock(smollm2_f32_artifacts.dir):
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env)
+        deadline = time.time() + 120
+        while not (loading and "exporting" in loading[-1].text):
+            assert proc.poll() is None, "the server exited"
+            assert time.time() < deadline, f"the server did not say it builds: {[r.text for r in loading]}"
+            if (r := _health(url)) is not None:
+                loading.append(r)
+            time.sleep(0.1)
     deadline = time.time() + 600
-    saw_503 = False
-    while True:
+    while (r := _health(url)) is None or r.status_code != 200:
         assert proc.poll() is None, "the server exited"
-        try:
-            r = httpx.get(f"{url}/health", timeout=5)
-            if r.status_code == 200:
-                break
-            saw_503 |= r.status_code == 503
-        except httpx.TransportError:
-            pass
         assert time.time() < deadline, "the server did not become healthy"
-        time.sleep(0.5)
-    yield url
+        time.sleep(0.2)
+    yield url, proc, modules, loading
     proc.terminate()
     proc.wait(timeout=30)
 
 
 @pytest.mark.slow
-def test_default_server_is_torch_free_and_greedy_equals_hf(default_server, smollm2_reference):
+def test_health_is_503_while_the_default_model_builds(default_server):
+    loading = default_server[3]
+    assert all(r.status_code == 503 and r.headers["retry-after"] for r in loading)
+    assert loading[-1].json()["error"] == "exporting and compiling the default model (first start only)"
+
+
+@pytest.mark.slow
+def test_default_server_greedy_equals_hf(default_server, smollm2_reference):
+    url = default_server[0]
     ids, ref, tok = smollm2_reference
     r = httpx.post(
-        f"{default_server}/generate",
+        f"{url}/generate",
         timeout=120,
         json={
             "text": SMOL_PROMPT,
@@ -64,7 +93,7 @@ def test_default_server_is_torch_free_and_greedy_equals_hf(default_server, smoll
     chunks = []
     with httpx.stream(
         "POST",
-        f"{default_server}/generate",
+        f"{url}/generate",
         timeout=120,
         json={
             "text": SMOL_PROMPT,
@@ -79,7 +108,12 @@ def test_default_server_is_torch_free_and_greedy_equals_hf(default_server, smoll
 
 
 @pytest.mark.slow
-def test_server_process_does_not_import_torch(smollm2_f32_artifacts):
-    code = "import sys, serve.__main__, serve.engine, serve.api; print('torch' in sys.modules)"
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "False"
+def test_serving_process_never_loaded_torch(default_server):
+    url, proc, modules, _ = default_server
+    payload = {"text": SMOL_PROMPT, "sampling_params": {"max_completion_tokens": 4}}
+    assert httpx.post(f"{url}/generate", json=payload, timeout=120).status_code == 200
+    proc.terminate()  # (uvicorn stops on SIGTERM; the process then writes its module list)
+    assert proc.wait(timeout=30) == 0
+    loaded = json.loads(modules.read_text())
+    assert "serve.frontends.app" in loaded and "iree.runtime" in loaded  # (the list is the server's)
+    assert [m for m in loaded if m.startswith(NOT_SERVING)] == []

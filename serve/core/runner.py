@@ -149,8 +149,8 @@ def _device(driver: str, index: int) -> rt.HalDevice:
 
 
 def _host(a: rt.DeviceArray) -> np.ndarray:
-    """A host copy: to_host() may map the device buffer, and a mapped result was seen overwritten by later
-    calls (a KV-cache read after a call of another program)."""
+    """A host copy: to_host() may map the device buffer, and a mapped result can be overwritten by later
+    calls (a KV-cache read, after a call of another program)."""
     return np.array(a.to_host())
 
 

@@ -79,10 +79,9 @@ class Counters:
     device_seconds: float = 0.0  # of which inside the program's calls (the rest is host work)
 
 
-# Prefill tokens per step. Long prompts go in chunks this size: our prefill attends over the whole chunk x
-# context score matrix, so smaller chunks do less of it (SmolLM2, a 512-token prompt through the runner, same
-# run: one call 2.63 s; chunks of 256 / 128 / 64: 2.13 / 1.85 / 1.78 s), and decode steps of other
-# sequences wait less between chunks.
+# Prefill tokens per step. Long prompts go in chunks this size: prefill attends over the whole chunk x
+# context score matrix, so smaller chunks compute less of it, and other sequences' decode steps wait less
+# between chunks.
 PREFILL_CHUNK = 128
 
 
@@ -151,9 +150,9 @@ class Scheduler:
             return
         t0 = time.perf_counter()
         decode_out, prefill_out = await asyncio.to_thread(self._execute, decode, prefill)
-        for seq, out in zip(decode, decode_out):
+        for seq, sampled in zip(decode, decode_out):
             seq.computed += 1
-            self._emit(seq, out)
+            self._emit(seq, sampled)
         for (seq, end), out in zip(prefill, prefill_out):
             new, seq.computed = end - seq.computed, end
             self.pool.register(seq.tokens, seq.pages, seq.computed)
@@ -196,7 +195,7 @@ class Scheduler:
 
     def _plan_prefill(self) -> list[tuple[Sequence, int]]:
         budget = self.max_tokens_per_step
-        plan = []
+        plan: list[tuple[Sequence, int]] = []
         partial = [s for s in self.running if s.computed < s.prefill_target]
         for seq in partial:
             if budget <= 0 or len(plan) == self.abi.prefill_batch_sizes[-1]:
@@ -226,8 +225,14 @@ class Scheduler:
         return plan
 
     # -- device work (worker thread: reads the plan, touches no scheduler state)
-    def _execute(self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]):
-        decode_out = []
+    def _execute(
+        self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]
+    ) -> tuple[list[Sampled], list[np.ndarray]]:
+        return self._decode(decode), self._prefill(prefill)
+
+    def _decode(self, decode: list[Sequence]) -> list[Sampled]:
+        """One token for each sequence, in groups of the compiled batch sizes."""
+        sampled: list[Sampled] = []
         sizes = self.abi.decode_batch_sizes
         for i in range(0, len(decode), sizes[-1]):
             group = decode[i : i + sizes[-1]]
@@ -242,18 +247,22 @@ class Scheduler:
             self.counters.device_seconds += time.perf_counter() - t0
             for j, s in enumerate(group):
                 if out.logits is not None:
-                    decode_out.append(s.sampler.sample(out.logits[j]))
+                    sampled.append(s.sampler.sample(out.logits[j]))
                 else:
-                    decode_out.append(s.sampler.sample_top_k(out.top_values[j], out.top_indices[j]))
-        prefill_out = [None] * len(prefill)  # last-position logits, or an embedding's hidden states [S, H]
+                    assert out.top_values is not None and out.top_indices is not None
+                    sampled.append(s.sampler.sample_top_k(out.top_values[j], out.top_indices[j]))
+        return sampled
+
+    def _prefill(self, prefill: list[tuple[Sequence, int]]) -> list[np.ndarray]:
+        """Each chunk's last-position logits [V], or for an embedding its hidden states [S, H]."""
+        results: list[np.ndarray] = [np.empty(0)] * len(prefill)
         sizes = self.abi.prefill_batch_sizes
         for embed in (False, True):
             items = [(i, s, end) for i, (s, end) in enumerate(prefill) if bool(s.pooling) == embed]
             for k in range(0, len(items), sizes[-1]):
                 group = items[k : k + sizes[-1]]
                 bs = next(b for b in sizes if b >= len(group))
-                # exactly the longest chunk: the program takes any length (padding to a page multiple
-                # cost a 24-token prompt a third more prefill time)
+                # exactly the longest chunk: the program takes any length, and padding costs prefill time
                 width = max(end - s.computed for _, s, end in group)
                 toks = np.zeros((bs, width), np.int64)
                 start = np.zeros(bs, np.int64)
@@ -267,8 +276,8 @@ class Scheduler:
                 out = run(toks, start, lens, _page_table([s.pages for _, s, _ in group], bs))
                 self.counters.device_seconds += time.perf_counter() - t0
                 for j, (i, _, _) in enumerate(group):
-                    prefill_out[i] = out[j]
-        return decode_out, prefill_out
+                    results[i] = out[j]
+        return results
 
     # -- results
     def _emit(self, seq: Sequence, sampled: Sampled) -> None:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Callable, Iterable
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
 from types import TracebackType
 
 from fastapi import Request
@@ -37,7 +37,7 @@ class Submission:
         self.engine = engine
         self.groups: list[list[Sequence]] = []  # per prompt: its `n` sequences
 
-    def add(self, prompt_ids: list[int], params: SamplingParams, rid: str) -> list[Sequence]:
+    def add(self, prompt_ids: list[int], params: SamplingParams, rid: str | None) -> list[Sequence]:
         group = self.engine.submit(prompt_ids, params, rid)
         self.groups.append(group)
         return group
@@ -80,7 +80,7 @@ async def sequence_events(seq: Sequence, request: Request) -> AsyncIterator[Even
         timer.close()
 
 
-async def fan_in(seqs: list[Sequence], events: EventSource) -> AsyncIterator[tuple[int, Event]]:
+async def fan_in(seqs: list[Sequence], events: EventSource) -> AsyncGenerator[tuple[int, Event], None]:
     """(index, event) for every sequence's events as they come, until all have ended. However it ends (all
     finished, a client gone, the consumer closing it early), the sequences not finished are cancelled."""
     queue: asyncio.Queue[tuple[int, Event | None]] = asyncio.Queue()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
@@ -38,7 +40,7 @@ class GenerateRequest(BaseModel):
 
     text: str | list[str] | None = None
     input_ids: list[int] | list[list[int]] | None = None
-    sampling_params: GenerateSamplingParams = Field(default_factory=GenerateSamplingParams)
+    sampling_params: GenerateSamplingParams = Field(default_factory=lambda: GenerateSamplingParams())
     rid: str | list[str] | None = None
     stream: bool = False
     return_input_ids: bool = False
@@ -49,8 +51,10 @@ class GenerateRequest(BaseModel):
             raise ValueError("give exactly one of 'text' or 'input_ids'")
         if self.text is not None:
             return [self.text] if isinstance(self.text, str) else list(self.text)
-        ids = self.input_ids
-        return [ids] if not ids or isinstance(ids[0], int) else list(ids)
+        ids = self.input_ids or []
+        if not ids or isinstance(ids[0], int):
+            return [cast(list[int], ids)]
+        return list(cast(list[list[int]], ids))
 
 
 class Completion(BaseModel):

@@ -28,7 +28,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from dataclasses import dataclass
 
 import grpc
@@ -121,7 +121,7 @@ def prompt_ids(eng: Engine, req: llm_pb2.Request) -> list[int]:
         raise BadRequest(f"tokens.ids: {e}") from e
 
 
-def finish_reason(job: Job) -> int:
+def finish_reason(job: Job) -> llm_pb2.FinishReason:
     seq = job.seq
     if seq.finish_reason == "length" or not seq.output_ids:
         return llm_pb2.FINISH_REASON_LENGTH
@@ -144,7 +144,7 @@ def response(job: Job, ev: Event) -> llm_pb2.Response:
     return llm_pb2.Response(status=status, id=job.id, generated=ev.text, tokens=llm_pb2.Tokens(ids=ids), detail=detail)
 
 
-async def merged_events(seq: Sequence, metrics: Metrics) -> AsyncIterator[Event]:
+async def merged_events(seq: Sequence, metrics: Metrics) -> AsyncGenerator[Event, None]:
     """The sequence's events until its finish, a token's event and the finish that follows it at once merged
     into one (ppl.llm.serving's last response carries the last token). Latencies go to /metrics."""
     timer = metrics.timer(seq)
@@ -212,7 +212,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
 
     async def Generation(
         self, request: llm_pb2.BatchedRequest, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[llm_pb2.BatchedResponse]:
+    ) -> AsyncGenerator[llm_pb2.BatchedResponse, None]:
         t0, status, jobs, rid = time.monotonic(), grpc.StatusCode.OK, [], f"ppl-{uuid.uuid4().hex}"
         peer = context.peer()  # (read now: grpcio 1.85 segfaults on peer() once a cancelled call is gone)
         try:
@@ -243,7 +243,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
             }
             access_log.info(json.dumps(line), extra={"access": line})
 
-    async def _stream(self, jobs: list[Job]) -> AsyncIterator[llm_pb2.Response]:
+    async def _stream(self, jobs: list[Job]) -> AsyncGenerator[llm_pb2.Response, None]:
         """Every job's responses as they are produced."""
         events = fan_in([j.seq for j in jobs], lambda s: merged_events(s, self.state.metrics))
         async with contextlib.aclosing(events):

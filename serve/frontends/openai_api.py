@@ -9,7 +9,7 @@ import json
 import time
 import uuid
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
@@ -101,7 +101,10 @@ def add_routes(app: FastAPI) -> None:
         if req.echo and req.logprobs is not None:
             raise OpenAIError(400, "echo with logprobs needs prompt logprobs, which are not supported", param="echo")
         p = req.prompt
-        prompts: list[str | list[int]] = [p] if isinstance(p, str) or (p and isinstance(p[0], int)) else list(p)
+        if isinstance(p, str) or (p and isinstance(p[0], int)):
+            prompts = [cast(str | list[int], p)]
+        else:
+            prompts = list(cast(list[str] | list[list[int]], p))
         if not prompts:
             raise OpenAIError(400, "the prompt is empty", param="prompt")
         ids = [_call(eng.encode, prompt) for prompt in prompts]
@@ -179,9 +182,11 @@ def add_routes(app: FastAPI) -> None:
                 raise OpenAIError(500, f"embedding failed: {reason}", type="server_error")
 
         await collect(seqs, lambda s: sequence_events(s, request), on_event)
+        done: list[np.ndarray] = []
         for i, v in enumerate(vecs):
             if v is None:  # (the client went away before its embedding)
                 raise OpenAIError(500, f"embedding failed: {errors[i] or seqs[i].finish_reason}", type="server_error")
+            done.append(v)
         n_tokens = sum(len(x) for x in ids)
         data = [
             {
@@ -191,7 +196,7 @@ def add_routes(app: FastAPI) -> None:
                 if req.encoding_format == "base64"
                 else v.tolist(),
             }
-            for i, v in enumerate(vecs)
+            for i, v in enumerate(done)
         ]
         return {
             "object": "list",
@@ -268,8 +273,8 @@ async def _run(
         echo=[e for e in echo for _ in range(params.n)],
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
     )
-    for c, e in zip(job.choices, job.echo):
-        c.offset = len(e)
+    for c, text in zip(job.choices, job.echo):
+        c.offset = len(text)
     if req.stream:
         return StreamingResponse(
             _stream(job, request),

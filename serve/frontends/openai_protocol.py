@@ -7,7 +7,7 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
@@ -163,7 +163,9 @@ class EmbeddingRequest(BaseModel):
 
     def prompts(self) -> list[str | list[int]]:
         x = self.input
-        return [x] if isinstance(x, str) or (x and isinstance(x[0], int)) else list(x)
+        if isinstance(x, str) or (x and isinstance(x[0], int)):
+            return [cast(str | list[int], x)]
+        return list(cast(list[str] | list[list[int]], x))
 
 
 class DetokenizeRequest(BaseModel):
