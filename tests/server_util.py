@@ -71,20 +71,28 @@ def loading_client(status: str = "loading the model") -> Iterator[TestClient]:
         release.set()
 
 
-@contextlib.contextmanager
-def paused(engine: Engine) -> Iterator[None]:
-    """Inside the block the engine's schedulers run no step: whatever is queued stays queued."""
+def pause(engine: Engine) -> None:
+    """The engine's schedulers run no step until `resume`: whatever is queued stays queued."""
 
     async def idle() -> None:
         await asyncio.sleep(0.005)
 
     for s in engine.schedulers:
-        s.step = idle  # type: ignore[method-assign]  # (read by run_forever on the server's loop each step)
+        s.step = idle  # type: ignore[method-assign]  # (run_forever on the server's loop reads it each step)
+
+
+def resume(engine: Engine) -> None:
+    for s in engine.schedulers:
+        s.__dict__.pop("step", None)
+
+
+@contextlib.contextmanager
+def paused(engine: Engine) -> Iterator[None]:
+    pause(engine)
     try:
         yield
     finally:
-        for s in engine.schedulers:
-            del s.step
+        resume(engine)
 
 
 def overflow_queue(

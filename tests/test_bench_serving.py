@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -10,7 +11,7 @@ from bench import serving
 from bench.backends import GenerateBackend, StreamState
 from bench.report import format_table
 from bench.sse import sse_data
-from tests.server_util import ServerThread, tiny_config
+from tests.server_util import ServerThread, pause, resume, tiny_config
 
 N, CONCURRENCY, INPUT_LEN, OUTPUT_LEN = 6, 3, 16, 8
 COUNTED_BY = {"generate": "meta_info", "openai": "usage", "triton": "logprobs"}
@@ -133,13 +134,38 @@ def test_warmup_failure_stops_the_run(server, tmp_path, capsys):
     assert rc == 1 and "warm-up request failed" in capsys.readouterr().err and not (tmp_path / "r.json").exists()
 
 
+class _ResumeAfterRefusals(logging.Handler):
+    """Resumes the paused engine once the access log has shown `refusals` 503 answers."""
+
+    def __init__(self, engine, refusals: int) -> None:
+        super().__init__()
+        self.engine, self.refusals, self.seen = engine, refusals, 0
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.seen += json.loads(record.getMessage())["status"] == 503
+        if self.seen == self.refusals:
+            resume(self.engine)
+
+
 def test_queue_full_503s_are_failures(tiny_program, tmp_path):
+    """All N requests at once into a queue of 2 while the engine is paused: 2 are queued, N - 2 refused."""
     s = ServerThread(tiny_config(tiny_program, max_queue=2))
+    logger, old_level = logging.getLogger("aotllm.access"), logging.getLogger("aotllm.access").level
+    handler = _ResumeAfterRefusals(s.engine, N - 2)
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    pause(s.engine)
     try:
-        rc, result = bench(s, tmp_path, "--backend", "generate", "--output-len", "40", "--disable-tqdm")
+        rc, result = bench(
+            s, tmp_path, "--backend", "generate", "--output-len", "40", "--disable-tqdm", "--warmup", "0"
+        )
     finally:
+        resume(s.engine)
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
         s.stop()
     summary = result["summary"]
+    assert (summary["completed"], summary["failed"]) == (2, N - 2)
     assert rc == 0 and summary["completed"] >= 1 and summary["failed"] >= 1
     assert summary["completed"] + summary["failed"] == N and set(summary["errors"]) == {"HTTP 503"}
     assert summary["total_output_tokens"] == summary["completed"] * 40
