@@ -1,8 +1,8 @@
 """llama.cpp's side of `python -m bench.offline --compare-llama-cpp`, through llama-cpp-python's C API.
 
 llama-cpp-python is not a dependency of this project: `ensure_installed` builds it on first use into
-~/.cache/aotllm/llama-cpp-python (`pip install --target`, CMAKE_ARGS=-DGGML_NATIVE=ON: a source build,
-about 17 minutes on 2 cores) and imports it from there.
+~/.cache/aotllm/llama-cpp-python (`pip install --target`, CMAKE_ARGS=-DGGML_NATIVE=ON: a long source
+build, once) and imports it from there.
 
 Same precision on both sides: the GGUF (e.g. Q4_1) is re-typed by llama.cpp's own `llama_model_quantize`
 (requantizing dequantizes, then converts) into an F32 / F16 / BF16 GGUF, cached next to it; norms stay
@@ -13,7 +13,7 @@ the last position only), decode = B sequences (one context with n_seq_max = B) a
 prompt, one llama_decode of B tokens per step with every sequence's logits, the decoded positions
 removed again before each repeat. llama.cpp's other defaults stand (flash attention: auto), but on a CPU
 with AMX int8 its extra buffer types (weight repacking) are off: there its AMX matmul segfaults on the first
-Q8_0 prefill (seen 2026-12-02 on a Xeon with AMX; llama.cpp issue 20824), as `llama-server --no-repack`.
+Q8_0 prefill (llama.cpp issue 20824), as `llama-server --no-repack`.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 
 from models.cpu import host_has_amx
 
-from .offline import EngineRun, Plan, Timing, time_it, weight_bytes_read
+from .timing import EngineRun, Plan, Timing, time_it, weight_bytes_read
 
 PACKAGE = "llama-cpp-python==0.3.36"
 FTYPES = {
@@ -43,7 +43,7 @@ _log_callback = None  # keeps the ctypes callback alive
 
 
 def install_dir() -> Path:
-    from models.default_model import cache_dir
+    from models.cache import cache_dir
 
     return cache_dir() / "llama-cpp-python"
 
@@ -133,8 +133,8 @@ class _Batch:
     def fill(self, tokens, positions, seqs, logits) -> _Batch:
         b = self.b
         b.n_tokens = len(tokens)
-        for i, (t, p, s, l) in enumerate(zip(tokens, positions, seqs, logits)):
-            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), int(p), 1, int(l)
+        for i, (t, p, s, want) in enumerate(zip(tokens, positions, seqs, logits)):
+            b.token[i], b.pos[i], b.n_seq_id[i], b.logits[i] = int(t), int(p), 1, int(want)
             b.seq_id[i][0] = int(s)
         return self
 
@@ -179,7 +179,7 @@ def measure(
         for n in plan.prefill_lens:
             toks = data["prefill"][n]
 
-            def run() -> None:
+            def run(n: int = n, toks=toks) -> None:
                 lib.llama_memory_clear(mem, True)
                 decode(ctx, batch.fill(toks, range(n), [0] * n, [0] * (n - 1) + [1]))
 
@@ -198,7 +198,7 @@ def measure(
             decode(ctx, batch.fill(data["decode_prompts"][s], range(p), [s] * p, [0] * (p - 1) + [1]))
         step_tokens = data["decode_tokens"][:, :b]
 
-        def run() -> None:
+        def run(b: int = b, ctx=ctx, mem=mem, batch: _Batch = batch, step_tokens=step_tokens) -> None:
             lib.llama_memory_seq_rm(mem, -1, p, -1)  # back to the prompts: the same positions every repeat
             for k in range(steps):
                 decode(ctx, batch.fill(step_tokens[k], [p + k] * b, range(b), [1] * b))

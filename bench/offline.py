@@ -6,7 +6,7 @@
     python -m bench.offline --program OUT_DIR ...    # an existing export (model*.vmfb, model.irpa, config.json)
 
 Default model: the embedded SmolLM2-135M-Instruct GGUF, exported + compiled once per `--dtype` through
-export.artifacts (content-hash cached). What is measured, per program, with `serve.runner.Runner`:
+export.artifacts (content-hash cached). What is measured, per program, with `serve.core.runner.Runner`:
   prefill    one prompt of each `--prefill-lens` length at batch 1 (random token ids), in calls of at most
              `--prefill-chunk` tokens as the server prefills it (its --max-tokens-per-step default):
              tok/s = prompt tokens / time of the calls
@@ -31,139 +31,21 @@ import math
 import os
 import platform
 import shlex
-import statistics
 import sys
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from serve.scheduler import PREFILL_CHUNK
+from serve.core.scheduler import PREFILL_CHUNK
 
 from . import membw
 from .report import print_table, write_json
+from .timing import SHORT, EngineRun, Plan, Timing, roofline, time_it, weight_bytes_read
 
 DTYPES = ("float32", "float16", "bfloat16", "w8a8")  # w8a8: f32 activations, export --quantization w8a8
-SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "w8a8": "w8a8/q8_0"}
-
-
-@dataclass
-class Timing:
-    """One measurement: `tokens` processed per call, median seconds per call over the repeats."""
-
-    kind: str  # "prefill" | "decode"
-    size: int  # prefill: prompt tokens; decode: batch size
-    seconds: float
-    tokens: int
-    steps: int = 1
-    repeats: list[float] = field(default_factory=list)
-
-    @property
-    def tok_s(self) -> float:
-        return self.tokens / self.seconds
-
-    @property
-    def ms(self) -> float:  # prefill: ms per call; decode: ms per step
-        return 1000 * self.seconds / self.steps
-
-
-@dataclass
-class EngineRun:
-    engine: str  # "aotllm" | "llama.cpp"
-    dtype: str
-    weight_bytes: int
-    timings: list[Timing]
-    source: str = ""
-    notes: dict = field(default_factory=dict)
-
-    @property
-    def label(self) -> str:
-        return f"{'ours' if self.engine == 'aotllm' else self.engine} {SHORT.get(self.dtype, self.dtype)}"
-
-    def get(self, kind: str, size: int) -> Timing | None:
-        return next((t for t in self.timings if t.kind == kind and t.size == size), None)
-
-    def to_json(self, bandwidth_gb_s: float) -> dict:
-        d = {
-            "engine": self.engine,
-            "dtype": self.dtype,
-            "label": self.label,
-            "source": self.source,
-            "weight_bytes": self.weight_bytes,
-            **self.notes,
-            "prefill": [
-                {"tokens": t.size, "ms": t.ms, "tok_s": t.tok_s, "repeats_s": t.repeats}
-                for t in self.timings
-                if t.kind == "prefill"
-            ],
-            "decode": [
-                {"batch": t.size, "steps": t.steps, "ms_per_step": t.ms, "tok_s": t.tok_s, "repeats_s": t.repeats}
-                for t in self.timings
-                if t.kind == "decode"
-            ],
-        }
-        d.update(roofline(self, bandwidth_gb_s))
-        return d
-
-
-def roofline(run: EngineRun, bandwidth_gb_s: float) -> dict:
-    one = run.get("decode", 1)
-    achieved = run.weight_bytes * one.tok_s / 1e9 if one else None
-    return {
-        "roofline_tok_s": bandwidth_gb_s * 1e9 / run.weight_bytes if run.weight_bytes else None,
-        "gb_s_achieved": achieved,
-        "roofline_ratio": achieved / bandwidth_gb_s if achieved is not None else None,
-    }
-
-
-def time_it(fn: Callable[[], object], repeats: int, warmup: int) -> tuple[float, list[float]]:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
-def random_tokens(rng: np.random.Generator, vocab: int, n: int) -> np.ndarray:
-    """Ids away from the low (special) ids; the speed does not depend on which tokens they are."""
-    return rng.integers(min(1000, vocab // 2), vocab, size=n, dtype=np.int64)
-
-
-@dataclass
-class Plan:
-    prefill_lens: list[int]
-    decode_batches: list[int]
-    decode_prompt_len: int
-    decode_steps: int
-    repeats: int
-    warmup: int
-    seed: int = 0
-    prefill_chunk: int = PREFILL_CHUNK
-
-    def pages_needed(self, stride: int) -> int:
-        """Pages in use at once (page 0, the padding page, not counted): measurements reuse pages."""
-        prefill = max([math.ceil(n / stride) for n in self.prefill_lens] or [0])
-        decode = max(
-            [b * math.ceil((self.decode_prompt_len + self.decode_steps) / stride) for b in self.decode_batches] or [0]
-        )
-        return max(prefill, decode)
-
-    def prompts(self, vocab: int) -> dict:
-        """The same token ids for every engine: prefill prompts, decode prompts (one per sequence) and the
-        tokens fed at each decode step."""
-        rng = np.random.default_rng(self.seed)
-        most = max(self.decode_batches or [1])
-        return {
-            "prefill": {n: random_tokens(rng, vocab, n) for n in self.prefill_lens},
-            "decode_prompts": random_tokens(rng, vocab, most * self.decode_prompt_len).reshape(most, -1),
-            "decode_tokens": random_tokens(rng, vocab, most * self.decode_steps).reshape(self.decode_steps, most),
-        }
 
 
 # ---------------------------------------------------------------- our program
@@ -241,16 +123,9 @@ def irpa_weight_bytes(irpa: Path) -> int:
     return weight_bytes_read(sizes)
 
 
-def weight_bytes_read(sizes: dict[str, int]) -> int:
-    total = sum(sizes.values())
-    if "output.weight" in sizes and "token_embd.weight" in sizes:
-        total -= sizes["token_embd.weight"]
-    return total
-
-
 def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> EngineRun:
     from models.abi import ModelABI
-    from serve.runner import Runner
+    from serve.core.runner import Runner
 
     abi = ModelABI.load(prog.config)
     stride = abi.block_seq_stride
@@ -268,6 +143,23 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
             f"it has prefill {abi.prefill_batch_sizes}, decode {abi.decode_batch_sizes}"
         )
     runner = Runner(prog.vmfb, prog.parameters, abi)
+    timings = _time_runner(runner, abi, plan, log)
+    del runner  # (its device memory goes before the next program's)
+    gc.collect()
+    dtype = abi.quantization if abi.quantization != "none" else abi.activation_dtype
+    return EngineRun(
+        "aotllm",
+        dtype,
+        irpa_weight_bytes(prog.parameters[0]),
+        timings,
+        str(prog.dir),
+        {"vmfb": str(prog.vmfb), "vocab_size": abi.vocab_size},
+    )
+
+
+def _time_runner(runner, abi, plan: Plan, log: Callable[[str], None]) -> list[Timing]:
+    """The plan's prefill and decode timings of one loaded program."""
+    stride = abi.block_seq_stride
     data = plan.prompts(abi.vocab_size)
     timings = []
 
@@ -278,7 +170,7 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
         page_ids = pages(1, math.ceil(n / stride))[None]
         ends = list(range(plan.prefill_chunk, n, plan.prefill_chunk)) + [n]
 
-        def prefill():
+        def prefill(n: int = n, ends: list[int] = ends, page_ids: np.ndarray = page_ids) -> None:
             for begin, end in zip([0] + ends, ends):  # (the pages so far, as the server's page table has them)
                 runner.prefill(
                     data["prefill"][n][None, begin:end],
@@ -302,24 +194,14 @@ def measure_program(prog: Program, plan: Plan, log: Callable[[str], None]) -> En
             runner.prefill(tokens, np.zeros(1, np.int64), np.array([p], np.int64), page_ids[s : s + 1])
         step_tokens = data["decode_tokens"][:, :b]
 
-        def run(n_steps: int = steps) -> None:
-            for k in range(n_steps):  # position p + k: the same positions again on every repeat
+        def run(b: int = b, step_tokens: np.ndarray = step_tokens, page_ids: np.ndarray = page_ids) -> None:
+            for k in range(steps):  # position p + k: the same positions again on every repeat
                 runner.decode(step_tokens[k], np.full(b, p + k + 1, np.int64), page_ids)
 
         sec, reps = time_it(run, plan.repeats, plan.warmup)
         timings.append(Timing("decode", b, sec, b * steps, steps, reps))
         log(f"  decode bs{b:<3d}: {1000 * sec / steps:8.2f} ms/step  {b * steps / sec:8.1f} tok/s")
-    del runner
-    gc.collect()
-    dtype = abi.quantization if abi.quantization != "none" else abi.activation_dtype
-    return EngineRun(
-        "aotllm",
-        dtype,
-        irpa_weight_bytes(prog.parameters[0]),
-        timings,
-        str(prog.dir),
-        {"vmfb": str(prog.vmfb), "vocab_size": abi.vocab_size},
-    )
+    return timings
 
 
 # ---------------------------------------------------------------- machine and table
@@ -425,7 +307,7 @@ def _int_list(s: str) -> list[int]:
     try:
         out = [int(x) for x in s.split(",") if x.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers, e.g. 1,4,16")
+        raise argparse.ArgumentTypeError(f"{s!r}: expected comma-separated integers, e.g. 1,4,16") from None
     if not out or min(out) < 1:
         raise argparse.ArgumentTypeError(f"{s!r}: expected positive integers")
     return out

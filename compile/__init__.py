@@ -94,7 +94,7 @@ def cache_key(req: CompileRequest) -> str:
 
 
 def vmfb_cache_dir() -> Path:
-    from models.default_model import cache_dir
+    from models.cache import cache_dir
 
     root = cache_dir() / "vmfb"
     root.mkdir(exist_ok=True)

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from compile import CompileRequest, compile_mlir
 from models.abi import ModelABI
-from models.default_model import cache_dir, cache_lock
+from models.cache import cache_dir, cache_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,4 +1,4 @@
-"""python -m export.paged_llm: a Llama GGUF / HF folder / IRPA -> MLIR (prefill_bs{N}, decode_bs{N}) + IRPA + config.json.
+"""python -m export.paged_llm: Llama GGUF / HF folder / IRPA -> MLIR (prefill_bs{N}, decode_bs{N}) + IRPA + config.json.
 
 Weights are external parameters (`#stream.parameter.named<"model"::NAME>`), so the MLIR and the VMFB
 stay small and the server loads the weights from the IRPA written here.
@@ -30,7 +30,7 @@ def _int_list(s: str) -> list[int]:
     try:
         out = sorted({int(x) for x in s.split(",") if x.strip()})
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {s!r}")
+        raise argparse.ArgumentTypeError(f"expected a comma-separated list of integers, got {s!r}") from None
     if not out or out[0] < 1:
         raise argparse.ArgumentTypeError(f"batch sizes must be positive integers, got {s!r}")
     return out
@@ -127,11 +127,11 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
 
     Why static traces: with a dynamic batch IREE's data tiling lays the weight matmuls out for a general row count
     (8-row tiles with AVX2) instead of a matrix-vector product, and a one-token decode step pays for it
-    (SmolLM2 decode bs 1: 42 ms dynamic, 33 ms static; README "Export and compile by hand"). The same holds
+    (README "Export and compile by hand"). The same holds
     for prefill's output head, which reads one row per sequence: with a dynamic batch it computes a 16-row
     tile for a one-prompt prefill, so batch 1 gets a static trace of its own (the time to first token).
     Other prefill batch sizes and embed share the dynamic trace; each static trace costs one more trace
-    (~14 s for SmolLM2) and compile.
+    and compile.
     `entry_points` adds the public prefill_bs{N} / decode_bs{N} functions around them. The traced
     functions are pure (they return the new cache); the entry points store it in the module's global.
     With tp > 1 each rank's parameters are placed on its device (`stream.affinity`), the rest on device 0.
@@ -164,8 +164,8 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
             *caches,
         )
 
-    # No decomposition pass: it re-traces the whole program (half the export time), and torch-mlir
-    # lowers the remaining aten ops itself. (export_program traces right away: it must run inside.)
+    # No decomposition pass: it would re-trace the whole program, and torch-mlir lowers the remaining
+    # aten ops itself. (export_program traces right away: it must run inside.)
     with aot.decompositions.extend_aot_decompositions(from_current=False):
         fxb.export_program(
             _forward,
@@ -232,7 +232,7 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
 
     The KV cache lives in the module, a mutable global of `pages` pages: each entry point loads it, calls
     the traced function and stores the new cache. IREE updates a global in place; a cache passed as a
-    mutable argument was copied in and out on every call (O(pool size): 158 ms for 268 MB).
+    mutable argument is copied in and out on every call (O(pool size)).
     Entry points around `forward` keep its dynamic signature (static-shape wrappers around a dynamic
     trace, once inlined, trip IREE's scatter verifier: static shapes need their own trace).
     """
@@ -454,8 +454,8 @@ def enable_amx(model: PagedLlama, args) -> None:
 
 
 def quantize_w8a8(model: PagedLlama, args) -> PagedLlama:
+    from models.gguf_tokenizer import tokenizer_near_weights
     from models.quant import CALIBRATION_TEXT, random_calibration_ids
-    from models.tokenizer import tokenizer_near_weights
 
     if model.tp > 1 or model.dtype != torch.float32:
         raise ModelError(
@@ -478,7 +478,7 @@ def quantize_w8a8(model: PagedLlama, args) -> PagedLlama:
 
 def write_tokenizer(args, out_dir: Path):
     """Tokenizer files next to config.json: from the GGUF's vocabulary, the HF folder's or the IRPA's."""
-    from models.tokenizer import save_tokenizer, tokenizer_near_weights
+    from models.gguf_tokenizer import save_tokenizer, tokenizer_near_weights
 
     found = tokenizer_near_weights(args.gguf_file, args.hf_dir, args.irpa_file)
     if found is None:

@@ -1,14 +1,14 @@
 """W8A8 matmuls on Intel AMX tiles (`export.paged_llm --amx`): a hand-written dispatch IREE links in.
 
 IREE 3.13 has no AMX microkernel: its int8 matmul on x86 is an AVX-512 VNNI loop (16 x 16 x 2 tiles),
-and on the AMX Xeon it reached ~74 GMAC/s on 2 cores (SmolLM2 W8A8 decode batch 16: 29 of 47.5 ms a step).
+which leaves the AMX tiles of a CPU that has them unused and the W8A8 matmuls far from that CPU's peak.
 One AMX `tdpbssd` multiplies a 16 x 64 int8 tile by a 64 x 16 one (16,384 multiply-adds). The kernel below
 (C, built here with gcc into an object that the program links: `hal.executable.object`) computes
 C[M, N] = A[M, K] B[N, K]^T (int8 in, int32 out) with one workgroup per 64 output columns, all rows, 16 at
 a time. The weight is stored pre-packed in the tile layout AMX reads: for each 16 columns and 64-deep
 slice of K, 16 rows of (16 columns x 4 consecutive k), 1 KB, contiguous; `pack` makes it at export.
 
-Linux gives a process the AMX tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`): serve.runner
+Linux gives a process the AMX tile state only on request (`arch_prctl(ARCH_REQ_XCOMP_PERM)`): serve.core.runner
 asks (models.cpu) before it loads a program whose config requires "amx-int8" (models.abi `cpu_features`).
 """
 
@@ -25,7 +25,9 @@ import torch
 from iree.turbine.runtime.op_reg import CustomOp, KernelBuilder, KernelSelection, impl_helper
 from iree.turbine.support.ir_imports import RankedTensorType
 
+from .cache import cache_dir
 from .page_gather import LIBRARY, _AsmLoader, _specialize_static_dims
+from .quant import Int8Linear
 
 CPU_FEATURE = "amx-int8"
 TILE_N, TILE_K = 64, 64  # one workgroup's columns; one tile's depth
@@ -94,8 +96,6 @@ class AmxError(RuntimeError):
 def object_path() -> Path:
     """The kernel as an x86-64 ELF object, built with gcc once per source (cached by its hash). The program
     names it by path: IREE 3.13 links an object given as `data` without its symbols ("undefined symbol")."""
-    from .default_model import cache_dir
-
     key = hashlib.sha256((_SOURCE + " ".join(_GCC_FLAGS)).encode()).hexdigest()[:16]
     root = cache_dir() / "amx"
     obj = root / f"amx_mm_{key}.o"
@@ -211,11 +211,29 @@ util.func private @{name}(%x: {x_t}, %w: {w_t}) -> {out_t} {{
         kb.yield_results(*impl_helper.call_function(func, *kb.arg_bindings[:2]))
 
 
-def enable(model: torch.nn.Module) -> None:
-    """Every W8A8 projection of `model` whose shape tiles evenly runs on AMX: its weight is packed in place."""
-    from .quant import Int8Linear
+class AmxInt8Linear(Int8Linear):
+    """An `Int8Linear` whose weight is stored packed in the AMX tile layout (`pack`) and whose int8 product
+    runs as `amx_int8_mm`; the parameters keep Int8Linear's names, shapes and dtypes."""
 
-    for mod in model.modules():
-        if isinstance(mod, Int8Linear) and not mod.amx and fits(mod.out_features, mod.in_features):
-            mod.weight.data = pack(mod.weight.data)
-            mod.amx = True
+    @classmethod
+    def from_int8(cls, lin: Int8Linear) -> AmxInt8Linear:
+        """Takes over `lin`'s parameters (the same tensors) and packs its weight in place."""
+        with torch.device("meta"):  # (the new parameters are replaced at once: allocate nothing)
+            amx = cls(lin.in_features, lin.out_features)
+        amx.weight, amx.weight_scale, amx.input_scale = lin.weight, lin.weight_scale, lin.input_scale
+        amx.weight.data = pack(amx.weight.data)
+        return amx.train(lin.training)
+
+    def int_matmul(self, q: torch.Tensor) -> torch.Tensor:
+        return amx_int8_mm(q, self.weight)
+
+
+def enable(model: torch.nn.Module) -> None:
+    """Every W8A8 projection of `model` whose shape tiles evenly becomes an `AmxInt8Linear`, in place."""
+    swapped: dict[Int8Linear, AmxInt8Linear] = {}  # a module under two names is packed once, swapped under both
+    for parent in list(model.modules()):
+        for name, mod in list(parent._modules.items()):  # (named_children would skip a module's second name)
+            if type(mod) is Int8Linear and fits(mod.out_features, mod.in_features):
+                if mod not in swapped:
+                    swapped[mod] = AmxInt8Linear.from_int8(mod)
+                setattr(parent, name, swapped[mod])

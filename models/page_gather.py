@@ -3,8 +3,7 @@
 Why a custom op: torch-mlir lowers `index_select` / indexing to a `linalg.generic` that reads the source
 element by element (`tensor.extract` per element, plus a div/rem per element when the rows are
 multi-dimensional), and IREE 3.13 compiles that to a scalar copy. IREE's own gather op copies each row with
-vector loads and fuses into its consumer: SmolLM2-shaped one-token attention at batch 16 x 10 pages (30 layers)
-took 15.6 ms instead of 32.5 ms (README "IREE 3.13 findings"). Eagerly it is plain indexing. `materialize`
+vector loads and fuses into its consumer (README "IREE 3.13 findings"). Eagerly it is plain indexing. `materialize`
 puts the gather in a dispatch of its own, for consumers IREE fails to compile it fused into.
 """
 

@@ -2,9 +2,9 @@
 
 Every projection of the blocks and the output head becomes an `Int8Linear`: its weight is int8 with one
 f32 scale per output row; at run time each token's input row is quantised to int8 with its own scale, the
-product runs in integers (`torch._int_mm`, which IREE compiles to its i8 x i8 -> i32 matmul ukernel, or with
-`export --amx` models.amx's AMX kernel) and the two scales turn the int32 sums back into floats. A decode
-step reads a quarter of the f32 bytes.
+product runs in integers (`torch._int_mm`, which IREE compiles to its i8 x i8 -> i32 matmul ukernel; with
+`export --amx`, models.amx.AmxInt8Linear runs it on AMX tiles instead) and the two scales turn the int32 sums
+back into floats. A decode step reads a quarter of the f32 bytes.
 
 Per-token int8 activations lose accuracy where a few input channels carry outliers, so the inputs are
 smoothed first (SmoothQuant, Xiao et al. 2023): channel j of the input is divided by
@@ -50,24 +50,22 @@ class Int8Linear(nn.Module):
         self.weight = nn.Parameter(torch.zeros(out_features, in_features, dtype=torch.int8), requires_grad=False)
         self.weight_scale = nn.Parameter(torch.ones(out_features), requires_grad=False)
         self.input_scale = nn.Parameter(torch.ones(in_features), requires_grad=False)  # 1 / smoothing
-        self.amx = False  # models.amx.enable: the weight is packed for AMX tiles and the product runs there
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.to(torch.float32).reshape(-1, self.in_features) * self.input_scale.to(torch.float32)
         step = rows.abs().amax(-1, keepdim=True).clamp_min(1e-12) / 127
         # round(v) as (v + 1.5 * 2**23) - 1.5 * 2**23: the same nearest-even rounding of an f32 below 2**22
         # (|v| <= 127 here), but IREE 3.13 expands torch.round (math.roundeven) into ~30 integer instructions
-        # per vector: quantising the activations took 2.1 ms of a SmolLM2 batch-16 decode step and 7.0 ms of a
-        # 24-token prefill (README "IREE 3.13 findings").
+        # per vector, which would make quantising the activations a large part of a decode step
+        # (README "IREE 3.13 findings").
         q = ((rows / step + _ROUND) - _ROUND).to(torch.int8)
-        if self.amx:
-            from .amx import amx_int8_mm
-
-            acc = amx_int8_mm(q, self.weight)
-        else:
-            acc = torch._int_mm(q, self.weight.t())
+        acc = self.int_matmul(q)
         y = acc.to(torch.float32) * step * self.weight_scale.to(torch.float32)
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
+
+    def int_matmul(self, q: torch.Tensor) -> torch.Tensor:
+        """q [M, in] int8 -> q @ weight^T as [M, out] int32 (IREE's i8 x i8 -> i32 matmul ukernel)."""
+        return torch._int_mm(q, self.weight.t())
 
 
 def quantize_linear(

@@ -15,7 +15,7 @@ CACHE="${AOTLLM_CACHE:-$HOME/.cache/aotllm}"
 GGUF="$("$PY" -c 'from models.default_model import smollm2_gguf; print(smollm2_gguf())')"
 LLAMA_SERVER="$(PYTHON="$PY" scripts/build_llama_server.sh)"
 # On a CPU with AMX int8, llama.cpp's AMX weight buffers segfault on the first Q8_0 prompt (llama.cpp issue
-# 20824; seen here 2026-12-02): no repacking there, as bench.offline does (bench/llama_cpp.py).
+# 20824): no repacking there, as bench.offline does (bench/llama_cpp.py).
 LLAMA_EXTRA=(); grep -q ' amx_int8' /proc/cpuinfo && LLAMA_EXTRA+=(--no-repack)
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build llama.cpp's C++ `llama-server` (the peer of `python -m bench.serving`) from the llama.cpp that
 # llama-cpp-python 0.3.36 vendors (the same llama.cpp bench.offline --compare-llama-cpp runs), CPU only,
-# -march=native. About 10 minutes on 2 cores; the binary lands in ~/.cache/aotllm/llama-server/bin.
+# -march=native. The binary lands in ~/.cache/aotllm/llama-server/bin.
 #   scripts/build_llama_server.sh && ~/.cache/aotllm/llama-server/bin/llama-server -m M.gguf --parallel 16 ...
 set -euo pipefail
 VERSION=0.3.36

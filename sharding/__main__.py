@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from models.config import ModelError
-from models.tokenizer import save_tokenizer, tokenizer_near_weights
+from models.gguf_tokenizer import save_tokenizer, tokenizer_near_weights
 from models.weights import load_weights
 
 from . import shard_tensors, write_sharded

@@ -34,7 +34,8 @@ def pytest_collection_finish(session):
     used = {f for item in session.items for f in getattr(item, "fixturenames", ())}
     needed = [name for name in SMOLLM2_BUILDS if f"smollm2_{name}_artifacts" in used]
     if needed and not session.config.option.collectonly:
-        from models.default_model import cache_dir, smollm2_gguf
+        from models.cache import cache_dir
+        from models.default_model import smollm2_gguf
 
         smollm2_gguf()  # (fetched here, once, before two processes want it)
         with open(cache_dir() / "test-prebuild.log", "w") as log:
@@ -84,7 +85,7 @@ def smollm2_reference(smollm2_path):
     import torch
     import transformers
 
-    from models.tokenizer import tokenizer_from_gguf
+    from models.gguf_tokenizer import tokenizer_from_gguf
 
     tok, _ = tokenizer_from_gguf(smollm2_path)
     ids = tok.encode(SMOL_PROMPT, add_special_tokens=False).ids

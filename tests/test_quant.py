@@ -11,7 +11,7 @@ from models.default_model import export_args
 from models.llama import PagedLlama
 from models.quant import Int8Linear, quantize_linear, random_calibration_ids
 from models.weights import load_weights
-from serve.runner import Runner
+from serve.core.runner import Runner
 from tests.eager import compiled_greedy, greedy, padded
 from tests.test_export import STRIDE, export_and_compile
 

@@ -1,5 +1,6 @@
-"""models/tokenizer.py: GGUF vocabularies rebuilt as `tokenizers.Tokenizer`, checked against
-transformers' own GGUF conversion (`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)."""
+"""models/gguf_tokenizer.py (and models/tokenizer.py, the folder loader): GGUF vocabularies rebuilt as
+`tokenizers.Tokenizer`, checked against transformers' own GGUF conversion
+(`AutoTokenizer.from_pretrained(dir, gguf_file=...)`)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,8 @@ import numpy as np
 import pytest
 from tokenizers import Regex, pre_tokenizers, processors
 
-from models.tokenizer import TokenizerInfo, load_tokenizer, save_tokenizer, tokenizer_from_gguf
+from models.gguf_tokenizer import load_tokenizer, save_tokenizer, tokenizer_from_gguf
+from models.tokenizer import TokenizerInfo
 
 REPO = Path(__file__).resolve().parents[1]
 CHAT_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -180,7 +182,7 @@ def test_spm_add_space_prefix_false_is_honoured(tmp_path: Path, spm_gguf: Path) 
 
 
 def byte_level_gguf(path: Path, pre: str) -> Path:
-    from models.tokenizer import _bytes_to_unicode
+    from models.gguf_tokenizer import _bytes_to_unicode
 
     alphabet = list(_bytes_to_unicode().values())
     merges = ["1 2", "12 3", "4 5", "h e", "l l", "ll o", "he llo", "Ġ w", "o r", "Ġw or", "Ġwor l", "Ġworl d"]
