@@ -9,7 +9,7 @@ import torch
 from export import paged_llm
 from models import amx, cpu
 from models.abi import ModelABI
-from serve.runner import Runner
+from serve.core.runner import Runner
 from tests.eager import padded
 from tests.test_export import export_and_compile
 
@@ -71,3 +71,54 @@ def test_amx_program_equals_the_int8_ukernel_program(tiny_models, tmp_path):
         seq = np.concatenate([lens + step + 1, [0, 0]])
         got = [r.decode(toks, seq, table).logits[:2] for r in runners]
         np.testing.assert_allclose(got[1], got[0], rtol=1e-5, atol=1e-5 * np.abs(got[0]).max())
+
+
+def _greedy_logits(runner: Runner, ids: list[int], steps: int, pages: np.ndarray) -> tuple[list[np.ndarray], list[int]]:
+    """The logits of one prefill and `steps` greedy decode steps, and the tokens chosen from them."""
+    s = runner.abi.block_seq_stride
+    logits = [runner.prefill(np.array([padded(ids, s)]), np.array([0]), np.array([len(ids)]), pages)]
+    tokens = [int(logits[-1][0].argmax())]
+    for _ in range(steps):
+        logits.append(runner.decode(np.array([tokens[-1]]), np.array([len(ids) + len(tokens)]), pages).logits)
+        tokens.append(int(logits[-1][0].argmax()))
+    return logits, tokens
+
+
+@pytest.mark.slow
+@needs_amx  # (a mark: the skip comes before anything below is exported, fetched or built)
+def test_smollm2_amx_logits_are_bit_identical_to_the_vnni_programs():
+    """README: on SmolLM2 the --amx program's logits equal the W8A8 program's without it (IREE's VNNI int8
+    ukernel), bit for bit: every SmolLM2 matmul tiles (its widths are multiples of 64), both kernels return
+    the same exact int32 sums, and the same ops scale them. The tests' chat prompt (16 tokens) and 40
+    greedy decode steps, on scattered pages (the same program run twice gives identical logits: checked
+    without AMX)."""
+    from tokenizers import Tokenizer
+
+    from export.artifacts import build
+    from models.default_model import smollm2_gguf
+    from tests.conftest import SMOL_PROMPT
+    from tests.prebuild import SMOLLM2_BUILDS
+
+    amx_args = SMOLLM2_BUILDS["w8a8"]  # with AMX-INT8 the server's W8A8 options include --amx: one build
+    assert "--amx" in amx_args
+    vnni_args = [a for a in amx_args if a != "--amx"]
+    gguf, steps = smollm2_gguf(), 40
+    runs = {}
+    for name, args in (("vnni", vnni_args), ("amx", amx_args)):
+        art = build(gguf, args)
+        abi = ModelABI.load(art.config)
+        assert abi.cpu_features == (["amx-int8"] if name == "amx" else [])
+        if name == "amx":
+            assert (art.dir / "model.mlir").read_text().count("@aotllm_amx_mm_s8(") >= 4
+        runner = Runner(art.vmfb, art.parameters, abi, page_count=32)
+        ids = Tokenizer.from_file(str(art.dir / "tokenizer.json")).encode(SMOL_PROMPT, add_special_tokens=False).ids
+        n_pages = -(-(len(ids) + steps) // abi.block_seq_stride)
+        assert n_pages <= 31
+        pages = np.array([[(7 * i) % 31 + 1 for i in range(n_pages)]])  # distinct, out of order, in 1..31
+        runs[name] = _greedy_logits(runner, ids, steps, pages)
+    (amx_logits, amx_tokens), (vnni_logits, vnni_tokens) = runs["amx"], runs["vnni"]
+    assert len(amx_logits) == len(vnni_logits) == steps + 1
+    for step, (a, v) in enumerate(zip(amx_logits, vnni_logits)):
+        assert a.shape == v.shape and np.isfinite(v).all()
+        assert np.array_equal(a, v), f"step {step}: max |AMX - VNNI| = {np.abs(a - v).max():.3g}"
+    assert amx_tokens == vnni_tokens

@@ -7,7 +7,7 @@ import pytest
 from tokenizers import Tokenizer, decoders, pre_tokenizers
 from tokenizers.models import BPE
 
-from serve.detokenizer import IncrementalDetokenizer, StopMatcher
+from serve.core.detokenizer import IncrementalDetokenizer, StopMatcher
 
 FFFD = "\ufffd"
 CHAT_PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
@@ -36,8 +36,9 @@ class CountingTokenizer:
 
 @pytest.fixture(scope="module")
 def smol() -> Tokenizer:
+    """SmolLM2's tokenizer, from its GGUF (fetched on first use): tests using it are marked slow."""
     from models.default_model import smollm2_gguf
-    from models.tokenizer import tokenizer_from_gguf
+    from models.gguf_tokenizer import tokenizer_from_gguf
 
     return tokenizer_from_gguf(smollm2_gguf())[0]
 
@@ -45,6 +46,7 @@ def smol() -> Tokenizer:
 # --- SmolLM2 (byte-level BPE) -------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("text", TEXTS)
 def test_smollm2_pieces_are_byte_correct(smol, text):
     ids = smol.encode(text, add_special_tokens=False).ids
@@ -53,6 +55,7 @@ def test_smollm2_pieces_are_byte_correct(smol, text):
     assert "".join(pieces) == smol.decode(ids) == text
 
 
+@pytest.mark.slow
 def test_smollm2_splits_characters_across_tokens(smol):
     """The emoji text really does exercise the hold-back: some of its tokens are partial characters."""
     ids = smol.encode(TEXTS[0], add_special_tokens=False).ids
@@ -61,6 +64,7 @@ def test_smollm2_splits_characters_across_tokens(smol):
     assert "" in pieces[:-1] and "🎉" in pieces
 
 
+@pytest.mark.slow
 def test_smollm2_special_tokens(smol):
     ids = smol.encode("Hello there!<|im_end|>", add_special_tokens=False).ids
     assert "".join(stream(IncrementalDetokenizer(smol), ids)) == "Hello there!" == smol.decode(ids)
@@ -68,6 +72,7 @@ def test_smollm2_special_tokens(smol):
     assert "".join(kept) == "Hello there!<|im_end|>"
 
 
+@pytest.mark.slow
 def test_smollm2_after_a_prompt(smol):
     prompt = smol.encode(CHAT_PROMPT, add_special_tokens=False).ids
     gen = smol.encode("The capital of France is Paris 🇫🇷.", add_special_tokens=False).ids
@@ -77,6 +82,7 @@ def test_smollm2_after_a_prompt(smol):
     assert "".join(pieces) == full[len(head) :] == smol.decode(gen)
 
 
+@pytest.mark.slow
 def test_cost_is_per_window_not_per_total(smol):
     ids = smol.encode(" ".join(TEXTS) * 20, add_special_tokens=False).ids
     assert len(ids) > 500

@@ -11,7 +11,7 @@ from export import paged_llm
 from models.abi import ModelABI
 from models.llama import DTYPES, PagedLlama
 from models.weights import load_weights
-from serve.runner import Runner
+from serve.core.runner import Runner
 from tests.eager import compiled_greedy, padded
 
 STRIDE = 8
@@ -235,9 +235,18 @@ def test_f16_with_on_device_top_k(f16_topk_program):
     with torch.no_grad():
         ref = model.decode(torch.tensor([[nxt]]), torch.tensor([len(prompt) + 1]), torch.tensor([[3, 6, 1]]), cache)
     assert out.logits is None and out.top_indices.shape == (1, 4)
-    ref_vals, ref_idx = torch.topk(ref, 4)
-    assert np.abs(out.top_values - ref_vals.numpy()).max() <= 2e-2
-    assert int(out.top_indices[0, 0]) == int(ref_idx[0, 0])
+    # All K values and indices. The two float16 programs differ by at most one float16 step (measured over
+    # 40 prompts: 2.4e-4, and 4.9e-4 for logits above 0.5); 2e-3 is 4x that. Tokens whose logits are that
+    # close may come in either order: this prompt's 3rd and 4th, ids 7 and 58, tie exactly (0.2744 both),
+    # and the device lists them 7, 58 where torch.topk gives 58, 7.
+    ref_vals, ref_idx = torch.topk(ref[0].float(), 4)
+    ref_vals, ref_idx = ref_vals.numpy(), ref_idx.numpy()
+    vals, idx = out.top_values[0].astype(np.float32), out.top_indices[0]
+    assert np.abs(vals - ref_vals).max() <= 2e-3
+    assert len(set(idx.tolist())) == 4
+    # the i-th index is eager's i-th token, or one whose eager logit ties with it (within 2e-3)
+    eager_at_idx = ref[0].float().numpy()[idx]
+    assert np.all((idx == ref_idx) | (np.abs(eager_at_idx - ref_vals) <= 2e-3))
     _check_cache(runner, cache, 2e-2)
 
 

@@ -168,8 +168,11 @@ def test_batched_decode_with_padding_slots(tiny_models):
         assert (d[i] - refs[i][-1]).abs().max() <= 1e-5
 
 
+# tol: ~3-4x the measured max |error| against the f32 model (logits up to 0.64 in size): float16 4.6e-4,
+# bfloat16 3.3e-3 (the same with 1 or 2 threads, AVX-512 or AVX2 kernels). Zeroing blk.1.ffn_down moves the
+# logits by 7.9e-2: any of these bounds catches it.
 @pytest.mark.parametrize(
-    "dtype,kv,tol", [("float16", "float16", 5e-2), ("bfloat16", "bfloat16", 2e-1), ("float32", "float16", 1e-2)]
+    "dtype,kv,tol", [("float16", "float16", 2e-3), ("bfloat16", "bfloat16", 1e-2), ("float32", "float16", 1e-2)]
 )
 def test_dtypes(tiny_models, dtype, kv, tol):
     from models.llama import DTYPES
