@@ -4,7 +4,6 @@ SGLang-style). Errors are JSON {"error": ..., "code": ...}; the server stays up 
 from __future__ import annotations
 
 import json
-import logging
 from collections.abc import AsyncIterator
 
 from fastapi import FastAPI, Request, Response
@@ -26,7 +25,6 @@ from .generate_protocol import (
 )
 from .state import NotReady, server
 
-log = logging.getLogger("aotllm.generate")
 # SamplingParams' names in engine errors -> the request field a /generate client sent
 FIELD_NAMES = {"max_tokens": "sampling_params.max_completion_tokens"}
 
