@@ -177,14 +177,11 @@ def add_routes(app: FastAPI) -> None:
             if ev.embedding is not None:
                 vecs[i] = ev.embedding
             errors[i] = ev.error or errors[i]
-            if ev.finish_reason and vecs[i] is None:
-                reason = errors[i] or seqs[i].finish_reason
-                raise OpenAIError(500, f"embedding failed: {reason}", type="server_error")
 
         await collect(seqs, lambda s: sequence_events(s, request), on_event)
         done: list[np.ndarray] = []
         for i, v in enumerate(vecs):
-            if v is None:  # (the client went away before its embedding)
+            if v is None:  # failed, or the client went away first
                 raise OpenAIError(500, f"embedding failed: {errors[i] or seqs[i].finish_reason}", type="server_error")
             done.append(v)
         n_tokens = sum(len(x) for x in ids)
