@@ -11,7 +11,7 @@ from types import TracebackType
 
 from fastapi import Request
 
-from serve.core.engine import Engine
+from serve.core.engine import BadRequest, Engine
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
@@ -27,6 +27,12 @@ def cancel(seqs: Iterable[Sequence]) -> None:
     for seq in seqs:
         if not seq.finish_reason:
             seq.cancel()
+
+
+def field_message(e: BadRequest, names: dict[str, str]) -> str:
+    """The engine's message, led by the field at fault as the client's protocol names it (`names`: the
+    SamplingParams names whose protocol name differs)."""
+    return f"{names[e.field]}: {e}" if e.field in names else str(e)
 
 
 class Submission:

@@ -15,7 +15,7 @@ from serve.core.engine import BadRequest, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
-from .common import Submission, collect, fan_in, sequence_events
+from .common import Submission, collect, fan_in, field_message, sequence_events
 from .generate_protocol import (
     Completion,
     GenerateRequest,
@@ -93,7 +93,7 @@ def add_routes(app: FastAPI) -> None:
                 for prompt, rid in zip(prompts, rids):
                     sub.add(eng.encode(prompt), params, rid)
         except BadRequest as e:
-            return error(400, f"{FIELD_NAMES[e.field]}: {e}" if e.field in FIELD_NAMES else str(e))
+            return error(400, field_message(e, FIELD_NAMES))
         except QueueFull as e:
             return error(503, str(e), {"Retry-After": "1"})
         if req.stream:

@@ -37,7 +37,7 @@ from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
-from .common import Submission, cancel, fan_in
+from .common import Submission, cancel, fan_in, field_message
 from .metrics import Metrics, access_log
 from .state import NotReady, ServerState
 
@@ -104,10 +104,6 @@ def sampling_params(req: llm_pb2.Request) -> SamplingParams:
         ignore_eos=sp.ignore_eos_token,
         logprobs=0,
     )
-
-
-def _field_message(e: BadRequest) -> str:
-    return f"{FIELD_NAMES[e.field]}: {e}" if e.field in FIELD_NAMES else str(e)
 
 
 def prompt_ids(eng: Engine, req: llm_pb2.Request) -> list[int]:
@@ -203,7 +199,7 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
                     seq = sub.add(prompt_ids(eng, req), sampling_params(req), f"{rid}-{i}")[0]
                 except BadRequest as e:
                     raise CallError(
-                        grpc.StatusCode.INVALID_ARGUMENT, f"req[{i}] (id {req.id}): {_field_message(e)}"
+                        grpc.StatusCode.INVALID_ARGUMENT, f"req[{i}] (id {req.id}): {field_message(e, FIELD_NAMES)}"
                     ) from e
                 except QueueFull as e:
                     raise CallError(grpc.StatusCode.RESOURCE_EXHAUSTED, str(e)) from e

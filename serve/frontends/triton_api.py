@@ -35,7 +35,7 @@ from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
-from .common import Submission, cancel, collect, sequence_events
+from .common import Submission, cancel, collect, field_message, sequence_events
 from .generate import validation_message
 from .metrics import access_record
 from .state import NotReady, server
@@ -149,10 +149,6 @@ def _words(words: str | list[str] | None) -> list[str]:
     return [w for w in ([words] if isinstance(words, str) else words or []) if w]
 
 
-def _field_message(e: BadRequest) -> str:
-    return f"{FIELD_NAMES[e.field]}: {e}" if e.field in FIELD_NAMES else str(e)
-
-
 def check_model(eng: Engine, name: str, version: str | None) -> None:
     if name not in (eng.cfg.model_name, *ALIASES):
         raise TritonError(
@@ -240,7 +236,7 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
     except QueueFull as e:
         raise TritonError(503, str(e), {"Retry-After": "1"}) from e
     except BadRequest as e:
-        raise TritonError(400, _field_message(e)) from e
+        raise TritonError(400, field_message(e, FIELD_NAMES)) from e
     streaming = sse and req.stream
     record = access_record()
     record.id, record.model, record.stream = rid, name, streaming
