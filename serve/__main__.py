@@ -18,6 +18,7 @@ import uvicorn
 from .core.engine import Engine, EngineConfig
 from .flags import parse_args
 from .frontends.app import create_app
+from .frontends.options import ServerOptions, uvicorn_config
 
 log = logging.getLogger("aotllm")
 
@@ -59,14 +60,30 @@ def engine_loader(args: argparse.Namespace) -> Callable[[Callable[[str], None]],
     return load
 
 
+def server_options(args: argparse.Namespace) -> ServerOptions:
+    return ServerOptions(
+        api_keys=tuple(args.api_keys),
+        cors_origins=tuple(args.cors_origins),
+        ssl_keyfile=args.ssl_keyfile,
+        ssl_certfile=args.ssl_certfile,
+        max_body_bytes=args.max_body_bytes,
+        max_connections=args.max_connections,
+        idle_timeout_s=args.idle_timeout,
+        read_timeout_s=args.read_timeout,
+        shutdown_timeout_s=args.shutdown_timeout,
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     grpc_address = None if args.grpc_port is None else (args.host, args.grpc_port)
-    app = create_app(engine_loader(args), chat_template=args.chat_template, grpc_address=grpc_address)
+    options = server_options(args)
+    app = create_app(engine_loader(args), args.chat_template, grpc_address, options)
     t0 = time.perf_counter()
-    log.info("serving on http://%s:%d (model loading in the background)", args.host, args.port)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, access_log=False)
+    scheme = "https" if options.tls else "http"
+    log.info("serving on %s://%s:%d (model loading in the background)", scheme, args.host, args.port)
+    uvicorn.Server(uvicorn_config(app, args.host, args.port, options, args.log_level)).run()
     log.info("stopped after %.0f s", time.perf_counter() - t0)
     return 0
 

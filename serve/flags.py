@@ -87,6 +87,27 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         default="mean",
         help="/v1/embeddings: mean of the final hidden states, or the last one (then L2-normalised)",
     )
+    flag(
+        "--api-key",
+        dest="api_keys",
+        action="append",
+        default=[],
+        help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; gRPC too)",
+    )
+    flag("--api-key-file", type=Path, help="a file of API keys, one per line")
+    flag("--ssl-keyfile", type=Path, help="serve HTTPS (and TLS gRPC) with this private key (PEM)")
+    flag("--ssl-certfile", type=Path, help="... and this certificate chain (PEM)")
+    flag("--cors-origins", nargs="+", default=[], help="origins allowed cross-origin requests (default: none)")
+    flag("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get a 413")
+    flag("--max-connections", type=int, default=1024, help="open HTTP connections; more are refused")
+    flag("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may sit idle")
+    flag("--read-timeout", type=float, default=30.0, help="seconds a request's headers and body may take")
+    flag(
+        "--shutdown-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error",
+    )
     flag("--log-level", default="info")
     return p
 
@@ -107,6 +128,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     model_args = [args.vmfb, args.parameters, args.model_config]
     if any(model_args) and not all(model_args):
         p.error("give --vmfb, --parameters and --model-config together (or none of them for the default model)")
+    if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
+        p.error("give --ssl-keyfile and --ssl-certfile together")
+    if args.api_key_file:
+        try:
+            args.api_keys += [k.strip() for k in args.api_key_file.read_text().splitlines() if k.strip()]
+        except OSError as e:
+            p.error(f"--api-key-file: {e}")
     if args.vmfb and args.quantization != "none":
         p.error("--quantization builds the default model; for your own export give it to python -m export.paged_llm")
     return args

@@ -16,6 +16,7 @@ from fastapi.testclient import TestClient
 
 from serve.core.engine import Engine, EngineConfig
 from serve.frontends.app import create_app
+from serve.frontends.options import ServerOptions, uvicorn_config
 
 
 def free_port() -> int:
@@ -25,17 +26,18 @@ def free_port() -> int:
 
 
 class ServerThread:
-    def __init__(self, cfg: EngineConfig):
+    def __init__(self, cfg: EngineConfig, options: ServerOptions | None = None):
         self._engine: Engine | None = None
+        options = options or ServerOptions()
 
         def load(report) -> Engine:
             self._engine = Engine(cfg)
             return self._engine
 
-        app = create_app(load)
+        app = create_app(load, options=options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning"))
+        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, options, "warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60

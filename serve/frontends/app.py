@@ -17,6 +17,7 @@ from serve.core.engine import Engine
 
 from . import generate, openai_api, triton_api
 from .metrics import AccessLog, Metrics
+from .options import ServerOptions
 from .state import ServerState, server
 
 log = logging.getLogger("aotllm.app")
@@ -27,8 +28,13 @@ EngineLoader = Callable[[Callable[[str], None]], Engine]
 
 
 def create_app(
-    load: EngineLoader, chat_template: str | None = None, grpc_address: tuple[str, int] | None = None
+    load: EngineLoader,
+    chat_template: str | None = None,
+    grpc_address: tuple[str, int] | None = None,
+    options: ServerOptions | None = None,
 ) -> FastAPI:
+    options = options or ServerOptions()
+
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, ServerState]]:
         state = ServerState(metrics=Metrics(lambda: state.engine), chat_template=chat_template)
