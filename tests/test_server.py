@@ -209,6 +209,50 @@ def test_small_pool_completes_everything(tiny_program):
         s.stop()
 
 
+@pytest.mark.parametrize("prefix_caching", [True, False])
+def test_kv_pressure_answers_every_request(tiny_program, prefix_caching):
+    """Issue 28, hang 1: 8 requests of 100 characters and 400 tokens against a pool that holds about two of
+    them. With prefix caching on, 1 of 8 used to be answered and the scheduler preempted forever."""
+    s = ServerThread(_cfg(tiny_program, kv_pages=126, prefix_caching=prefix_caching))
+    try:
+        payloads = [
+            {
+                "text": f"{i:03d} " + "abcdefghij" * 9 + "xyzxyz",
+                "return_input_ids": True,
+                "sampling_params": {"max_completion_tokens": 400, "ignore_eos": True},
+            }
+            for i in range(8)
+        ]
+        results = asyncio.run(_post_all(s.url, payloads))
+        assert [(r["finish_reason"], len(r["token_ids"])) for r in results] == [("length", 400)] * 8
+        assert sum(sc.counters.preemptions for sc in s.engine.schedulers) > 0
+        assert _wait_pool_idle(s.engine)
+    finally:
+        s.stop()
+
+
+def test_generation_longer_than_the_pool_ends_with_length(tiny_program):
+    """Issue 28, hang 2: 15 usable pages of 8 tokens and 200 tokens asked: 116 came, then nothing, forever.
+    Now the sequence ends with "length" when its pages fill the pool, and the pages come back."""
+    s = ServerThread(_cfg(tiny_program, kv_pages=16))
+    try:
+        r = gen(
+            s,
+            {
+                "text": "hello",
+                "return_input_ids": True,
+                "sampling_params": {"max_completion_tokens": 200, "ignore_eos": True},
+            },
+        )
+        prompt = r.json()["responses"][0]
+        out = prompt["responses"][0]
+        assert out["finish_reason"] == "length"
+        assert len(prompt["input_ids"]) + len(out["token_ids"]) == 15 * STRIDE + 1  # the pool full + the last token
+        assert _wait_pool_idle(s.engine)
+    finally:
+        s.stop()
+
+
 @pytest.mark.parametrize(
     "body,needle",
     [

@@ -135,13 +135,11 @@ class Scheduler:
         self.counters.steps += 1
         for seq in [s for s in self.running + self.waiting if s.cancelled]:
             self._finish(seq, "cancelled")
-        decode = self._plan_decode()
-        prefill = self._plan_prefill()
+        decode, prefill = self._plan()
         if not decode and not prefill:
-            if self.waiting and not self.running:  # nothing runs and the head does not fit: it never will
-                seq = self.waiting.pop(0)
+            if self.waiting and not self.running:  # the pool is all free and the head does not fit: it never will
                 self._finish(
-                    seq,
+                    self.waiting[0],
                     "error",
                     error="the prompt needs more KV pages than the pool has; "
                     "hint: start the server with more --kv-pages",
@@ -162,6 +160,20 @@ class Scheduler:
                 self._emit(seq, seq.sampler.sample(out))
         self.counters.step_seconds += time.perf_counter() - t0
 
+    # -- planning. Three invariants make the oldest sequence advance at every step, so the scheduler never
+    # livelocks however small the pool:
+    # - every running sequence is older (smaller `order`) than every waiting one: admission takes the
+    #   oldest waiting sequence, preemption sends back the newest running one;
+    # - waiting sequences hold no pages (a prefix match that cannot be extended is given back at once);
+    # - a sequence short of pages takes them from newer running sequences (newest first), never from older
+    #   ones. So the oldest running sequence gets its decode token or a prefill chunk of at least one token,
+    #   or, when its pages alone fill the pool, it ends ("length"; "error" for a prompt that cannot fit).
+    def _plan(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
+        self.running.sort(key=lambda s: s.order)
+        decode = self._plan_decode()
+        prefill = self._plan_prefill()
+        return [s for s in decode if s in self.running], prefill  # (prefill may have preempted a decoder)
+
     def _pages_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
 
@@ -175,35 +187,75 @@ class Scheduler:
         seq.pages += pages
         return True
 
+    def _make_room(self, seq: Sequence, end: int, least: int) -> int:
+        """Grow the running `seq`'s pages to hold `end` tokens, or as many as the pool can give if that is
+        at least `least`, preempting newer running sequences (newest first) while it is not. Returns the
+        tokens it now has room for (in [least, end]), or 0 if even all newer sequences' pages are too few."""
+        while True:
+            room = (len(seq.pages) + self.pool.available()) * self.page_size
+            if room >= least:
+                end = min(end, room)
+                assert self._grow(seq, end)
+                return end
+            newer = [s for s in self.running if s.order > seq.order]
+            if not newer:
+                return 0
+            self._preempt(newer[-1])
+
     def _preempt(self, seq: Sequence) -> None:
-        """Free the sequence's pages; it goes back to the front of the queue and is recomputed."""
+        """Free the sequence's pages; it waits again, ahead of every newer sequence, and is recomputed."""
         self.counters.preemptions += 1
         self.running.remove(seq)
         self.pool.release(seq.pages)
         seq.pages, seq.computed, seq.pooled = [], 0, None
-        self.waiting.insert(0, seq)
+        self.waiting.insert(0, seq)  # (it is newer than what still runs, so older than what waits)
+
+    def _out_of_pages(self, seq: Sequence) -> None:
+        """`seq` runs alone and its pages fill the pool: it ends where it is."""
+        if not seq.output_ids:
+            self._finish(
+                seq,
+                "error",
+                error=f"the prompt ({len(seq.prompt_ids)} tokens) needs more KV pages than the pool's "
+                f"{self.pool.total} of {self.page_size} tokens; hint: start the server with more --kv-pages",
+            )
+            return
+        log.warning(
+            "%s: the KV pool (%d tokens) holds no more of it; ending it", seq.rid, self.pool.total * self.page_size
+        )
+        text = self._flush_text(seq)
+        if text:
+            seq.events.put_nowait(Event(text=text))
+        self._finish(seq, "length")
 
     def _plan_decode(self) -> list[Sequence]:
-        ready = [s for s in self.running if s.output_ids and s.computed == len(s.tokens) - 1]
         planned = []
-        for seq in sorted(ready, key=lambda s: s.order):
-            while seq in self.running and not self._grow(seq, len(seq.tokens)):
-                self._preempt(max(self.running, key=lambda s: s.order))  # the newest gives way
-            if seq in self.running:
+        for seq in [s for s in self.running if s.output_ids and s.computed == len(s.tokens) - 1]:
+            if seq not in self.running:  # preempted to make room for an older one
+                continue
+            if self._make_room(seq, len(seq.tokens), len(seq.tokens)):
                 planned.append(seq)
-        return [s for s in planned if s in self.running]
+            elif seq is self.running[0]:
+                self._out_of_pages(seq)
+            else:
+                self._preempt(seq)  # the older ones hold the pool: it gives its pages to them
+        return planned
 
     def _plan_prefill(self) -> list[tuple[Sequence, int]]:
         budget = self.max_tokens_per_step
         plan: list[tuple[Sequence, int]] = []
-        partial = [s for s in self.running if s.computed < s.prefill_target]
-        for seq in partial:
+        for seq in [s for s in self.running if s.computed < s.prefill_target]:
             if budget <= 0 or len(plan) == self.abi.prefill_batch_sizes[-1]:
                 break
-            end = min(seq.prefill_target, seq.computed + budget)
-            if self._grow(seq, end):
+            if seq not in self.running:
+                continue
+            end = self._make_room(seq, min(seq.prefill_target, seq.computed + budget), seq.computed + 1)
+            if end:
                 plan.append((seq, end))
                 budget -= end - seq.computed
+            elif seq is self.running[0]:
+                self._out_of_pages(seq)
+            # else: it keeps its pages and waits for the older ones to finish (or to preempt it)
         while (
             self.waiting
             and budget > 0
@@ -211,12 +263,14 @@ class Scheduler:
             and len(plan) < self.abi.prefill_batch_sizes[-1]
         ):
             seq = self.waiting[0]
-            if not seq.pages and not seq.pooling:  # (embeddings need every position's hidden state)
+            if not seq.pooling:  # (embeddings need every position's hidden state)
                 seq.pages = self.pool.match_prefix(seq.tokens[: seq.prefill_target + 1])
                 seq.computed = len(seq.pages) * self.page_size
             end = min(seq.prefill_target, seq.computed + budget)
-            if not self._grow(seq, end):
-                break  # the pool is full: wait for pages to come back
+            if not self._grow(seq, end):  # the pool is full: wait for pages to come back, holding none
+                self.pool.release(seq.pages)
+                seq.pages, seq.computed = [], 0
+                break
             self.waiting.pop(0)
             self.running.append(seq)
             if end > seq.computed:  # (a preempted sequence may find all it needs in the prefix cache)
@@ -297,11 +351,16 @@ class Scheduler:
             elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.abi.max_seq_len:
                 finish = "length"
         if finish and not stopped:
-            tail, stopped = seq.stops.feed(seq.detok.flush())
-            text += tail if stopped else tail + seq.stops.flush()
+            text += self._flush_text(seq)
         seq.events.put_nowait(Event(text=text, token_ids=[tok], logprobs=[sampled]))
         if finish:
             self._finish(seq, finish)
+
+    @staticmethod
+    def _flush_text(seq: Sequence) -> str:
+        """The text held back (an incomplete character, a possible stop string's start) as the sequence ends."""
+        tail, stopped = seq.stops.feed(seq.detok.flush())
+        return tail if stopped else tail + seq.stops.flush()
 
     def _pool(self, seq: Sequence, hidden: np.ndarray) -> None:
         """Fold a prefilled chunk's hidden states [n, H] into the embedding; finish when the prompt is in."""
