@@ -19,6 +19,7 @@ from .core.engine import Engine, EngineConfig
 from .flags import parse_args
 from .frontends.app import create_app
 from .frontends.options import ServerOptions, uvicorn_config
+from .frontends.security import exposure_warnings
 
 log = logging.getLogger("aotllm")
 
@@ -54,7 +55,7 @@ def engine_loader(args: argparse.Namespace) -> Callable[[Callable[[str], None]],
         )
         report("loading the model")
         engine = Engine(cfg)
-        log.info("ready: http://%s:%d", args.host, args.port)
+        log.info("ready: %s://%s:%d", "https" if args.ssl_certfile else "http", args.host, args.port)
         return engine
 
     return load
@@ -83,6 +84,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     scheme = "https" if options.tls else "http"
     log.info("serving on %s://%s:%d (model loading in the background)", scheme, args.host, args.port)
+    for warning in exposure_warnings(options, args.host):
+        log.warning(warning)
     uvicorn.Server(uvicorn_config(app, args.host, args.port, options, args.log_level)).run()
     log.info("stopped after %.0f s", time.perf_counter() - t0)
     return 0

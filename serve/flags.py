@@ -92,12 +92,19 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         dest="api_keys",
         action="append",
         default=[],
-        help="require 'Authorization: Bearer KEY' on every route but /health (repeatable; gRPC too)",
+        help="require 'Authorization: Bearer KEY' on every route but the health probes (/health, "
+        "/v2/health/live|ready), and in gRPC's 'authorization' metadata (repeatable)",
     )
     flag("--api-key-file", type=Path, help="a file of API keys, one per line")
     flag("--ssl-keyfile", type=Path, help="serve HTTPS (and TLS gRPC) with this private key (PEM)")
     flag("--ssl-certfile", type=Path, help="... and this certificate chain (PEM)")
-    flag("--cors-origins", nargs="+", default=[], help="origins allowed cross-origin requests (default: none)")
+    flag(
+        "--cors-origins",
+        nargs="+",
+        default=[],
+        help="browser origins (scheme://host[:port], or *) allowed cross-origin requests, with CORS headers; "
+        "a browser request from any other origin but the server's own is refused (default: none)",
+    )
     flag("--max-body-bytes", type=int, default=8 << 20, help="larger request bodies get a 413")
     flag("--max-connections", type=int, default=1024, help="open HTTP connections; more are refused")
     flag("--idle-timeout", type=float, default=5.0, help="seconds a kept-alive connection may sit idle")
@@ -132,12 +139,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --ssl-keyfile and --ssl-certfile together")
     if args.api_key_file:
         try:
-            args.api_keys += [k.strip() for k in args.api_key_file.read_text().splitlines() if k.strip()]
+            from_file = [k.strip() for k in args.api_key_file.read_text().splitlines() if k.strip()]
         except OSError as e:
             p.error(f"--api-key-file: {e}")
+        if not from_file:  # (serving without keys is not what a key file asks for)
+            p.error(f"--api-key-file {args.api_key_file}: no keys in it (one per line)")
+        args.api_keys = [*args.api_keys, *from_file]
+    _check_security(p, args)
     if args.vmfb and args.quantization != "none":
         p.error("--quantization builds the default model; for your own export give it to python -m export.paged_llm")
     return args
+
+
+def _check_security(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """API keys and CORS origins that could never match a request are errors, not silently dead entries."""
+    from .frontends.security import api_key_problem, origin_problem
+
+    for key in args.api_keys:
+        if problem := api_key_problem(key):
+            p.error(f"--api-key / --api-key-file: {problem}")
+    for origin in args.cors_origins:
+        if problem := origin_problem(origin):
+            p.error(f"--cors-origins: {problem}")
 
 
 def _merge_config(p: argparse.ArgumentParser, args: argparse.Namespace, given: dict[str, Any]) -> None:
@@ -159,5 +182,7 @@ def _merge_config(p: argparse.ArgumentParser, args: argparse.Namespace, given: d
         if dest in given:
             continue
         convert = action.type if callable(action.type) else (lambda v: v)
-        many = action.nargs in ("+", "*")
+        many = action.nargs in ("+", "*") or isinstance(action, argparse._AppendAction)
+        if many and not isinstance(value, list):  # (a string would be taken apart into one-character items)
+            p.error(f"--config {args.config}: {key!r} takes a list (a JSON array)")
         setattr(args, dest, [convert(v) for v in value] if many else convert(value))

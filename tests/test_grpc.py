@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import re
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -21,6 +22,7 @@ from tests.conftest import SMOL_PROMPT
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_QUEUE = 8
+METHOD = "/ppl.llm.proto.LLMService/Generation"
 
 
 def free_ports(n: int) -> list[int]:
@@ -39,10 +41,12 @@ def free_ports(n: int) -> list[int]:
 class Served:
     url: str
     stub: llm_pb2_grpc.LLMServiceStub
+    address: str = ""
 
 
-def start_server(vmfb: Path, irpa: Path, config: Path, *extra: str):
-    """`python -m serve --grpc-port` in a process; returns (process, http url, grpc address) once healthy."""
+def start_server(vmfb: Path, irpa: Path, config: Path, *extra: str, verify: ssl.SSLContext | None = None):
+    """`python -m serve --grpc-port` in a process; returns (process, http url, grpc address) once healthy.
+    `verify`: the server serves HTTPS (extra has --ssl-*) and this context trusts its certificate."""
     port, gport = free_ports(2)
     proc = subprocess.Popen(
         [
@@ -66,12 +70,12 @@ def start_server(vmfb: Path, irpa: Path, config: Path, *extra: str):
         cwd=ROOT,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if verify else 'http'}://127.0.0.1:{port}"
     deadline = time.time() + 300
     while True:
         assert proc.poll() is None, "the server exited"
         try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
+            if httpx.get(f"{url}/health", timeout=5, verify=verify or True).status_code == 200:
                 return proc, url, f"127.0.0.1:{gport}"
         except httpx.TransportError:
             pass
@@ -89,7 +93,7 @@ def served(tiny_program):
         str(MAX_QUEUE),
     )
     with grpc.insecure_channel(address) as channel:
-        yield Served(url, llm_pb2_grpc.LLMServiceStub(channel))
+        yield Served(url, llm_pb2_grpc.LLMServiceStub(channel), address)
     proc.terminate()
     proc.wait(timeout=30)
 
@@ -285,6 +289,20 @@ def test_bad_requests_are_clear_errors_and_the_server_goes_on(served, reqs, code
     for w in words:
         assert w in err.value.details()
     wait_idle(served)  # nothing was left queued by the refused call
+    assert tokens(generation(served, request(prompt="still here", max_new_tokens=3, ignore_eos_token=True)))
+
+
+@pytest.mark.parametrize("garbage", [b"\xff\xff\xff\xff", b"\x0a\x05abc"], ids=["bad-varint", "truncated"])
+def test_malformed_message_is_invalid_argument(served, garbage):
+    """Bytes that are not a BatchedRequest are the client's error (grpc's own deserializer answers UNKNOWN
+    with a Python class name); the server goes on."""
+    with grpc.insecure_channel(served.address) as channel:
+        raw = channel.unary_stream(METHOD)  # (no serializers: the bytes go out as they are)
+        with pytest.raises(grpc.RpcError) as err:
+            list(raw(garbage, timeout=30))
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "not a valid ppl.llm.proto.BatchedRequest" in err.value.details()
+    assert "llm.proto" in err.value.details()
     assert tokens(generation(served, request(prompt="still here", max_new_tokens=3, ignore_eos_token=True)))
 
 

@@ -18,6 +18,7 @@ from serve.core.engine import Engine
 from . import generate, openai_api, triton_api
 from .metrics import AccessLog, Metrics
 from .options import ServerOptions
+from .security import add_security
 from .state import ServerState, server
 
 log = logging.getLogger("aotllm.app")
@@ -44,7 +45,7 @@ def create_app(
         if grpc_address is not None:
             from .grpc_api import start_grpc_server  # (imports the generated stubs: only when asked for)
 
-            grpc_server = await start_grpc_server(state, *grpc_address)
+            grpc_server = await start_grpc_server(state, *grpc_address, options)
         try:
             yield {"server": state}
         finally:
@@ -53,6 +54,9 @@ def create_app(
 
     app = FastAPI(title="aotllm", lifespan=lifespan)
     app.add_middleware(AccessLog)
+    # Keep this the last middleware added: Starlette runs the last added first, so the origin check, CORS and
+    # the API key check (security.py) refuse a request from its headers before the other middleware sees it.
+    add_security(app, options)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> Response:

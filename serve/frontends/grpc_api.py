@@ -15,9 +15,12 @@ unset, so 0 means "default"), following ppl.llm.serving's own reading of them:
   the one matching the request's kind; clients read the one they asked for. The end token comes with
   FINISHED, as an id with empty text and is_special set. detail.logprobs is the token's log-probability.
 Errors: a bad request rejects the whole call before anything is generated, with INVALID_ARGUMENT naming the
-request (`req[i] (id N)`) and the field; UNAVAILABLE while the model loads; RESOURCE_EXHAUSTED when the queue
-is full. A failure during generation answers FAILED for that request (its reason is in the trailing metadata
-`aotllm-error`); the others go on. A client that cancels the call cancels its sequences.
+request (`req[i] (id N)`) and the field (or, for bytes that are not a BatchedRequest, saying so); UNAVAILABLE
+while the model loads; RESOURCE_EXHAUSTED when the queue is full; UNAUTHENTICATED without one of the server's
+API keys (--api-key) in the `authorization` metadata ("Bearer KEY"). A failure during generation answers
+FAILED for that request (its reason is in the trailing metadata `aotllm-error`); the others go on. A client
+that cancels the call cancels its sequences.
+With --ssl-keyfile / --ssl-certfile the service listens with TLS on the same key and certificate as HTTPS.
 """
 
 from __future__ import annotations
@@ -28,10 +31,11 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
+from google.protobuf.message import DecodeError
 
 from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import SamplingParams
@@ -39,10 +43,12 @@ from serve.core.scheduler import Event, Sequence
 
 from .common import Submission, cancel, fan_in, field_message
 from .metrics import Metrics, access_log
+from .options import ServerOptions
+from .security import ApiKeys, refusal_message
 from .state import NotReady, ServerState
 
 try:
-    from serve.proto import llm_pb2, llm_pb2_grpc
+    from serve.proto import llm_pb2
 except ImportError as e:  # the stubs are build outputs, not sources
     raise ImportError(
         "serve/proto/llm_pb2*.py are generated from llm.proto when the package is built: "
@@ -50,7 +56,9 @@ except ImportError as e:  # the stubs are build outputs, not sources
     ) from e
 
 log = logging.getLogger("aotllm.grpc")
-METHOD = "/ppl.llm.proto.LLMService/Generation"
+SERVICE = "ppl.llm.proto.LLMService"
+METHOD = f"/{SERVICE}/Generation"
+GRPC_KEY_HINT = "'authorization' metadata entry 'Bearer KEY'"
 # SamplingParams' names in engine errors -> the proto field a ppl client sent
 FIELD_NAMES = {
     "max_tokens": "stopping_parameters.max_new_tokens",
@@ -169,7 +177,9 @@ async def merged_events(seq: Sequence, metrics: Metrics) -> AsyncGenerator[Event
         timer.close()
 
 
-class LLMService(llm_pb2_grpc.LLMServiceServicer):
+class LLMService:
+    """LLMService's one method. It takes the request's bytes (see `add_service`) and parses them itself."""
+
     def __init__(self, state: ServerState) -> None:
         self.state = state
         self._special: tuple[Engine, frozenset[int]] | None = None  # the engine's special token ids
@@ -207,12 +217,14 @@ class LLMService(llm_pb2_grpc.LLMServiceServicer):
         return jobs
 
     async def Generation(
-        self, request: llm_pb2.BatchedRequest, context: grpc.aio.ServicerContext
+        self, raw: bytes, context: grpc.aio.ServicerContext
     ) -> AsyncGenerator[llm_pb2.BatchedResponse, None]:
         t0, status, jobs, rid = time.monotonic(), grpc.StatusCode.OK, [], f"ppl-{uuid.uuid4().hex}"
         peer = context.peer()  # (read now: grpcio 1.85 segfaults on peer() once a cancelled call is gone)
+        request = llm_pb2.BatchedRequest()
         try:
             try:
+                request = parse_request(raw)
                 jobs = self._submit(request, rid)
             except CallError as e:
                 status = e.code
@@ -256,15 +268,83 @@ def _ascii(text: str) -> str:
     return text.encode("ascii", "backslashreplace").decode("ascii")
 
 
-async def start_grpc_server(state: ServerState, host: str, port: int) -> grpc.aio.Server:
-    """LLMService listening on host:port, in the running event loop (the engine's); stop it with `.stop()`."""
-    server = grpc.aio.server()
-    llm_pb2_grpc.add_LLMServiceServicer_to_server(LLMService(state), server)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+def parse_request(raw: bytes) -> llm_pb2.BatchedRequest:
+    """The call's message. Parsed here rather than by grpc's deserializer: grpc answers a deserializer's
+    exception with UNKNOWN and the exception's class name; a malformed message is the client's error."""
     try:
-        server.add_insecure_port(address)
+        return llm_pb2.BatchedRequest.FromString(raw)
+    except DecodeError as e:
+        raise CallError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the request is not a valid ppl.llm.proto.BatchedRequest message ({e}): "
+            "build it from serve/proto/llm.proto (ppl.llm.serving's)",
+        ) from e
+
+
+def add_service(server: grpc.aio.Server, service: LLMService) -> None:
+    """LLMService's handlers on `server`, as llm_pb2_grpc.add_LLMServiceServicer_to_server makes them but
+    without the request deserializer: Generation gets the bytes (`parse_request`)."""
+    handlers = {
+        "Generation": grpc.unary_stream_rpc_method_handler(
+            service.Generation, response_serializer=llm_pb2.BatchedResponse.SerializeToString
+        )
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
+    server.add_registered_method_handlers(SERVICE, handlers)
+
+
+class ApiKeyCheck(grpc.aio.ServerInterceptor):
+    """Every call needs one of the server's API keys in its `authorization` metadata ("Bearer KEY", as HTTP's
+    header); else UNAUTHENTICATED before the request is read."""
+
+    def __init__(self, keys: ApiKeys) -> None:
+        self.keys = keys
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler | None]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler | None:
+        given = [v for k, v in details.invocation_metadata or () if k == "authorization"]
+        refusal = self.keys.check(given[0] if given else None)
+        if refusal is None:
+            return await continuation(details)
+        message = refusal_message(refusal, GRPC_KEY_HINT)
+
+        async def refuse(request: bytes, context: grpc.aio.ServicerContext) -> None:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+
+        # (streaming like Generation; no deserializer: a refused call's message is not parsed)
+        return grpc.unary_stream_rpc_method_handler(refuse)
+
+
+def _credentials(options: ServerOptions) -> grpc.ServerCredentials:
+    """TLS credentials from the HTTPS key and certificate files."""
+    assert options.ssl_keyfile is not None and options.ssl_certfile is not None
+    try:
+        key, cert = options.ssl_keyfile.read_bytes(), options.ssl_certfile.read_bytes()
+    except OSError as e:
+        raise RuntimeError(f"--ssl-keyfile / --ssl-certfile: cannot read {e.filename} ({e.strerror})") from e
+    return grpc.ssl_server_credentials([(key, cert)])
+
+
+async def start_grpc_server(
+    state: ServerState, host: str, port: int, options: ServerOptions | None = None
+) -> grpc.aio.Server:
+    """LLMService listening on host:port, in the running event loop (the engine's); stop it with `.stop()`.
+    `options`: API keys (checked by ApiKeyCheck) and TLS (the HTTPS files), as on HTTP."""
+    options = options or ServerOptions()
+    server = grpc.aio.server(interceptors=[ApiKeyCheck(ApiKeys(options.api_keys))] if options.api_keys else None)
+    add_service(server, LLMService(state))
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    credentials = _credentials(options) if options.tls else None
+    try:
+        if credentials is not None:
+            server.add_secure_port(address, credentials)
+        else:
+            server.add_insecure_port(address)
     except RuntimeError as e:
         raise RuntimeError(f"--grpc-port: cannot listen on {address} ({e}); is the port in use?") from e
     await server.start()
-    log.info("gRPC: ppl.llm.proto.LLMService on %s", address)
+    log.info("gRPC: %s on %s%s", SERVICE, address, " (TLS)" if options.tls else "")
     return server
