@@ -13,11 +13,10 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import uvicorn
-
 from .core.engine import Engine, EngineConfig
 from .flags import parse_args
 from .frontends.app import create_app
+from .frontends.http_server import Server
 from .frontends.options import ServerOptions, uvicorn_config
 from .frontends.security import exposure_warnings
 
@@ -86,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     log.info("serving on %s://%s:%d (model loading in the background)", scheme, args.host, args.port)
     for warning in exposure_warnings(options, args.host):
         log.warning(warning)
-    uvicorn.Server(uvicorn_config(app, args.host, args.port, options, args.log_level)).run()
+    Server(uvicorn_config(app, args.host, args.port, options, args.log_level), options.shutdown_timeout_s).run()
     log.info("stopped after %.0f s", time.perf_counter() - t0)
     return 0
 

@@ -11,11 +11,11 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
 import httpx
-import uvicorn
 from fastapi.testclient import TestClient
 
 from serve.core.engine import Engine, EngineConfig
 from serve.frontends.app import create_app
+from serve.frontends.http_server import Server
 from serve.frontends.options import ServerOptions, uvicorn_config
 
 
@@ -37,7 +37,9 @@ class ServerThread:
         app = create_app(load, options=options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn_config(app, "127.0.0.1", self.port, options, "warning"))
+        self.server = Server(
+            uvicorn_config(app, "127.0.0.1", self.port, options, "warning"), options.shutdown_timeout_s
+        )
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.time() + 60

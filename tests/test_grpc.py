@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import re
 import socket
@@ -276,9 +277,10 @@ def test_sampling_parameters_map_like_generate(served):
             ["stopping_parameters.stop_tokens"],
         ),
         (
+            # more requests in one batch than the queue holds: never servable, so not a retryable error
             [request(i, "queue", max_new_tokens=50) for i in range(MAX_QUEUE + 1)],
-            grpc.StatusCode.RESOURCE_EXHAUSTED,
-            ["retry"],
+            grpc.StatusCode.INVALID_ARGUMENT,
+            ["--max-queue"],
         ),
     ],
 )
@@ -357,7 +359,7 @@ def test_unavailable_while_loading():
 
     with pytest.raises(CallError) as err:
         state = ServerState(Metrics(), status="loading the model")
-        LLMService(state)._submit(llm_pb2.BatchedRequest(req=[request()]), "r")
+        asyncio.run(LLMService(state)._submit(llm_pb2.BatchedRequest(req=[request()]), "r"))
     assert err.value.code == grpc.StatusCode.UNAVAILABLE and "loading the model" in err.value.message
 
 

@@ -290,6 +290,10 @@ def test_queue_full_is_503_with_retry_after(tiny_program):
         assert 200 in codes and 503 in codes
         busy = next(r for r in rs if r.status_code == 503)
         assert busy.headers["retry-after"] and busy.json()["code"] == 503
+        # more sequences than the queue holds can never be served: not a retry, a 400 even when idle
+        too_many = gen(s, {"text": ["a", "b"], "sampling_params": {"max_completion_tokens": 2, "n": 2}})
+        assert too_many.status_code == 400 and "--max-queue" in too_many.json()["error"]
+        assert _wait_pool_idle(s.engine)
     finally:
         s.stop()
 

@@ -124,10 +124,10 @@ class Scheduler:
                 await self._wake.wait()
             try:
                 await self.step()
-            except Exception as e:  # a failed device call fails its batch, never the server
+            except Exception:  # a failed device call fails its batch, never the server
                 log.exception("step failed")
                 for seq in self.running + self.waiting:
-                    self._finish(seq, "error", error=f"{type(e).__name__}: {e}")
+                    self._finish(seq, "error", error="the model's program failed (details in the server log)")
                 self.running, self.waiting = [], []
 
     # -- one step

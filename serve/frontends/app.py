@@ -16,6 +16,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from serve.core.engine import Engine
 
 from . import generate, openai_api, triton_api
+from .body import add_body_limit
 from .metrics import AccessLog, Metrics
 from .options import ServerOptions
 from .security import add_security
@@ -53,6 +54,7 @@ def create_app(
                 await grpc_server.stop(grace=1.0)  # open streams are cancelled, their sequences too
 
     app = FastAPI(title="aotllm", lifespan=lifespan)
+    add_body_limit(app, options.max_body_bytes)  # (inside the access log: its 413s are logged)
     app.add_middleware(AccessLog)
     # Keep this the last middleware added: Starlette runs the last added first, so the origin check, CORS and
     # the API key check (security.py) refuse a request from its headers before the other middleware sees it.
@@ -83,6 +85,6 @@ def _load(load: EngineLoader, state: ServerState, loop: asyncio.AbstractEventLoo
         engine = load(report)
         asyncio.run_coroutine_threadsafe(engine.start(), loop).result()
         state.engine = engine
-    except Exception as e:  # keep answering with the reason
-        log.error("could not load the model: %s", e)
-        state.status = f"failed to load the model: {e}"
+    except Exception as e:  # keep answering with the reason (without the server's paths)
+        log.exception("could not load the model")
+        state.load_failed(e)

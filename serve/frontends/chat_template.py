@@ -19,6 +19,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .tokenizing import encode_text
+
 _ALTERNATE = "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
 
 BUILTIN_TEMPLATES: dict[str, str] = {
@@ -68,6 +70,9 @@ BUILTIN_TEMPLATES: dict[str, str] = {
     ),
 }
 DEFAULT_TEMPLATE = "chatml"
+# Names render_chat binds itself (its `template` parameter, the variables it sets from the request's own
+# fields): a request's extra template variables (chat_template_kwargs) may not set them.
+RESERVED_VARIABLES = frozenset({"template", "messages", "add_generation_prompt", "bos_token", "eos_token"})
 
 
 class ChatTemplateError(ValueError):
@@ -163,10 +168,15 @@ def render_chat(
         raise ChatTemplateError(f"the chat template failed on these messages: {type(e).__name__}: {e}") from e
 
 
-def encode_prompt(tokenizer: Any, info: Any, text: str) -> list[int]:
+def encode_prompt(tokenizer: Any, info: Any, text: str, limit: int | None = None) -> list[int]:
     """Token ids of a rendered chat: the template's own special tokens as written, BOS added only when the
-    tokenizer adds one and the template did not already write it."""
-    ids = tokenizer.encode(text, add_special_tokens=False).ids
+    tokenizer adds one and the template did not already write it. With `limit` (the context length), a
+    text of that many tokens or more is refused (`BadRequest`), without tokenizing it where its length
+    proves it (serve/frontends/tokenizing.py)."""
+    if limit is None:
+        ids = tokenizer.encode(text, add_special_tokens=False).ids
+    else:
+        ids = encode_text(tokenizer, text, False, limit)
     if info.add_bos and info.bos_id is not None and not (info.bos_token and text.startswith(info.bos_token)):
         ids = [info.bos_id] + ids
     return ids

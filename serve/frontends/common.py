@@ -1,12 +1,14 @@
-"""What every front-end shares: queueing a request's sequences all or none, each sequence's events (the
-client going away cancels it; latencies go to /metrics), the fan-in of several sequences' events, and
-collecting them for a non-streamed answer. Whatever way a request ends, none of its sequences keeps pages."""
+"""What every front-end shares: queueing a request's sequences all or none, each sequence's events (latencies
+to /metrics; the end the server's shutdown gives them), the fan-in of several sequences' events, and
+collecting them for a non-streamed answer while watching for the client to leave. Whatever way a request
+ends, none of its sequences keeps pages."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, AsyncIterator, Callable, Iterable
+from dataclasses import replace
 from types import TracebackType
 
 from fastapi import Request
@@ -15,11 +17,9 @@ from serve.core.engine import BadRequest, Engine
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
-from .state import server
+from .state import SHUTDOWN_ERROR, public_message, server
 
 EventSource = Callable[[Sequence], AsyncIterator[Event]]
-# How often a waiting stream checks that its client is still connected.
-DISCONNECT_POLL_S = 0.5
 
 
 def cancel(seqs: Iterable[Sequence]) -> None:
@@ -35,20 +35,37 @@ def field_message(e: BadRequest, names: dict[str, str]) -> str:
     return f"{names[e.field]}: {e}" if e.field in names else str(e)
 
 
+def error_status(error: str | None) -> int:
+    """The HTTP status of a generation that failed with `error`: 503 when the server's shutdown ended it (the
+    client may retry, elsewhere), else 500."""
+    return 503 if error == SHUTDOWN_ERROR else 500
+
+
 class Submission:
     """A request's sequences, queued all or none: leaving the `with` block by an exception (a prompt
-    refused, the queue full) cancels the ones already queued."""
+    refused, the queue full) cancels the ones already queued. A request of more sequences than the queue
+    holds could never be served: a BadRequest, not the QueueFull that tells the client to retry."""
 
     def __init__(self, engine: Engine) -> None:
         self.engine = engine
         self.groups: list[list[Sequence]] = []  # per prompt: its `n` sequences
 
+    def _check_size(self, n: int) -> None:
+        limit = self.engine.cfg.max_queue
+        if len(self.sequences) + n > limit:
+            raise BadRequest(
+                f"the request needs more than {limit} sequences (prompts x n); this server queues at most "
+                f"{limit} (--max-queue): send fewer prompts or a smaller n per request"
+            )
+
     def add(self, prompt_ids: list[int], params: SamplingParams, rid: str | None) -> list[Sequence]:
+        self._check_size(params.n)
         group = self.engine.submit(prompt_ids, params, rid)
         self.groups.append(group)
         return group
 
     def add_embedding(self, prompt_ids: list[int], rid: str) -> Sequence:
+        self._check_size(1)
         seq = self.engine.embed(prompt_ids, rid)
         self.groups.append([seq])
         return seq
@@ -66,18 +83,21 @@ class Submission:
 
 
 async def sequence_events(seq: Sequence, request: Request) -> AsyncIterator[Event]:
-    """The sequence's events until its finish; a client that goes away cancels it. Latencies and the finish
-    reason are recorded for /metrics (once per sequence)."""
-    timer = server(request).metrics.timer(seq)
+    """The sequence's events until its finish. One the server's shutdown cancelled ends with an error event
+    (SHUTDOWN_ERROR); error texts reach the client without file paths. Latencies and the finish reason
+    are recorded for /metrics (once per sequence). Whoever consumes this watches for the client leaving:
+    `collect` does, and Starlette's StreamingResponse does for streams."""
+    state = server(request)
+    timer = state.metrics.timer(seq)
     try:
+        if state.stopping:  # (submitted after the shutdown grace ended)
+            seq.cancel()
         while True:
-            try:
-                ev = await asyncio.wait_for(seq.events.get(), timeout=DISCONNECT_POLL_S)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    seq.cancel()
-                    return
-                continue
+            ev = await seq.events.get()
+            if ev.finish_reason == "cancelled" and state.stopping:
+                ev = replace(ev, finish_reason="error", error=SHUTDOWN_ERROR)
+            elif ev.error:
+                ev = replace(ev, error=public_message(ev.error))
             timer(ev)
             yield ev
             if ev.finish_reason:
@@ -113,9 +133,26 @@ async def fan_in(seqs: list[Sequence], events: EventSource) -> AsyncGenerator[tu
             t.cancel()
 
 
-async def collect(seqs: list[Sequence], events: EventSource, on_event: Callable[[int, Event], None]) -> None:
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has closed the connection (ASGI's http.disconnect). Only for a request whose
+    body has been read and whose answer has not started: then nothing else reads `receive`."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def collect(seqs: list[Sequence], request: Request, on_event: Callable[[int, Event], None]) -> None:
     """Run the sequences to their finish for a non-streamed answer, handing each event to `on_event(index,
-    event)`; an exception from it stops the collection (the others are cancelled) and propagates."""
-    async with contextlib.aclosing(fan_in(seqs, events)) as stream:
-        async for index, ev in stream:
-            on_event(index, ev)
+    event)`; an exception from it stops the collection (the others are cancelled) and propagates. The client
+    leaving cancels the sequences at once (they finish "cancelled" at the scheduler's next step)."""
+
+    async def cancel_on_disconnect() -> None:
+        await until_disconnected(request)
+        cancel(seqs)
+
+    watcher = asyncio.create_task(cancel_on_disconnect())
+    try:
+        async with contextlib.aclosing(fan_in(seqs, lambda s: sequence_events(s, request))) as stream:
+            async for index, ev in stream:
+                on_event(index, ev)
+    finally:
+        watcher.cancel()

@@ -15,7 +15,8 @@ from serve.core.engine import BadRequest, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
-from .common import Submission, collect, fan_in, field_message, sequence_events
+from .body import BodyError, parse_body
+from .common import Submission, collect, error_status, fan_in, field_message, sequence_events
 from .generate_protocol import (
     Completion,
     GenerateRequest,
@@ -24,6 +25,7 @@ from .generate_protocol import (
     PromptResponses,
 )
 from .state import NotReady, server
+from .tokenizing import encode_prompts
 
 # SamplingParams' names in engine errors -> the request field a /generate client sent
 FIELD_NAMES = {"max_tokens": "sampling_params.max_completion_tokens"}
@@ -76,10 +78,10 @@ def add_routes(app: FastAPI) -> None:
         except NotReady as e:
             return error(503, str(e), {"Retry-After": "5"})
         try:
-            req = GenerateRequest.model_validate(json.loads(await request.body()))
+            req = await parse_body(request, GenerateRequest)
             prompts = req.prompts()
-        except json.JSONDecodeError as e:
-            return error(400, f"malformed JSON: {e}")
+        except BodyError as e:
+            return error(e.status, e.message)
         except ValidationError as e:
             return error(400, validation_message(e))
         except ValueError as e:
@@ -89,9 +91,10 @@ def add_routes(app: FastAPI) -> None:
             return error(400, f"{len(rids)} rids for {len(prompts)} prompts")
         params = sampling_from(req.sampling_params)
         try:
+            prompt_ids = await encode_prompts(eng, prompts)
             with Submission(eng) as sub:
-                for prompt, rid in zip(prompts, rids):
-                    sub.add(eng.encode(prompt), params, rid)
+                for ids, rid in zip(prompt_ids, rids):
+                    sub.add(ids, params, rid)
         except BadRequest as e:
             return error(400, field_message(e, FIELD_NAMES))
         except QueueFull as e:
@@ -113,9 +116,9 @@ async def _collect(
             raise GenerationFailed(ev.error)
 
     try:
-        await collect(seqs, lambda s: sequence_events(s, request), on_event)
+        await collect(seqs, request, on_event)
     except GenerationFailed as e:
-        return error(500, f"generation failed: {e}")
+        return error(error_status(str(e)), f"generation failed: {e}")
     if any(s.finish_reason == "cancelled" for s in seqs):
         return error(499, "the client closed the request")
     results = [

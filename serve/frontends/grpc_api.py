@@ -41,6 +41,7 @@ from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
+from . import tokenizing
 from .common import Submission, cancel, fan_in, field_message
 from .metrics import Metrics, access_log
 from .options import ServerOptions
@@ -115,12 +116,13 @@ def sampling_params(req: llm_pb2.Request) -> SamplingParams:
 
 
 def prompt_ids(eng: Engine, req: llm_pb2.Request) -> list[int]:
+    """The request's prompt as token ids (blocking for a long text: see tokenizing.off_loop)."""
     if req.prompt:
-        return eng.encode(req.prompt)
+        return tokenizing.prompt_ids(eng, req.prompt)
     if not req.tokens.ids:
         raise BadRequest("the request is empty: give a prompt (text) or tokens.ids")
     try:
-        return eng.encode(list(req.tokens.ids))
+        return tokenizing.prompt_ids(eng, list(req.tokens.ids))
     except BadRequest as e:
         raise BadRequest(f"tokens.ids: {e}") from e
 
@@ -196,17 +198,28 @@ class LLMService:
             self._special = (eng, frozenset(i for i, t in added.items() if t.special))
         return self._special[1]
 
-    def _submit(self, batch: llm_pb2.BatchedRequest, rid: str) -> list[Job]:
+    async def _submit(self, batch: llm_pb2.BatchedRequest, rid: str) -> list[Job]:
         """Every request submitted (as sequences rid-0, rid-1, ...), or none (CallError naming the first bad one)."""
         eng = self._engine()
         if not batch.req:
             raise CallError(grpc.StatusCode.INVALID_ARGUMENT, "BatchedRequest.req is empty: add a Request")
         special = self._special_ids(eng)
         jobs: list[Job] = []
+
+        def tokenize(req: llm_pb2.Request) -> list[int] | BadRequest:  # (reported below, with its index)
+            try:
+                return prompt_ids(eng, req)
+            except BadRequest as e:
+                return e
+
+        size = sum(len(r.prompt) + len(r.tokens.ids) for r in batch.req)
+        prompts = await tokenizing.off_loop(lambda: [tokenize(r) for r in batch.req], size)
         with Submission(eng) as sub:
-            for i, req in enumerate(batch.req):
+            for i, (req, ids) in enumerate(zip(batch.req, prompts)):
                 try:
-                    seq = sub.add(prompt_ids(eng, req), sampling_params(req), f"{rid}-{i}")[0]
+                    if isinstance(ids, BadRequest):
+                        raise ids
+                    seq = sub.add(ids, sampling_params(req), f"{rid}-{i}")[0]
                 except BadRequest as e:
                     raise CallError(
                         grpc.StatusCode.INVALID_ARGUMENT, f"req[{i}] (id {req.id}): {field_message(e, FIELD_NAMES)}"
@@ -225,7 +238,7 @@ class LLMService:
         try:
             try:
                 request = parse_request(raw)
-                jobs = self._submit(request, rid)
+                jobs = await self._submit(request, rid)
             except CallError as e:
                 status = e.code
                 await context.abort(e.code, e.message)

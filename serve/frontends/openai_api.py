@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,8 +20,8 @@ from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event
 
-from .chat_template import ChatTemplateError, encode_prompt, render_chat, resolve_template
-from .common import Submission, collect, fan_in, sequence_events
+from .chat_template import RESERVED_VARIABLES, ChatTemplateError, encode_prompt, render_chat, resolve_template
+from .common import Submission, collect, error_status, fan_in, sequence_events
 from .metrics import access_record
 from .openai_protocol import (
     ChatRequest,
@@ -35,6 +36,12 @@ from .openai_protocol import (
     parse_request,
 )
 from .state import NotReady, server
+from .tokenizing import decode_ids, encode_prompts, encode_text, off_loop
+
+log = logging.getLogger("aotllm.openai")
+# /tokenize takes texts of up to this many contexts (or this many tokens, if more).
+TOKENIZE_CONTEXTS = 8
+TOKENIZE_MIN_LIMIT = 65536
 
 
 def add_routes(app: FastAPI) -> None:
@@ -66,8 +73,13 @@ def add_routes(app: FastAPI) -> None:
             choice = server(request).chat_template
             try:
                 templates[id(eng)] = resolve_template(choice, eng.tok_info.chat_template)
-            except (ValueError, OSError) as e:
-                raise OpenAIError(500, f"server misconfigured: {e}", type="server_error") from e
+            except (ValueError, OSError) as e:  # (its text names server files: for the log only)
+                log.error("the chat template could not be loaded: %s", e)
+                raise OpenAIError(
+                    500,
+                    "server misconfigured: its chat template could not be loaded (details in the server log)",
+                    type="server_error",
+                ) from e
         return templates[id(eng)]
 
     def model_card(eng: Engine) -> dict[str, Any]:
@@ -107,7 +119,7 @@ def add_routes(app: FastAPI) -> None:
             prompts = list(cast(list[str] | list[list[int]], p))
         if not prompts:
             raise OpenAIError(400, "the prompt is empty", param="prompt")
-        ids = [_call(eng.encode, prompt) for prompt in prompts]
+        ids = await _encode(eng, prompts, "prompt")
         params = req.sampling(16 if req.max_tokens is None else req.max_tokens, req.logprobs)
         echo = [pr if isinstance(pr, str) else eng.tokenizer.decode(pr) for pr in prompts] if req.echo else []
         return await _run(request, eng, req, model, "cmpl", ids, params, echo)
@@ -122,19 +134,30 @@ def add_routes(app: FastAPI) -> None:
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         info = eng.tok_info
-        try:
-            text = render_chat(
-                chat_template(request, eng),
-                [m.for_template() for m in req.messages],
-                req.add_generation_prompt,
-                info.bos_token,
-                info.eos_token,
-                tools=req.tools,
-                **(req.chat_template_kwargs or {}),
+        variables = dict(req.chat_template_kwargs or {})
+        taken = sorted(variables.keys() & (RESERVED_VARIABLES | ({"tools"} if req.tools is not None else set())))
+        if taken:
+            raise OpenAIError(
+                400,
+                f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields set "
+                f"{'it' if len(taken) == 1 else 'them'}; hint: remove {'it' if len(taken) == 1 else 'them'} "
+                "from chat_template_kwargs",
+                param="chat_template_kwargs",
             )
-        except (ChatTemplateError, TypeError) as e:  # TypeError: chat_template_kwargs naming a reserved variable
+        if req.tools is not None:
+            variables["tools"] = req.tools
+        template, messages = chat_template(request, eng), [m.for_template() for m in req.messages]
+
+        def render_and_encode() -> list[int]:
+            text = render_chat(
+                template, messages, req.add_generation_prompt, info.bos_token, info.eos_token, **variables
+            )
+            return encode_prompt(eng.tokenizer, info, text, eng.abi.max_seq_len)
+
+        try:  # (the body's size measures the work: messages, tools, extra variables)
+            ids = await off_loop(render_and_encode, len(await request.body()))
+        except (ChatTemplateError, BadRequest) as e:
             raise OpenAIError(400, str(e), param="messages") from e
-        ids = encode_prompt(eng.tokenizer, info, text)
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
         if max_tokens is None:
             max_tokens = max(1, eng.abi.max_seq_len - len(ids))
@@ -157,7 +180,7 @@ def add_routes(app: FastAPI) -> None:
         prompts = req.prompts()
         if not prompts:
             raise OpenAIError(400, "the input is empty", param="input")
-        ids = [_call(eng.encode, p, param="input") for p in prompts]
+        ids = await _encode(eng, prompts, "input")
         rid = f"embd-{uuid.uuid4().hex}"
         record = access_record()
         record.id, record.model, record.user, record.inputs = rid, model, req.user, len(ids)
@@ -178,11 +201,15 @@ def add_routes(app: FastAPI) -> None:
                 vecs[i] = ev.embedding
             errors[i] = ev.error or errors[i]
 
-        await collect(seqs, lambda s: sequence_events(s, request), on_event)
+        await collect(seqs, request, on_event)
         done: list[np.ndarray] = []
         for i, v in enumerate(vecs):
             if v is None:  # failed, or the client went away first
-                raise OpenAIError(500, f"embedding failed: {errors[i] or seqs[i].finish_reason}", type="server_error")
+                raise OpenAIError(
+                    error_status(errors[i]),
+                    f"embedding failed: {errors[i] or seqs[i].finish_reason}",
+                    type="server_error",
+                )
             done.append(v)
         n_tokens = sum(len(x) for x in ids)
         data = [
@@ -210,7 +237,13 @@ def add_routes(app: FastAPI) -> None:
         if text is None:
             raise OpenAIError(400, "give the text to tokenize as 'content'", param="content")
         special = next((s for s in (req.add_special, req.add_special_tokens) if s is not None), False)
-        ids = eng.tokenizer.encode(text, add_special_tokens=special).ids
+        # Clients measure texts longer than the context too (to cut them to it), so the bound is several
+        # contexts: enough for that, and the ids and pieces of the answer stay bounded work.
+        limit = max(TOKENIZE_CONTEXTS * eng.abi.max_seq_len, TOKENIZE_MIN_LIMIT)
+        try:
+            ids = await off_loop(lambda: encode_text(eng.tokenizer, text, special, limit, what="text"), len(text))
+        except BadRequest as e:
+            raise OpenAIError(400, str(e), param="content") from e
         piece = _piece_fn(eng)
         tokens: list[Any] = [{"id": i, "piece": piece(i)} for i in ids] if req.with_pieces else ids
         return {"tokens": tokens, "count": len(ids), "max_model_len": eng.abi.max_seq_len}
@@ -219,14 +252,21 @@ def add_routes(app: FastAPI) -> None:
     async def detokenize(request: Request) -> dict:
         eng = engine(request)
         req: DetokenizeRequest = await parse_request(request, DetokenizeRequest)
-        _call(eng.encode, req.tokens, param="tokens")  # range check
-        text = eng.tokenizer.decode(req.tokens, skip_special_tokens=False)
+
+        def checked_decode() -> str:
+            eng.encode(req.tokens)  # (the vocabulary range check)
+            return decode_ids(eng.tokenizer, req.tokens, skip_special_tokens=False)
+
+        try:
+            text = await off_loop(checked_decode, len(req.tokens))
+        except BadRequest as e:
+            raise OpenAIError(400, str(e), param="tokens") from e
         return {"content": text, "prompt": text}
 
 
-def _call(fn: Any, arg: Any, param: str = "prompt") -> Any:
+async def _encode(eng: Engine, prompts: list[str | list[int]], param: str) -> list[list[int]]:
     try:
-        return fn(arg)
+        return await encode_prompts(eng, prompts)
     except BadRequest as e:
         raise OpenAIError(400, str(e), param=param) from e
 
@@ -308,12 +348,12 @@ async def _collect(job: Job, request: Request) -> JSONResponse:
         def on_event(index: int, ev: Event) -> None:
             job.choices[index].feed(ev, job.piece)
 
-        await collect([c.seq for c in job.choices], lambda s: sequence_events(s, request), on_event)
+        await collect([c.seq for c in job.choices], request, on_event)
     finally:
         _log_usage(job)
     failed = next((c for c in job.choices if c.finish_reason == "error"), None)
     if failed:
-        raise OpenAIError(500, f"generation failed: {failed.error}", type="server_error")
+        raise OpenAIError(error_status(failed.error), f"generation failed: {failed.error}", type="server_error")
     if any(c.finish_reason != "stop" and c.finish_reason != "length" for c in job.choices):
         raise OpenAIError(499, "the client closed the request", type="invalid_request_error")
     return JSONResponse(job.full())

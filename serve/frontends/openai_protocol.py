@@ -16,6 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
+from .body import BodyError, parse_body
+
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
 
@@ -175,9 +177,9 @@ class DetokenizeRequest(BaseModel):
 
 async def parse_request(request: Request, model: type[BaseModel]) -> Any:
     try:
-        return model.model_validate(json.loads(await request.body()))
-    except json.JSONDecodeError as e:
-        raise OpenAIError(400, f"the body is not valid JSON: {e}") from e
+        return await parse_body(request, model)
+    except BodyError as e:
+        raise OpenAIError(e.status, e.message) from e
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first.get("loc", ()))

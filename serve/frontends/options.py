@@ -3,11 +3,14 @@ uvicorn configuration they make. Every resource a client can hold (connections, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 import uvicorn
 from fastapi import FastAPI
+
+from .http_server import FLUSH_S, bounded_protocol
 
 
 @dataclass(frozen=True)
@@ -30,13 +33,18 @@ class ServerOptions:
 def uvicorn_config(
     app: FastAPI, host: str, port: int, options: ServerOptions, log_level: str = "info"
 ) -> uvicorn.Config:
-    """The uvicorn configuration that applies `options` (python -m serve and the tests' server use it)."""
+    """The uvicorn configuration that applies `options` (python -m serve and the tests' server use it); the
+    shutdown timeout needs serve/frontends/http_server.py's `Server` besides."""
     return uvicorn.Config(
         app,
         host=host,
         port=port,
         log_level=log_level,
         access_log=False,
+        http=bounded_protocol(options.read_timeout_s, options.max_connections),
+        timeout_keep_alive=options.idle_timeout_s,  # type: ignore[arg-type]  # (typed int; used as call_later's delay)
+        # A backstop only: `Server` has ended every request by then; uvicorn would cancel what is left.
+        timeout_graceful_shutdown=math.ceil(options.shutdown_timeout_s + FLUSH_S + 2),
         ssl_keyfile=str(options.ssl_keyfile) if options.ssl_keyfile else None,
         ssl_certfile=str(options.ssl_certfile) if options.ssl_certfile else None,
     )

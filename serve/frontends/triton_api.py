@@ -35,10 +35,12 @@ from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
-from .common import Submission, cancel, collect, field_message, sequence_events
+from .body import BodyError, parse_body
+from .common import Submission, cancel, collect, error_status, field_message, sequence_events
 from .generate import validation_message
 from .metrics import access_record
 from .state import NotReady, server
+from .tokenizing import off_loop, prompt_ids
 
 ALIASES = ("ensemble", "tensorrt_llm_bls", "tensorrt_llm")
 VERSION = "1"
@@ -221,18 +223,19 @@ def add_routes(app: FastAPI) -> None:
 async def _generate(request: Request, eng: Engine, name: str, version: str | None, sse: bool) -> Response:
     check_model(eng, name, version)
     try:
-        req = TritonGenerateRequest.model_validate(json.loads(await request.body()))
+        req = await parse_body(request, TritonGenerateRequest)
+    except BodyError as e:
+        raise TritonError(e.status, e.message) from e
     except ValidationError as e:
         raise TritonError(400, validation_message(e)) from e
-    except ValueError as e:  # (json.JSONDecodeError, UnicodeDecodeError)
-        raise TritonError(400, f"malformed JSON: {e}") from e
     if not req.text_input:
         raise TritonError(400, "text_input is empty")
-    params = req.sampling(eng)
     rid = f"triton-{uuid.uuid4().hex}"
+    size = len(req.text_input) + sum(len(w) for w in _words(req.bad_words))
     try:
+        params, ids = await off_loop(lambda: (req.sampling(eng), prompt_ids(eng, req.text_input)), size)
         with Submission(eng) as sub:
-            seq = sub.add(eng.encode(req.text_input), params, rid)[0]
+            seq = sub.add(ids, params, rid)[0]
     except QueueFull as e:
         raise TritonError(503, str(e), {"Retry-After": "1"}) from e
     except BadRequest as e:
@@ -270,9 +273,9 @@ async def _collect(seq: Sequence, request: Request, head: dict[str, Any], req: T
         logprobs.extend(s.logprob or 0.0 for s in ev.logprobs)
         error = ev.error or error
 
-    await collect([seq], lambda s: sequence_events(s, request), on_event)
-    if seq.finish_reason == "error":
-        raise TritonError(500, f"generation failed: {error}")
+    await collect([seq], request, on_event)
+    if error is not None or seq.finish_reason == "error":
+        raise TritonError(error_status(error), f"generation failed: {error}")
     if seq.finish_reason not in ("stop", "length"):
         raise TritonError(499, "the client closed the request")
     text = "".join(pieces)
