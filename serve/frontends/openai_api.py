@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.core.engine import BadRequest, Engine, QueueFull
-from serve.core.sampling import SamplingParams
+from serve.core.sampling import MAX_TOKENS_LIMIT, SamplingParams
 from serve.core.scheduler import Event
 
 from .chat_template import RESERVED_VARIABLES, ChatTemplateError, encode_prompt, render_chat, resolve_template
@@ -159,8 +159,8 @@ def add_routes(app: FastAPI) -> None:
         except (ChatTemplateError, BadRequest) as e:
             raise OpenAIError(400, str(e), param="messages") from e
         max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:
-            max_tokens = max(1, eng.abi.max_seq_len - len(ids))
+        if max_tokens is None:  # the rest of the context, within the server's cap
+            max_tokens = max(1, min(eng.abi.max_seq_len - len(ids), eng.cfg.max_tokens_per_request or MAX_TOKENS_LIMIT))
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         return await _run(request, eng, req, model, "chatcmpl", [ids], params, [], chat=True)
 
