@@ -306,11 +306,14 @@ def test_by_default_a_cross_site_text_plain_post_is_refused_and_same_origin_is_n
         assert same.status_code == 503  # reached the route
 
 
-def test_api_keys_in_process_and_the_loading_503_behind_them():
-    with loading_app(ServerOptions(api_keys=("k1",))) as c:
+def test_api_keys_in_process_and_the_loading_503_behind_them(caplog):
+    with loading_app(ServerOptions(api_keys=("k1",))) as c, caplog.at_level("INFO", logger="aotllm.access"):
         assert c.get("/v1/models").status_code == 401
         assert c.get("/v1/models", headers={"Authorization": "Bearer k1"}).status_code == 503
         assert c.get("/health").status_code == 503  # (unprotected: it says the model is loading)
+    # refusals are access-logged like any answer (the access log is the outermost middleware)
+    statuses = [r.access["status"] for r in caplog.records if hasattr(r, "access")]
+    assert statuses == [401, 503, 503]
 
 
 # -- the pieces -----------------------------------------------------------------------------------------------

@@ -54,11 +54,12 @@ def create_app(
                 await grpc_server.stop(grace=1.0)  # open streams are cancelled, their sequences too
 
     app = FastAPI(title="aotllm", lifespan=lifespan)
-    add_body_limit(app, options.max_body_bytes)  # (inside the access log: its 413s are logged)
-    app.add_middleware(AccessLog)
-    # Keep this the last middleware added: Starlette runs the last added first, so the origin check, CORS and
-    # the API key check (security.py) refuse a request from its headers before the other middleware sees it.
+    # Starlette runs the middleware added last first. A request meets the access log (every answer is
+    # logged, refusals included), then the origin check, CORS and the API key check (security.py: a refusal
+    # from the headers alone), then the body limit.
+    add_body_limit(app, options.max_body_bytes)
     add_security(app, options)
+    app.add_middleware(AccessLog)
 
     @app.exception_handler(RequestValidationError)
     async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
