@@ -340,7 +340,9 @@ def test_max_tokens_per_request(tiny_program):
     try:
         r = gen(s, {"text": "cap", "sampling_params": {"max_completion_tokens": 9}})
         assert r.status_code == 400 and "limit of 8" in r.json()["error"]
-        # a chat without max_tokens asks for the rest of the context: within the cap, not refused
+        # defaults stay within the cap (/generate's 50, a chat's rest of the context), not refused
+        r = gen(s, {"text": "cap", "sampling_params": {"ignore_eos": True}, "return_input_ids": True})
+        assert r.status_code == 200 and len(r.json()["responses"][0]["responses"][0]["token_ids"]) == 8
         chat = {"messages": [{"role": "user", "content": "hi"}], "ignore_eos": True}
         r = httpx.post(f"{s.url}/v1/chat/completions", json=chat, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 8

@@ -43,10 +43,12 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
     return "invalid request: " + "; ".join(parts)
 
 
-def sampling_from(p: GenerateSamplingParams) -> SamplingParams:
+def sampling_from(p: GenerateSamplingParams, cap: int | None = None) -> SamplingParams:
+    """`cap` (--max-tokens-per-request) bounds the default max_completion_tokens; one given is checked."""
     stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
+    given = "max_completion_tokens" in p.model_fields_set
     return SamplingParams(
-        max_tokens=p.max_completion_tokens,
+        max_tokens=p.max_completion_tokens if given or cap is None else min(p.max_completion_tokens, cap),
         temperature=p.temperature,
         top_k=p.top_k or 0,
         top_p=1.0 if p.top_p is None else p.top_p,
@@ -89,7 +91,7 @@ def add_routes(app: FastAPI) -> None:
         rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
         if len(rids) != len(prompts):
             return error(400, f"{len(rids)} rids for {len(prompts)} prompts")
-        params = sampling_from(req.sampling_params)
+        params = sampling_from(req.sampling_params, eng.cfg.max_tokens_per_request)
         try:
             prompt_ids = await encode_prompts(eng, prompts)
             with Submission(eng) as sub:

@@ -120,7 +120,8 @@ def add_routes(app: FastAPI) -> None:
         if not prompts:
             raise OpenAIError(400, "the prompt is empty", param="prompt")
         ids = await _encode(eng, prompts, "prompt")
-        params = req.sampling(16 if req.max_tokens is None else req.max_tokens, req.logprobs)
+        default = min(16, eng.cfg.max_tokens_per_request or 16)  # (OpenAI's default, within the server's cap)
+        params = req.sampling(default if req.max_tokens is None else req.max_tokens, req.logprobs)
         echo = [pr if isinstance(pr, str) else eng.tokenizer.decode(pr) for pr in prompts] if req.echo else []
         return await _run(request, eng, req, model, "cmpl", ids, params, echo)
 
