@@ -92,13 +92,13 @@ class Engine:
         self._tasks = [asyncio.create_task(s.run_forever()) for s in self.schedulers]
 
     # -- requests
-    def encode(self, prompt: str | list[int]) -> list[int]:
-        if isinstance(prompt, list):
-            bad = [t for t in prompt if not 0 <= t < self.abi.vocab_size]
-            if bad:
-                raise BadRequest(f"input_ids {bad[:5]} are outside the vocabulary [0, {self.abi.vocab_size})")
-            return prompt
-        return self.tokenizer.encode(prompt, add_special_tokens=True).ids
+    def check_ids(self, ids: list[int]) -> list[int]:
+        """Token ids a client sent, refused when outside the vocabulary. (Text is tokenized by the front-ends,
+        off the event loop: serve/frontends/tokenizing.py.)"""
+        bad = [t for t in ids if not 0 <= t < self.abi.vocab_size]
+        if bad:
+            raise BadRequest(f"input_ids {bad[:5]} are outside the vocabulary [0, {self.abi.vocab_size})")
+        return ids
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, rid: str | None = None) -> list[Sequence]:
         """Queue `params.n` sequences for one prompt; returns them (their `events` queues stream results)."""

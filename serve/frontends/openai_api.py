@@ -255,7 +255,7 @@ def add_routes(app: FastAPI) -> None:
         req: DetokenizeRequest = await parse_request(request, DetokenizeRequest)
 
         def checked_decode() -> str:
-            eng.encode(req.tokens)  # (the vocabulary range check)
+            eng.check_ids(req.tokens)
             return decode_ids(eng.tokenizer, req.tokens, skip_special_tokens=False)
 
         try:

@@ -110,14 +110,12 @@ def encode_text(
 
 
 def prompt_ids(eng: Engine, prompt: str | list[int]) -> list[int]:
-    """A prompt as the engine takes it (`Engine.encode`: text tokenized with the special tokens, ids checked
-    against the vocabulary), refused early when it cannot fit the context. Blocking: see `off_loop`."""
-    limit = eng.abi.max_seq_len
+    """A prompt as the engine takes it: text tokenized with the special tokens (refused early when it cannot
+    fit the context), ids checked against the vocabulary (`Engine.submit` checks their count). Blocking: see
+    `off_loop`."""
     if isinstance(prompt, str):
-        return encode_text(eng.tokenizer, prompt, True, limit)
-    if len(prompt) >= limit:
-        raise BadRequest(f"the prompt has {len(prompt)} tokens; the context holds {limit}: shorten it")
-    return eng.encode(prompt)
+        return encode_text(eng.tokenizer, prompt, True, eng.abi.max_seq_len)
+    return eng.check_ids(prompt)
 
 
 async def encode_prompts(eng: Engine, prompts: Sequence[str | list[int]]) -> list[list[int]]:
