@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,6 +25,24 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, verify: ssl.SSLContext | bool = True) -> None:
+    """Until the server process at `url` answers /health with 200; fails at once if it exits or reports that
+    loading failed, and after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert proc.poll() is None, "the server exited" + (f": {proc.communicate()[0]}" if proc.stdout else "")
+        assert time.monotonic() < deadline, "the server did not become healthy"
+        try:
+            r = httpx.get(f"{url}/health", timeout=5, verify=verify)
+        except httpx.TransportError:
+            r = None
+        if r is not None:
+            assert "failed" not in r.text, r.text
+            if r.status_code == 200:
+                return
+        time.sleep(0.05)
 
 
 class ServerThread:

@@ -26,7 +26,7 @@ from serve.frontends.app import create_app
 from serve.frontends.http_server import Server
 from serve.frontends.options import ServerOptions, uvicorn_config
 from serve.frontends.tokenizing import max_chars_per_token
-from tests.server_util import ServerThread, free_port, tiny_config
+from tests.server_util import ServerThread, free_port, tiny_config, wait_healthy
 from tests.tiny import char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -257,16 +257,8 @@ def serve_subprocess(program: Path, *flags: str) -> tuple[subprocess.Popen, str]
         [str(c) for c in [*cmd, *flags]], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        assert proc.poll() is None, proc.communicate()[0]
-        assert time.monotonic() < deadline, "the server did not become healthy"
-        try:
-            if httpx.get(f"{url}/health", timeout=5).status_code == 200:
-                return proc, url
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    wait_healthy(proc, url, 60)
+    return proc, url
 
 
 def test_a_long_tokenization_does_not_stall_other_clients(tiny_program):

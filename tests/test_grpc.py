@@ -20,6 +20,7 @@ import pytest
 
 from serve.proto import llm_pb2, llm_pb2_grpc
 from tests.conftest import SMOL_PROMPT
+from tests.server_util import wait_healthy
 
 ROOT = Path(__file__).resolve().parents[1]
 MAX_QUEUE = 8
@@ -72,16 +73,8 @@ def start_server(vmfb: Path, irpa: Path, config: Path, *extra: str, verify: ssl.
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     url = f"{'https' if verify else 'http'}://127.0.0.1:{port}"
-    deadline = time.time() + 300
-    while True:
-        assert proc.poll() is None, "the server exited"
-        try:
-            if httpx.get(f"{url}/health", timeout=5, verify=verify or True).status_code == 200:
-                return proc, url, f"127.0.0.1:{gport}"
-        except httpx.TransportError:
-            pass
-        assert time.time() < deadline, "the server did not become healthy"
-        time.sleep(0.3)
+    wait_healthy(proc, url, 300, verify or True)
+    return proc, url, f"127.0.0.1:{gport}"
 
 
 @pytest.fixture(scope="module")

@@ -3,14 +3,13 @@
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serve.flags import parse_args
-from tests.server_util import free_port
+from tests.server_util import free_port, wait_healthy
 from tests.tiny import char_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,19 +121,7 @@ def test_server_started_with_a_config_file_uses_the_alias_flag_over_it(served_ti
     cmd = [sys.executable, "-m", "serve", "--config", str(conf), "--tokenizer_json", str(served_tiny)]
     proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], cwd=ROOT)
     try:
-        deadline = time.time() + 120
-        while True:
-            assert proc.poll() is None, "the server exited"
-            assert time.time() < deadline, "the server did not become healthy"
-            try:
-                r = httpx.get(f"{url}/health", timeout=5)
-            except httpx.TransportError:
-                time.sleep(0.2)
-                continue
-            assert "failed" not in r.text, r.text
-            if r.status_code == 200:
-                break
-            time.sleep(0.2)
+        wait_healthy(proc, url, 120)
         tokens = httpx.post(f"{url}/tokenize", json={"content": "ab"}, timeout=30).json()["tokens"]
         assert tokens == char_tokenizer()[0].encode("ab", add_special_tokens=False).ids
     finally:
