@@ -93,6 +93,18 @@ def cache_key(req: CompileRequest) -> str:
     return h.hexdigest()[:32]
 
 
+def _links_cpu_kernels(mlir: Path) -> bool:
+    """Whether the module links hand-written x86-64 objects (models.paged_attention, models.amx)."""
+    marker = b'"embedded-elf-x86_64"'
+    with open(mlir, "rb") as f:
+        tail = b""
+        while chunk := f.read(1 << 22):
+            if marker in tail + chunk:
+                return True
+            tail = chunk[-len(marker) :]
+    return False
+
+
 def vmfb_cache_dir() -> Path:
     from models.cache import cache_dir
 
@@ -105,6 +117,11 @@ def compile_mlir(req: CompileRequest, output: Path, use_cache: bool = True) -> P
     """Compile (or fetch from the cache) and place the VMFB at `output`."""
     if not Path(req.mlir).is_file():
         raise CompileError(f"{req.mlir}: no such MLIR file; hint: run python -m export.paged_llm first")
+    if req.target != "llvm-cpu" and _links_cpu_kernels(Path(req.mlir)):
+        raise CompileError(
+            f"{req.mlir} links x86-64 CPU kernels (exported with --cpu-attention or --amx), which cannot run on "
+            f"{req.target}; hint: export again without those options for a GPU"
+        )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)
     cached = vmfb_cache_dir() / f"{cache_key(req)}.vmfb"

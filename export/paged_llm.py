@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from models import amx
+from models import amx, paged_attention
 from models.abi import QUANTIZATIONS, ModelABI, PagedKVCache
 from models.config import ModelError
 from models.llama import DTYPES, PagedLlama
@@ -69,6 +69,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         action="store_true",
         help="with --quantization w8a8: the int8 matmuls run as Intel AMX tile kernels (models.amx; built "
         "with gcc); the program then runs only on x86-64 CPUs with AMX-INT8 (Sapphire Rapids and later)",
+    )
+    p.add_argument(
+        "--cpu-attention",
+        action="store_true",
+        help="attention over the paged cache runs as a hand-written x86-64 (AVX2) kernel that reads each "
+        "page once (models.paged_attention; built with gcc): much faster at long contexts; llvm-cpu only",
     )
     p.add_argument(
         "--static-batch",
@@ -382,6 +388,11 @@ def main(argv=None) -> int:
             )
             if args.amx:
                 enable_amx(model, args)
+            if args.cpu_attention:
+                try:
+                    paged_attention.enable(model)
+                except paged_attention.KernelError as e:
+                    raise ModelError(str(e)) from e
             output = export_forward(
                 model,
                 args.bs_decode if args.static_decode else [],
@@ -420,7 +431,7 @@ def main(argv=None) -> int:
         vocab_size=c.vocab_size,
         activation_dtype=args.activation_dtype,
         quantization=args.quantization,
-        cpu_features=[amx.CPU_FEATURE] if args.amx else [],
+        cpu_features=[amx.CPU_FEATURE] * args.amx + [paged_attention.CPU_FEATURE] * args.cpu_attention,
         attention_head_count=c.num_heads,
         hidden_size=c.hidden_size,
         has_embed=True,

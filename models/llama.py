@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import paged_attention
 from .config import LlamaConfig
 from .page_gather import page_gather
 from .quant import Int8Linear, input_absmax, quantize_linear
@@ -102,6 +103,7 @@ class Block(nn.Module):
         super().__init__()
         self.c = c
         self.kv_dtype = kv_dtype  # the cached K/V values' type (a 16-bit one is stored in int32 words)
+        self.cpu_attention = False  # models.paged_attention.enable
         linear = _linear(quantization)
         self.fused = quantization == "w8a8"
         self.qkv_split = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
@@ -117,7 +119,7 @@ class Block(nn.Module):
         self.attn_output = linear(c.num_heads * c.head_dim, c.hidden_size)
         self.ffn_down = linear(c.intermediate_size, c.hidden_size)
 
-    def attention(self, x, layer: int, cache, cos, sin, write_rows, read_pages, mask):
+    def attention(self, x, layer: int, cache, cos, sin, write_rows, read_pages, mask, last_visible):
         """-> (the attention sublayer's output (before the residual add), the cache with this call's K/V).
         With a head-sharded config (models.tp.shard_config) this is one rank's partial sum."""
         c = self.c
@@ -152,6 +154,9 @@ class Block(nn.Module):
         cache = cache.view(-1, kv_width).index_put((k_rows,), k_new)
         cache = cache.index_put((k_rows + stride,), v_new).view(shape)
         k_pages = read_pages + 2 * layer
+        if self.cpu_attention:  # (models.paged_attention: reads the pages where they are)
+            attn = paged_attention.attend(q, cache.view(-1, stride * kv_width), k_pages, last_visible, c, self.kv_dtype)
+            return self.attn_output(_to(attn.reshape(B, S, c.num_heads * c.head_dim), x.dtype)), cache
         # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies; in the full model
         # they stay dispatches of their own). With a unit head dimension in the probs x V sum (one KV head;
         # or one query head a KV head at batch 1) IREE 3.13 fails to compile the V gather, or a 16-bit
@@ -374,7 +379,8 @@ class PagedLlama(nn.Module):
         return self.output_norm(xs[0]), caches
 
     def _layout(self, tokens, start_positions, seq_lens, page_ids):
-        """What every layer shares: rope (cos, sin), then (write_rows, read_pages, mask)."""
+        """What every layer shares: rope (cos, sin), then (write_rows, read_pages, mask, last_visible: the last
+        key position each query sees, -1 for none)."""
         c = self.config
         B, S = tokens.shape
         stride = self.block_seq_stride
@@ -397,7 +403,7 @@ class PagedLlama(nn.Module):
         last_visible = torch.minimum(pos, seq_lens.unsqueeze(1) - 1)
         key_pos = torch.arange(P * stride, dtype=pos.dtype)
         mask = (key_pos.view(1, 1, -1) > last_visible.unsqueeze(-1)).view(B, 1, 1, S, P * stride)
-        return cos, sin, write_rows, read_pages, mask
+        return cos, sin, write_rows, read_pages, mask, last_visible
 
     # Eager entry points with the exported programs' in-place cache semantics (`cache`: a tensor, or with
     # tp > 1 the list of slabs from allocate_cache).
