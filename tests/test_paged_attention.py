@@ -20,16 +20,18 @@ from models.llama import DTYPES, PagedLlama
 from models.weights import load_weights
 from serve.core.runner import Runner
 
+HOST_ISA = paged_attention.host_isa()
 pytestmark = pytest.mark.skipif(
-    not (shutil.which("gcc") and cpu.supports([paged_attention.CPU_FEATURE])),
-    reason="needs gcc and an x86-64 CPU with AVX2, FMA and F16C",
+    not (shutil.which("gcc") and HOST_ISA), reason="needs gcc and an x86-64 CPU with AVX2, FMA and F16C"
 )
+# every ISA this host runs (AVX-512 hosts test the AVX2 build too)
+ISAS = [isa for isa in paged_attention.ISAS if cpu.supports([paged_attention.ISAS[isa]])]
 
 
-def _kernel(q, cache, pages, last, kv_heads, stride, kind, tile, splits) -> np.ndarray:
+def _kernel(q, cache, pages, last, kv_heads, stride, kind, isa, tile, splits) -> np.ndarray:
     """Every workgroup of the C kernel, one after another (as IREE's workers would run them)."""
     B, S, H, D = q.shape
-    lib = ctypes.CDLL(str(paged_attention.build(D, kind, shared=True)))
+    lib = ctypes.CDLL(str(paged_attention.build(D, kind, isa, shared=True)))
     fn = getattr(lib, paged_attention.symbol(D, kind))
     out = np.full((B, splits, S, H, D + 2), np.nan, np.float32)  # (every element must be written)
     arrays = [np.ascontiguousarray(a.numpy()) for a in (q, cache, pages, last)] + [out]
@@ -42,6 +44,7 @@ def _kernel(q, cache, pages, last, kv_heads, stride, kind, tile, splits) -> np.n
     return out
 
 
+@pytest.mark.parametrize("isa", ISAS)
 @pytest.mark.parametrize(
     "B,S,H,KV,D,stride,P,kind,tile,splits",
     [
@@ -51,9 +54,11 @@ def _kernel(q, cache, pages, last, kv_heads, stride, kind, tile, splits) -> np.n
         (1, 20, 4, 4, 16, 8, 4, 2, 8, 1),  # MHA, float16 cache, three query tiles
         (2, 7, 8, 2, 128, 32, 3, 1, 4, 2),  # head_dim 128, pages of 32 (two key tiles a page)
         (1, 3, 2, 2, 8, 2, 12, 0, 1, 8),  # more splits than pages hold keys
+        (2, 9, 8, 1, 64, 16, 5, 2, 4, 2),  # MQA, 8 query heads: many rows (keys transposed)
+        (1, 40, 4, 2, 32, 4, 12, 1, 16, 1),  # 32 rows of a query tile, key tiles across pages of 4
     ],
 )
-def test_kernel_equals_reference(B, S, H, KV, D, stride, P, kind, tile, splits):
+def test_kernel_equals_reference(B, S, H, KV, D, stride, P, kind, tile, splits, isa):
     g = torch.Generator().manual_seed(B * S + D)
     N = 2 * (P * B + 4)
     dtype = {v: k for k, v in paged_attention.KINDS.items()}[kind]
@@ -63,8 +68,8 @@ def test_kernel_equals_reference(B, S, H, KV, D, stride, P, kind, tile, splits):
     q = torch.randn(B, S, H, D, generator=g)
     last = torch.randint(-1, P * stride, (B, S), generator=g)
     last[0, 0] = -1  # a query that sees nothing (a padding row)
-    got = torch.from_numpy(_kernel(q, cache, pages, last, KV, stride, kind, tile, splits))
-    want = paged_attention.paged_attention(q, cache, pages, last, KV, stride, kind, tile, splits)
+    got = torch.from_numpy(_kernel(q, cache, pages, last, KV, stride, kind, isa, tile, splits))
+    want = paged_attention.paged_attention(q, cache, pages, last, KV, stride, kind, 0, tile, splits)
     out, ref = paged_attention.combine(got), paged_attention.combine(want)
     assert torch.isfinite(out).all()
     assert (out - ref).abs().max() <= 1e-5 * max(1.0, float(ref.abs().max()))
@@ -79,7 +84,7 @@ def _export(gguf, out, *extra):
     assert paged_llm.main([*argv, "--block-seq-stride", str(STRIDE), "--cpu-attention", *extra]) == 0
     compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
     abi = ModelABI.load(out / "config.json")
-    assert abi.cpu_features == [paged_attention.CPU_FEATURE]
+    assert abi.cpu_features == [paged_attention.ISAS[HOST_ISA]]
     runner = Runner(out / "model.vmfb", [out / "model.irpa"], abi, page_count=40)
     model = PagedLlama.from_weights(
         load_weights(gguf_file=gguf), STRIDE, torch.float32, DTYPES[abi.paged_kv_cache.kv_cache_dtype]
