@@ -51,7 +51,8 @@ for dt in "${LLAMA_TYPES[@]}"; do
   model="${GGUF%.gguf}.llama-cpp-$dt.gguf"
   [[ -f "$model" ]] || "$PY" -c "from bench import llama_cpp; from pathlib import Path; import sys; \
 lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'F16': 'float16', 'F32': 'float32', 'Q8_0': 'w8a8'}[sys.argv[2]])" "$GGUF" "$dt"
-  "$LLAMA_SERVER" -m "$model" --port 8001 --parallel "$C" -c $((C * 512)) --threads "$(nproc)" \
+  ctx=$((C * (I + O + 64))); ((ctx < C * 512)) && ctx=$((C * 512))   # every slot holds a whole request
+  "$LLAMA_SERVER" -m "$model" --port 8001 --parallel "$C" -c "$ctx" --threads "$(nproc)" \
     --no-webui "${LLAMA_EXTRA[@]}" > "$OUT/llama-server-$dt.log" 2>&1 & pids+=($!)
   wait_ready http://127.0.0.1:8001/health
   bench http://127.0.0.1:8001 "llama-server $dt --parallel $C" "$OUT/llama-server-$dt.json"

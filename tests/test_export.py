@@ -301,7 +301,7 @@ def test_smollm2_greedy_after_a_3000_token_prompt_equals_eager(smollm2_f32_artif
     from tests.eager import greedy
 
     tok, _ = tokenizer_from_gguf(smollm2_path)
-    facts = [f"Station {i} of the survey recorded {i * 37 % 101} birds and {i * 53 % 89} trees." for i in range(140)]
+    facts = [f"Station {i} of the survey recorded {i * 37 % 101} birds and {i * 53 % 89} trees." for i in range(165)]
     text = " ".join(facts) + " Question: how many birds did station 17 record? Answer: Station 17 recorded"
     ids = tok.encode(text, add_special_tokens=False).ids
     assert 2900 <= len(ids) <= 3300
