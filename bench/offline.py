@@ -8,7 +8,7 @@
 Default model: the embedded SmolLM2-135M-Instruct GGUF, exported + compiled once per `--dtype` through
 export.artifacts (content-hash cached). What is measured, per program, with `serve.core.runner.Runner`:
   prefill    one prompt of each `--prefill-lens` length at batch 1 (random token ids), in calls of at most
-             `--prefill-chunk` tokens as the server prefills it (its --max-tokens-per-step default):
+             `--prefill-chunk` tokens as an idle server prefills it (serve.core.scheduler IDLE_PREFILL_CHUNK):
              tok/s = prompt tokens / time of the calls
   decode     at each `--decode-batches` size B: B sequences, each with its own pages, after a prefill of a
              `--decode-prompt-len` prompt; `--decode-steps` decode calls are timed (full logits back to
@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from serve.core.scheduler import PREFILL_CHUNK
+from serve.core.scheduler import IDLE_PREFILL_CHUNK
 
 from . import membw
 from .report import print_table, write_json
@@ -82,7 +82,7 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
     from models.default_model import export_args
 
     pages = max(512, plan.pages_needed(stride) + 1)
-    dtype_args = export_args("w8a8") if dtype == "w8a8" else ["--activation-dtype", dtype]
+    dtype_args = export_args("w8a8") if dtype == "w8a8" else [*export_args(), "--activation-dtype", dtype]
     default = parse_args(["--gguf-file", str(gguf), "--output-dir", "-"])  # only its defaults
     if (
         dtype in ("float32", "w8a8")
@@ -339,7 +339,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--prefill-chunk",
         type=int,
-        default=PREFILL_CHUNK,
+        default=IDLE_PREFILL_CHUNK,
         help="tokens per prefill call of ours (llama.cpp takes each prompt in one call)",
     )
     p.add_argument("--decode-batches", type=_int_list, default=[1, 4, 16])

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from serve.core.scheduler import PREFILL_CHUNK
+from serve.core.scheduler import IDLE_PREFILL_CHUNK
 
 SHORT = {"float32": "f32", "float16": "f16", "bfloat16": "bf16", "w8a8": "w8a8/q8_0"}
 
@@ -111,7 +111,7 @@ class Plan:
     repeats: int
     warmup: int
     seed: int = 0
-    prefill_chunk: int = PREFILL_CHUNK
+    prefill_chunk: int = IDLE_PREFILL_CHUNK
 
     def pages_needed(self, stride: int) -> int:
         """Pages in use at once (page 0, the padding page, not counted): measurements reuse pages."""

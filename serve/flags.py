@@ -65,7 +65,8 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "--max-tokens-per-step",
         type=int,
         default=PREFILL_CHUNK,
-        help="prefill token budget per step: long prompts are prefilled in chunks this size",
+        help="prefill token budget per step while sequences decode: long prompts are prefilled in chunks "
+        "this size (while none decodes: at least 256)",
     )
     flag(
         "--max-tokens-per-request",

@@ -19,6 +19,7 @@ from models.abi import ModelABI
 from models.llama import DTYPES, PagedLlama
 from models.weights import load_weights
 from serve.core.runner import Runner
+from tests.tiny import Variant, hf_model, write_gguf
 
 HOST_ISA = paged_attention.host_isa()
 pytestmark = pytest.mark.skipif(
@@ -126,6 +127,13 @@ def _same(runner, model, cache, tol):
 @pytest.mark.parametrize("variant", ["mha", "gqa", "mqa", "head_dim", "llama31"])
 def test_program_equals_graph_attention(tiny_models, tmp_path, variant):
     _same(*_export(tiny_models[variant][2], tmp_path), 1e-5)
+
+
+def test_head_dim_128_program(tmp_path):
+    """head_dim 128 (Llama-3.1-8B's): the kernel's largest tiles run on IREE's worker threads' stacks."""
+    v = Variant("hd128", heads=4, kv_heads=2, hidden=256, head_dim=128, intermediate=128)
+    gguf = write_gguf(hf_model(v), tmp_path / "hd128.gguf")
+    _same(*_export(gguf, tmp_path / "out"), 1e-5)
 
 
 @pytest.mark.parametrize("variant,kv", [("gqa", "bfloat16"), ("mqa", "float16")])

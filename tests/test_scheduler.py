@@ -233,3 +233,54 @@ def test_a_generation_longer_than_the_pool_ends_with_length():
     assert (
         seq is not None and seq.finish_reason == "length" and len(seq.tokens) == 61
     )  # the pool full, plus the last token sampled
+
+
+class RecordingModel(FakeModel):
+    """A FakeModel that records the tokens of every prefill call."""
+
+    def __init__(self, page_count: int, page_size: int):
+        super().__init__(page_count, page_size)
+        self.chunks: list[int] = []
+
+    def prefill(self, tokens, start, lens, pages):
+        self.chunks.append(int((lens - start).clip(min=0).sum()))
+        return super().prefill(tokens, start, lens, pages)
+
+
+def test_long_prompts_prefill_in_larger_chunks_while_nothing_decodes():
+    """Alone, a 700-token prompt goes in IDLE_PREFILL_CHUNK chunks; while another sequence decodes, the
+    next one's go in --max-tokens-per-step chunks (the decoder waits at most one of them per token)."""
+    from serve.core.scheduler import IDLE_PREFILL_CHUNK
+
+    page_size, pages = 4, 600
+    pool = PagePool(pages + 1, page_size, False)
+    abi = FakeABI(page_size, 2048, [1], [1, 4])
+    model = RecordingModel(pages + 1, page_size)
+    sched = Scheduler(model, pool, abi, [EOS], 4, 128)
+
+    def seq(n, max_tokens):
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        prompt = [3 + i % (VOCAB - 3) for i in range(n)]
+        s = Sequence(
+            rid=f"r{n}",
+            prompt_ids=prompt,
+            params=params,
+            sampler=Sampler(params, prompt),
+            detok=IncrementalDetokenizer(TOKENIZER, prompt),
+            stops=StopMatcher([]),
+        )
+        sched.add(s)
+        return s
+
+    async def run():
+        first = seq(700, 40)
+        while not first.output_ids:
+            await sched.step()
+        assert model.chunks == [IDLE_PREFILL_CHUNK, IDLE_PREFILL_CHUNK, 700 - 2 * IDLE_PREFILL_CHUNK]
+        model.chunks.clear()
+        second = seq(300, 1)
+        while sched.load:
+            await sched.step()
+        assert model.chunks == [128, 128, 300 - 256] and second.finish_reason == "length"
+
+    asyncio.run(run())

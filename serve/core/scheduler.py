@@ -79,10 +79,13 @@ class Counters:
     device_seconds: float = 0.0  # of which inside the program's calls (the rest is host work)
 
 
-# Prefill tokens per step. Long prompts go in chunks this size: prefill attends over the whole chunk x
-# context score matrix, so smaller chunks compute less of it, and other sequences' decode steps wait less
-# between chunks.
+# Prefill tokens per step while sequences decode: long prompts go in chunks this size, so a decoding
+# sequence waits at most one chunk between two of its tokens.
 PREFILL_CHUNK = 128
+# ... and while none decodes: nobody waits between tokens, and fewer, larger chunks read the weights fewer
+# times (a 4096-token prompt's TTFT ~12 % shorter in 256-token chunks; 512 gains ~2 % more but doubles
+# what a newly arriving request waits for the chunk in flight: docs/benchmarks.md).
+IDLE_PREFILL_CHUNK = 256
 
 
 class Scheduler:
@@ -171,7 +174,9 @@ class Scheduler:
     def _plan(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
         self.running.sort(key=lambda s: s.order)
         decode = self._plan_decode()
-        prefill = self._plan_prefill()
+        prefill = self._plan_prefill(
+            self.max_tokens_per_step if decode else max(self.max_tokens_per_step, IDLE_PREFILL_CHUNK)
+        )
         return [s for s in decode if s in self.running], prefill  # (prefill may have preempted a decoder)
 
     def _pages_needed(self, n_tokens: int) -> int:
@@ -241,8 +246,7 @@ class Scheduler:
                 self._preempt(seq)  # the older ones hold the pool: it gives its pages to them
         return planned
 
-    def _plan_prefill(self) -> list[tuple[Sequence, int]]:
-        budget = self.max_tokens_per_step
+    def _plan_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
         plan: list[tuple[Sequence, int]] = []
         for seq in [s for s in self.running if s.computed < s.prefill_target]:
             if budget <= 0 or len(plan) == self.abi.prefill_batch_sizes[-1]:
