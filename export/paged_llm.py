@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from models import amx, paged_attention
+from models import amx, cpu, paged_attention
 from models.abi import QUANTIZATIONS, ModelABI, PagedKVCache
 from models.config import ModelError
 from models.llama import DTYPES, PagedLlama
@@ -110,7 +110,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.top_k is not None and args.top_k < 1:
         p.error("--top-k must be >= 1")
     if args.cpu_attention == "host":
-        args.cpu_attention = paged_attention.host_isa()
+        args.cpu_attention = cpu.attention_isa()
         if args.cpu_attention is None:
             p.error("--cpu-attention needs an x86-64 CPU with AVX2, FMA and F16C (or name the ISA to build for)")
     return args

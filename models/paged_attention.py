@@ -34,10 +34,11 @@ from iree.turbine.support.ir_imports import RankedTensorType
 
 from .cache import cache_dir
 from .config import LlamaConfig
-from .cpu import X86_64_V3, X86_64_V4, supports
+from .cpu import ATTENTION_ISAS
 from .page_gather import LIBRARY, _AsmLoader, _specialize_static_dims
 
-ISAS = {"avx2": X86_64_V3, "avx512": X86_64_V4}  # --cpu-attention's choices -> the CPU feature they need
+# --cpu-attention's choices -> the CPU feature they need (the op's `isa` attribute indexes this order)
+ISAS = {isa: ATTENTION_ISAS[isa] for isa in ("avx2", "avx512")}
 NEG = -3.0e38  # m of a row that has seen no key (finite: exp(NEG - m) is 0, never NaN)
 KINDS = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -296,11 +297,6 @@ _GCC_FLAGS = [
 
 class KernelError(RuntimeError):
     pass
-
-
-def host_isa() -> str | None:
-    """The best of ISAS this CPU runs (None: neither)."""
-    return next((isa for isa in ("avx512", "avx2") if supports([ISAS[isa]])), None)
 
 
 def symbol(head_dim: int, kind: int) -> str:

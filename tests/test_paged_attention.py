@@ -21,7 +21,7 @@ from models.weights import load_weights
 from serve.core.runner import Runner
 from tests.tiny import Variant, hf_model, write_gguf
 
-HOST_ISA = paged_attention.host_isa()
+HOST_ISA = cpu.attention_isa()
 pytestmark = pytest.mark.skipif(
     not (shutil.which("gcc") and HOST_ISA), reason="needs gcc and an x86-64 CPU with AVX2, FMA and F16C"
 )
