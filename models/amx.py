@@ -14,18 +14,13 @@ asks (models.cpu) before it loads a program whose config requires "amx-int8" (mo
 
 from __future__ import annotations
 
-import hashlib
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from iree.turbine.runtime.op_reg import CustomOp, KernelBuilder, KernelSelection, impl_helper
 from iree.turbine.support.ir_imports import RankedTensorType
 
-from .cache import cache_dir
+from . import ckernel
 from .page_gather import LIBRARY, _AsmLoader, _specialize_static_dims
 from .quant import Int8Linear
 
@@ -96,27 +91,15 @@ class AmxError(RuntimeError):
 def object_path() -> Path:
     """The kernel as an x86-64 ELF object, built with gcc once per source (cached by its hash). The program
     names it by path: IREE 3.13 links an object given as `data` without its symbols ("undefined symbol")."""
-    key = hashlib.sha256((_SOURCE + " ".join(_GCC_FLAGS)).encode()).hexdigest()[:16]
-    root = cache_dir() / "amx"
-    obj = root / f"amx_mm_{key}.o"
-    if not obj.is_file():
-        cc = shutil.which(os.environ.get("CC", "gcc"))
-        if cc is None:
-            raise AmxError(
-                "--amx builds its kernel with gcc, which is not on PATH; hint: install gcc, or export without --amx"
-            )
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src = Path(tmp) / "amx_mm.c"
-            src.write_text(_SOURCE)
-            r = subprocess.run([cc, *_GCC_FLAGS, str(src), "-o", str(Path(tmp) / "o")], capture_output=True, text=True)
-            if r.returncode:
-                raise AmxError(
-                    f"gcc failed to build the AMX kernel: {r.stderr.strip()[:2000]}; hint: gcc >= 11 "
-                    "knows AMX, or export without --amx"
-                )
-            os.replace(Path(tmp) / "o", obj)
-    return obj
+    return ckernel.build(
+        _SOURCE,
+        _GCC_FLAGS,
+        "amx_mm",
+        "o",
+        AmxError,
+        "--amx builds its kernel with gcc, which is not on PATH; hint: install gcc, or export without --amx",
+        "gcc failed to build the AMX kernel: {stderr}; hint: gcc >= 11 knows AMX, or export without --amx",
+    )
 
 
 def fits(out_features: int, in_features: int) -> bool:

