@@ -20,6 +20,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
+from models.config import llama3_rope_factors
+
 
 @dataclass(frozen=True)
 class Shape:
@@ -50,14 +52,9 @@ TYPES = ("F16", "Q8_0", "Q4_0", "Q4_K")
 
 
 def rope_freq_factors(s: Shape) -> np.ndarray:
-    """llama.cpp's `rope_freqs` for llama3 scaling (what convert_hf_to_gguf writes)."""
-    inv = 1.0 / (s.rope_theta ** (np.arange(0, s.head_dim, 2, dtype=np.float64) / s.head_dim))
-    wavelen = 2 * np.pi / inv
-    low, high = 8192 / 1.0, 8192 / 4.0
-    smooth = (8192 / wavelen - 1.0) / (4.0 - 1.0)
-    mid = 1 / ((1 - smooth) / s.rope_factor + smooth)
-    factors = np.where(wavelen < high, 1.0, np.where(wavelen > low, s.rope_factor, mid))
-    return factors.astype(np.float32)
+    """llama.cpp's `rope_freqs` for llama3 scaling (low 1, high 4, original context 8192)."""
+    scaling = {"factor": s.rope_factor, "low_freq_factor": 1.0, "high_freq_factor": 4.0}
+    return np.array(llama3_rope_factors(s.head_dim, s.rope_theta, scaling), dtype=np.float32)
 
 
 def _copy_tokenizer(w: gguf.GGUFWriter, source: Path, vocab: int) -> None:
@@ -85,11 +82,23 @@ def _copy_tokenizer(w: gguf.GGUFWriter, source: Path, vocab: int) -> None:
     w.add_add_bos_token(False)
 
 
-def _random_kquant(rows: int, cols: int, qtype: str, rng: np.random.Generator) -> np.ndarray:
-    size, scale_offsets = {"Q4_K": (144, (0, 2))}[qtype]  # block bytes; offsets of its f16 scales
+# Bytes of one block of each K-quant and the offsets of its f16 scale fields (llama.cpp's block layouts).
+_K_BLOCK = {
+    "Q2_K": (84, (80, 82)),
+    "Q3_K": (110, (108,)),
+    "Q4_K": (144, (0, 2)),
+    "Q5_K": (176, (0, 2)),
+    "Q6_K": (210, (208,)),
+}
+
+
+def random_kquant(rows: int, cols: int, qtype: str, rng: np.random.Generator, scale: float) -> np.ndarray:
+    """Random but valid K-quant blocks, every block scale `scale` (the gguf package can dequantise
+    K-quants, not quantise them)."""
+    size, scale_offsets = _K_BLOCK[qtype]
     blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
     for off in scale_offsets:
-        blocks[:, :, off : off + 2] = np.frombuffer(np.float16(0.0005).tobytes(), np.uint8)
+        blocks[:, :, off : off + 2] = np.frombuffer(np.float16(scale).tobytes(), np.uint8)
     return blocks.reshape(rows, -1)
 
 
@@ -135,7 +144,7 @@ def write(shape: str, qtype: str, out: Path, tokenizer_gguf: Path, seed: int = 0
         if not matrix:
             w.add_tensor(name, (1 + 0.1 * rng.standard_normal(dims)).astype(np.float32))
         elif qtype == "Q4_K":
-            w.add_tensor(name, _random_kquant(*dims, qtype, rng), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
+            w.add_tensor(name, random_kquant(*dims, qtype, rng, 0.0005), raw_dtype=gguf.GGMLQuantizationType.Q4_K)
         else:
             arr = (0.02 * rng.standard_normal(dims, dtype=np.float32)).astype(np.float32)
             if qtype == "F16":

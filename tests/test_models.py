@@ -4,11 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from bench.random_gguf import random_kquant
 from models.config import ModelError
 from models.llama import PagedLlama
 from models.weights import load_weights, read_irpa, write_irpa
 from tests.eager import greedy, padded
-from tests.tiny import VARIANTS, Variant, hf_model, random_kquant, write_gguf
+from tests.tiny import VARIANTS, Variant, hf_model, write_gguf
 
 STRIDE = 8
 
@@ -85,7 +86,7 @@ def _kquant_gguf(tmp_path, hf):
         if t.name in kq:
             rows, cols = int(t.shape[1]), int(t.shape[0])
             q = gguf.GGMLQuantizationType[kq[t.name]]
-            w.add_tensor(t.name, random_kquant(rows, cols, kq[t.name], seed=i), raw_dtype=q)
+            w.add_tensor(t.name, random_kquant(rows, cols, kq[t.name], np.random.default_rng(i), 0.002), raw_dtype=q)
         else:
             w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
     w.write_header_to_file()

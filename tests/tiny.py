@@ -134,26 +134,6 @@ def config_from_hf_dict(cfg):
         return config_from_hf(p)
 
 
-# Byte offsets of the f16 scale fields in one block of each K-quant (llama.cpp's block layouts).
-_K_BLOCK = {
-    "Q2_K": (84, (80, 82)),
-    "Q3_K": (110, (108,)),
-    "Q4_K": (144, (0, 2)),
-    "Q5_K": (176, (0, 2)),
-    "Q6_K": (210, (208,)),
-}
-
-
-def random_kquant(rows: int, cols: int, qtype: str, seed: int = 0) -> np.ndarray:
-    """Random but valid K-quant blocks (the gguf package can dequantise these, not quantise)."""
-    size, scale_offsets = _K_BLOCK[qtype]
-    rng = np.random.default_rng(seed)
-    blocks = rng.integers(0, 256, size=(rows, cols // 256, size), dtype=np.uint8)
-    for off in scale_offsets:
-        blocks[:, :, off : off + 2] = np.frombuffer(np.float16(0.002).tobytes(), np.uint8)
-    return blocks.reshape(rows, -1)
-
-
 def char_tokenizer(vocab: int = 128):
     """A character-level tokenizer for the tiny models: ids 0-2 are <unk> <s> </s>, then printable ASCII."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
