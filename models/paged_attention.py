@@ -475,19 +475,25 @@ stream.executable private @{name}_exe attributes {{
 util.func private @{name}(%q: {q_t}, %c: {c_t}, %pg: {p_t}, %l: {l_t}) -> {o_t} {{
   %c0 = arith.constant 0 : index
   %c1 = arith.constant 1 : index
+  %row = arith.constant {H * D} : index
+  %crow = arith.constant {R} : index
+  %orow = arith.constant {splits * H * (D + 2)} : index
+  %qtile = arith.constant {query_tile} : index
+  %qtile1 = arith.constant {query_tile - 1} : index
+  %kvsplits = arith.constant {kv_heads * splits} : index
   %b = tensor.dim %q, %c0 : {q_t}
   %s = tensor.dim %q, %c1 : {q_t}
   %p = tensor.dim %pg, %c1 : {p_t}
   %bs = arith.muli %b, %s : index
-  %nq = arith.muli %bs, %c{H * D}_ : index
+  %nq = arith.muli %bs, %row : index
   %n = tensor.dim %c, %c0 : {c_t}
-  %nc = arith.muli %n, %c{R}_ : index
+  %nc = arith.muli %n, %crow : index
   %np = arith.muli %b, %p : index
   %nl = arith.addi %bs, %c0 : index
-  %no = arith.muli %bs, %c{splits * H * (D + 2)}_ : index
-  %qtm1 = arith.addi %s, %c{query_tile - 1}_ : index
-  %nqt = arith.divui %qtm1, %c{query_tile}_ : index
-  %bkv = arith.muli %b, %c{kv_heads * splits}_ : index
+  %no = arith.muli %bs, %orow : index
+  %qtm1 = arith.addi %s, %qtile1 : index
+  %nqt = arith.divui %qtm1, %qtile : index
+  %bkv = arith.muli %b, %kvsplits : index
   %wgs = arith.muli %bkv, %nqt : index
   %qf = tensor.collapse_shape %q [[0, 1, 2, 3]] : {q_t} into tensor<{flat(sizes["q"])}xf32>
   %cf = tensor.collapse_shape %c [[0, 1]] : {c_t} into tensor<{flat(sizes["c"])}x{cel}>
@@ -504,9 +510,6 @@ util.func private @{name}(%q: {q_t}, %c: {c_t}, %pg: {p_t}, %l: {l_t}) -> {o_t} 
 }}
 }}
 """
-        consts = {f"%c{v}_" for v in (R, H * D, splits * H * (D + 2), query_tile - 1, query_tile, kv_heads * splits)}
-        decl = "".join(f"  {c} = arith.constant {c[2:-1]} : index\n" for c in sorted(consts))
-        asm = asm.replace("  %b = tensor.dim", decl + "  %b = tensor.dim", 1)
         func = _AsmLoader().inline_template_function(kb, name, name, asm=asm)
         kb.yield_results(*impl_helper.call_function(func, *kb.arg_bindings[:4]))
 
