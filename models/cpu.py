@@ -14,16 +14,25 @@ _SYS_ARCH_PRCTL = 158  # x86-64
 _ARCH_REQ_XCOMP_PERM = 0x1023
 _XFEATURE_XTILEDATA = 18
 X86_64_V3, X86_64_V4 = "x86-64-v3", "x86-64-v4"  # what models.paged_attention's kernel is built for
+AVX512_VNNI = "x86-64-v4-vnni"  # models.qmatmul's AVX-512 build
 # cpu_features names -> /proc/cpuinfo flags
 _FLAGS = {
     "amx-int8": ("amx_tile", "amx_int8"),
     X86_64_V3: ("avx2", "fma", "f16c"),
     X86_64_V4: ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl"),
+    AVX512_VNNI: ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512dq", "avx512vl", "avx512_vnni"),
 }
 # the export option that needs each
-_EXPORT_FLAG = {"amx-int8": "--amx", X86_64_V3: "--cpu-attention", X86_64_V4: "--cpu-attention"}
+_EXPORT_FLAG = {
+    "amx-int8": "--amx",
+    X86_64_V3: "--cpu-attention or --cpu-matmul",
+    X86_64_V4: "--cpu-attention",
+    AVX512_VNNI: "--cpu-matmul",
+}
 # `--cpu-attention`'s ISAs -> the feature each build needs, best first
 ATTENTION_ISAS = {"avx512": X86_64_V4, "avx2": X86_64_V3}
+# `--cpu-matmul`'s (models.qmatmul)
+MATMUL_ISAS = {"avx512": AVX512_VNNI, "avx2": X86_64_V3}
 
 
 def host_flags() -> set[str]:
@@ -43,6 +52,11 @@ def supports(features: list[str]) -> bool:
 def attention_isa() -> str | None:
     """The best `--cpu-attention` ISA this CPU runs (None: none)."""
     return next((isa for isa, feature in ATTENTION_ISAS.items() if supports([feature])), None)
+
+
+def matmul_isa() -> str | None:
+    """The best `--cpu-matmul` ISA this CPU runs (None: none)."""
+    return next((isa for isa, feature in MATMUL_ISAS.items() if supports([feature])), None)
 
 
 def host_has_amx() -> bool:

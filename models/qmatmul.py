@@ -1,0 +1,330 @@
+"""`export.paged_llm --cpu-matmul`: the kept GGUF weights' matmul (models.qlinear) as an x86 kernel.
+
+IREE 3.13 has no matmul over 4-bit or group-scaled 8-bit weights: dequantized in the graph, a decode step
+reads the weights as float32 (or writes and rereads a float copy). This kernel (C, built with gcc, linked
+as a custom dispatch like models.amx) reads the packed bytes once: y[M, N] from int8 activations q [M, K]
+with per-group (s, s * sum q) and the weight tiles of models.gguf_quant.pack.
+
+One workgroup takes a run of 16-row weight tiles and every activation row, a few rows at a time. Per
+group of 32 inputs it accumulates integer dot products of the 16 weight rows with each activation row
+(AVX-512 VNNI `vpdpbusd`: 64 weight bytes = 16 rows x 4 inputs against 4 broadcast activation bytes; the
+4-bit build unpacks nibbles first), then adds d * dot * s - m * (s * sum q) in float32 lanes, one per
+output row, so nothing is summed horizontally. The AVX2 build does the same in two 8-row halves with
+`vpmaddubsw` (4-bit: 8 products summed in 16 bits cannot overflow, 8 * 2 * 15 * 127 < 2**15) or, for 8-bit
+weights (up to 255, which `vpmaddubsw` would saturate), widened to 16 bits and `vpmaddwd`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from iree.turbine.runtime.op_reg import CustomOp, KernelBuilder, KernelSelection, impl_helper
+from iree.turbine.support.ir_imports import RankedTensorType
+
+from . import ckernel
+from .cpu import MATMUL_ISAS
+from .page_gather import LIBRARY, _AsmLoader, _specialize_static_dims
+from .qlinear import GROUP, ROW_TILE, QLinear, reference_matmul
+
+ISAS = {isa: MATMUL_ISAS[isa] for isa in ("avx2", "avx512")}
+_MARCH = {"avx512": ["-march=x86-64-v4", "-mavx512vnni"], "avx2": ["-march=x86-64-v3"]}
+MAX_WORKGROUPS = 32
+
+_SOURCE = r"""
+#include <immintrin.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#define MEMREF(T, n) const T *n##_base, const T *n, size_t n##_off, size_t n##_size, size_t n##_stride
+#define INLINE static inline __attribute__((always_inline))
+
+#ifdef __AVX512F__
+#define MR 6
+/* rows (<= MR) activation rows against one 16-row tile: y[r][0..15]. */
+INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const float *xa, float *y,
+                  size_t K, size_t N, const int rows) {
+  const size_t G = K / 32;
+  __m512 acc[MR];
+  for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+  for (size_t g = 0; g < G; g++) {
+    __m512i ia[MR], ib[MR];
+    for (int r = 0; r < rows; r++) { ia[r] = _mm512_setzero_si512(); ib[r] = _mm512_setzero_si512(); }
+#if BITS == 8
+    const uint8_t *wg = w + g * 512;
+    for (int kk = 0; kk < 8; kk += 2) {
+      __m512i w0 = _mm512_loadu_si512(wg + kk * 64), w1 = _mm512_loadu_si512(wg + kk * 64 + 64);
+      for (int r = 0; r < rows; r++) {
+        const int32_t *xr = (const int32_t *)(x + r * K + g * 32);
+        ia[r] = _mm512_dpbusd_epi32(ia[r], w0, _mm512_set1_epi32(xr[kk]));
+        ib[r] = _mm512_dpbusd_epi32(ib[r], w1, _mm512_set1_epi32(xr[kk + 1]));
+      }
+    }
+#else
+    const uint8_t *wg = w + g * 256;
+    const __m512i lo4 = _mm512_set1_epi8(0x0F);
+    for (int kk = 0; kk < 4; kk++) {
+      __m512i wv = _mm512_loadu_si512(wg + kk * 64);
+      __m512i w0 = _mm512_and_si512(wv, lo4), w1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4);
+      for (int r = 0; r < rows; r++) {
+        const int32_t *xr = (const int32_t *)(x + r * K + g * 32 + kk * 8);
+        ia[r] = _mm512_dpbusd_epi32(ia[r], w0, _mm512_set1_epi32(xr[0]));
+        ib[r] = _mm512_dpbusd_epi32(ib[r], w1, _mm512_set1_epi32(xr[1]));
+      }
+    }
+#endif
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 32)));
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 32 + 16)));
+    for (int r = 0; r < rows; r++) {
+      const float *ar = xa + (r * G + g) * 2;
+      __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ia[r], ib[r])), d);
+      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(ar[0]), acc[r]);
+      acc[r] = _mm512_fnmadd_ps(m, _mm512_set1_ps(ar[1]), acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * N, acc[r]);
+}
+#else
+#define MR 4
+/* AVX2: one 8-row half (h) of a tile at a time. */
+INLINE void half(const uint8_t *w, const uint16_t *s, const int8_t *x, const float *xa, float *y,
+                 size_t K, size_t N, const int rows, const int h) {
+  const size_t G = K / 32;
+  __m256 acc[MR];
+  for (int r = 0; r < rows; r++) acc[r] = _mm256_setzero_ps();
+  for (size_t g = 0; g < G; g++) {
+    __m256i ia[MR];
+#if BITS == 8
+    __m256i ib[MR];
+    for (int r = 0; r < rows; r++) { ia[r] = _mm256_setzero_si256(); ib[r] = _mm256_setzero_si256(); }
+    const uint8_t *wg = w + g * 512 + h * 32;
+    for (int kk = 0; kk < 8; kk++) {
+      __m256i wa = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + kk * 64)));
+      __m256i wb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + kk * 64 + 16)));
+      for (int r = 0; r < rows; r++) {
+        const int32_t *xr = (const int32_t *)(x + r * K + g * 32);
+        __m256i xv = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(xr[kk])));
+        ia[r] = _mm256_add_epi32(ia[r], _mm256_madd_epi16(wa, xv));  /* rows 0-3: pairs of k */
+        ib[r] = _mm256_add_epi32(ib[r], _mm256_madd_epi16(wb, xv));  /* rows 4-7 */
+      }
+    }
+    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
+    for (int r = 0; r < rows; r++) ia[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(ia[r], ib[r]), order);
+#else
+    __m256i p[MR];
+    for (int r = 0; r < rows; r++) p[r] = _mm256_setzero_si256();
+    const uint8_t *wg = w + g * 256 + h * 32;
+    const __m256i lo4 = _mm256_set1_epi8(0x0F);
+    for (int kk = 0; kk < 4; kk++) {
+      __m256i wv = _mm256_loadu_si256((const __m256i *)(wg + kk * 64));
+      __m256i w0 = _mm256_and_si256(wv, lo4), w1 = _mm256_and_si256(_mm256_srli_epi16(wv, 4), lo4);
+      for (int r = 0; r < rows; r++) {
+        const int32_t *xr = (const int32_t *)(x + r * K + g * 32 + kk * 8);
+        p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(w0, _mm256_set1_epi32(xr[0])));
+        p[r] = _mm256_add_epi16(p[r], _mm256_maddubs_epi16(w1, _mm256_set1_epi32(xr[1])));
+      }
+    }
+    for (int r = 0; r < rows; r++) ia[r] = _mm256_madd_epi16(p[r], _mm256_set1_epi16(1));
+#endif
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 32 + h * 8)));
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 32 + 16 + h * 8)));
+    for (int r = 0; r < rows; r++) {
+      const float *ar = xa + (r * G + g) * 2;
+      __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(ia[r]), d);
+      acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(ar[0]), acc[r]);
+      acc[r] = _mm256_fnmadd_ps(m, _mm256_set1_ps(ar[1]), acc[r]);
+    }
+  }
+  for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * N + h * 8, acc[r]);
+}
+INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const float *xa, float *y,
+                  size_t K, size_t N, const int rows) {
+  half(w, s, x, xa, y, K, N, rows, 0);
+  half(w, s, x, xa, y, K, N, rows, 1);
+}
+#endif
+
+__attribute__((visibility("hidden")))
+void NAME(MEMREF(int8_t, x), MEMREF(float, xa), MEMREF(uint8_t, w), MEMREF(uint16_t, s),
+          float *y_base, float *y, size_t y_off, size_t y_size, size_t y_stride,
+          size_t M, size_t N, size_t K, size_t per_wg, size_t wg) {
+  x += x_off; xa += xa_off; w += w_off; s += s_off; y += y_off;
+  const size_t G = K / 32, tiles = N / 16;
+  const size_t t1 = (wg + 1) * per_wg < tiles ? (wg + 1) * per_wg : tiles;
+  for (size_t t = wg * per_wg; t < t1; t++) {
+    const uint8_t *wt = w + t * 16 * K * BITS / 8;
+    const uint16_t *st = s + t * G * 32;
+    for (size_t m0 = 0; m0 < M; m0 += MR) {
+      const int8_t *xr = x + m0 * K;
+      const float *ar = xa + m0 * G * 2;
+      float *yr = y + m0 * N + t * 16;
+      switch (M - m0 < MR ? M - m0 : MR) {
+        case 1: block(wt, st, xr, ar, yr, K, N, 1); break;
+        case 2: block(wt, st, xr, ar, yr, K, N, 2); break;
+        case 3: block(wt, st, xr, ar, yr, K, N, 3); break;
+        case 4: block(wt, st, xr, ar, yr, K, N, 4); break;
+#if MR > 4
+        case 5: block(wt, st, xr, ar, yr, K, N, 5); break;
+        case 6: block(wt, st, xr, ar, yr, K, N, 6); break;
+#endif
+      }
+    }
+  }
+}
+"""
+
+_GCC_FLAGS = [
+    "-O3",
+    "-ffreestanding",
+    "-fno-tree-loop-distribute-patterns",  # (no memset / memcpy calls: the program links no libc)
+    "-fPIC",
+    "-fno-stack-protector",
+    "-fno-plt",
+    "-fvisibility=hidden",
+    "-ffunction-sections",
+    "-fdata-sections",
+]
+
+
+class KernelError(RuntimeError):
+    pass
+
+
+def symbol(bits: int, isa: str) -> str:
+    return f"aotllm_qmm_b{bits}_{isa}"
+
+
+def build(bits: int, isa: str, shared: bool = False) -> Path:
+    """The kernel for one weight width and ISA (gcc, cached): an object the program links, or (`shared`) a
+    library the tests call directly."""
+    name = symbol(bits, isa)
+    flags = [*_GCC_FLAGS, *_MARCH[isa], f"-DBITS={bits}", f"-DNAME={name}"]
+    flags += ["-shared", "-fvisibility=default"] if shared else ["-c"]
+    return ckernel.build(
+        _SOURCE.replace('__attribute__((visibility("hidden")))', "") if shared else _SOURCE,
+        flags,
+        name,
+        "so" if shared else "o",
+        KernelError,
+        "--cpu-matmul builds its kernel with gcc, which is not on PATH; hint: install gcc, or export without it",
+        "gcc failed to build the quantized matmul kernel: {stderr}",
+    )
+
+
+def per_workgroup(out_features: int) -> int:
+    """16-row tiles per workgroup: at most MAX_WORKGROUPS workgroups (enough to spread over the cores)."""
+    tiles = out_features // ROW_TILE
+    return -(-tiles // MAX_WORKGROUPS)
+
+
+def enable(model: torch.nn.Module, isa: str) -> None:
+    """Every QLinear of `model` runs the kernel built for `isa` (built now: a failure shows before the trace)."""
+    for mod in model.modules():
+        if isinstance(mod, QLinear):
+            build(mod.bits, isa)
+            mod.isa = isa
+
+
+def qmatmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, isa: str):
+    return qmm(q, a, weight, scales, bits, list(ISAS).index(isa))
+
+
+@CustomOp.register(library=LIBRARY)
+class qmm(CustomOp):
+    """q [M, K] int8, a [M, K/32, 2] f32 (models.qlinear.quantize_rows), weight [N, K * bits / 8] int8,
+    scales [N/16, K] f16 (models.gguf_quant.pack); isa: an index into ISAS -> y [M, N] f32."""
+
+    signature = "qmm(Tensor q, Tensor a, Tensor w, Tensor s, int bits, int isa) -> (Tensor)"
+
+    def select(self, ksel: KernelSelection):
+        ts = [ksel.arg_tensor(i) for i in range(4)]
+        ksel.attr_int(4)
+        ksel.attr_int(5)
+        for t in ts:
+            _specialize_static_dims(t)
+        out = ksel.return_new_tensor([ts[0].t.shape[0], ts[2].t.shape[0]], torch.float32)
+        _specialize_static_dims(out)
+
+    def eager_execute(self, q, a, w, s, bits, isa):
+        return reference_matmul(q, a, w, s, bits)
+
+    def generate(self, ksel: KernelSelection, kb: KernelBuilder):
+        qt, _, wt, st = (RankedTensorType(kb.arg_value(i).type) for i in range(4))
+        bits, isa = ksel.arg_descs[4].v, list(ISAS)[ksel.arg_descs[5].v]
+        (M, K), (N, KB) = qt.shape, wt.shape
+        G = K // GROUP
+        obj, sym = build(bits, isa), symbol(bits, isa)
+        per_wg = per_workgroup(N)
+        groups = -(-(N // ROW_TILE) // per_wg)
+        ms = "?" if M < 0 else str(M)
+        name = f"aotllm_qmm_{ms.replace('?', 'D')}x{N}x{K}_b{bits}_{isa}"
+        flat = lambda n: "?" if M < 0 else str(M * n)  # noqa: E731
+        tie = lambda v: f"{{%{v}}}" if M < 0 else ""  # noqa: E731
+        q_t, a_t, o_t = f"tensor<{ms}x{K}xi8>", f"tensor<{ms}x{G}x2xf32>", f"tensor<{ms}x{N}xf32>"
+        w_t, s_t = f"tensor<{N}x{KB}xi8>", f"tensor<{N // ROW_TILE}x{2 * G * ROW_TILE}xf16>"
+        out_shape = f"%m, {N}" if M < 0 else f"{M}, {N}"
+        asm = f"""module {{
+stream.executable private @{name}_exe attributes {{
+  hal.executable.objects = #hal.executable.objects<{{
+    #hal.executable.target<"llvm-cpu", "embedded-elf-x86_64", {{target_triple = "x86_64-unknown-unknown-eabi-elf"}}> = [
+      #hal.executable.object<{{path = "{obj}"}}>]
+  }}>
+}} {{
+  stream.executable.export public @{name}_entry workgroups(%g: index) -> (index, index, index) {{
+    %c1 = arith.constant 1 : index
+    stream.return %g, %c1, %c1 : index, index, index
+  }}
+  builtin.module {{
+    func.func private @{sym}(memref<?xi8>, memref<?xf32>, memref<?xi8>, memref<?xi16>, memref<?xf32>,
+        index, index, index, index, index) attributes {{hal.import.static}}
+    func.func @{name}_entry(%bq: !stream.binding, %ba: !stream.binding, %bw: !stream.binding,
+                            %bs: !stream.binding, %by: !stream.binding, %m: index) {{
+      %c0 = arith.constant 0 : index
+      %n = arith.constant {N} : index
+      %k = arith.constant {K} : index
+      %per = arith.constant {per_wg} : index
+      %nq = arith.constant {K} : index
+      %na = arith.constant {2 * G} : index
+      %nw = arith.constant {N * KB} : index
+      %ns = arith.constant {N * 2 * G} : index
+      %mq = arith.muli %m, %nq : index
+      %ma = arith.muli %m, %na : index
+      %my = arith.muli %m, %n : index
+      %wg = hal.interface.workgroup.id[0] : index
+      %q = stream.binding.subspan %bq[%c0] : !stream.binding -> memref<?xi8>{{%mq}}
+      %a = stream.binding.subspan %ba[%c0] : !stream.binding -> memref<?xf32>{{%ma}}
+      %w = stream.binding.subspan %bw[%c0] : !stream.binding -> memref<?xi8>{{%nw}}
+      %s = stream.binding.subspan %bs[%c0] : !stream.binding -> memref<?xi16>{{%ns}}
+      %y = stream.binding.subspan %by[%c0] : !stream.binding -> memref<?xf32>{{%my}}
+      func.call @{sym}(%q, %a, %w, %s, %y, %m, %n, %k, %per, %wg)
+          : (memref<?xi8>, memref<?xf32>, memref<?xi8>, memref<?xi16>, memref<?xf32>,
+             index, index, index, index, index) -> ()
+      return
+    }}
+  }}
+}}
+util.func private @{name}(%q: {q_t}, %a: {a_t}, %w: {w_t}, %s: {s_t}) -> {o_t} {{
+  %c0 = arith.constant 0 : index
+  %m = tensor.dim %q, %c0 : {q_t}
+  %cq = arith.constant {K} : index
+  %ca = arith.constant {2 * G} : index
+  %cy = arith.constant {N} : index
+  %mq = arith.muli %m, %cq : index
+  %ma = arith.muli %m, %ca : index
+  %my = arith.muli %m, %cy : index
+  %qf = tensor.collapse_shape %q [[0, 1]] : {q_t} into tensor<{flat(K)}xi8>
+  %af = tensor.collapse_shape %a [[0, 1, 2]] : {a_t} into tensor<{flat(2 * G)}xf32>
+  %wf = tensor.collapse_shape %w [[0, 1]] : {w_t} into tensor<{N * KB}xi8>
+  %s16 = tensor.bitcast %s : {s_t} to tensor<{N // ROW_TILE}x{2 * G * ROW_TILE}xi16>
+  %sf = tensor.collapse_shape %s16 [[0, 1]] : tensor<{N // ROW_TILE}x{2 * G * ROW_TILE}xi16> into tensor<{N * 2 * G}xi16>
+  %ng = arith.constant {groups} : index
+  %yf = flow.dispatch @{name}_exe::@{name}_entry[%ng](%qf, %af, %wf, %sf, %m)
+      : (tensor<{flat(K)}xi8>{tie("mq")}, tensor<{flat(2 * G)}xf32>{tie("ma")}, tensor<{N * KB}xi8>,
+         tensor<{N * 2 * G}xi16>, index) -> tensor<{flat(N)}xf32>{tie("my")}
+  %r = tensor.expand_shape %yf [[0, 1]] output_shape [{out_shape}] : tensor<{flat(N)}xf32> into {o_t}
+  util.return %r : {o_t}
+}}
+}}
+"""
+        func = _AsmLoader().inline_template_function(kb, name, name, asm=asm)
+        kb.yield_results(*impl_helper.call_function(func, *kb.arg_bindings[:4]))
