@@ -17,7 +17,8 @@ from pathlib import Path
 import torch
 from torch.export import Dim
 
-from models import amx, cpu, paged_attention
+from export import parameters
+from models import amx, cpu, paged_attention, qmatmul
 from models.abi import QUANTIZATIONS, ModelABI, PagedKVCache
 from models.config import ModelError
 from models.llama import DTYPES, PagedLlama
@@ -55,7 +56,25 @@ def parse_args(argv=None) -> argparse.Namespace:
         default=512,
         help="KV pages the program holds (page 0 is padding); the server may use fewer",
     )
-    p.add_argument("--activation-dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--weights",
+        choices=["auto", "float32", "bfloat16", "float16", "w8a8"],
+        default="auto",
+        help="auto: a GGUF's quantized matrices stay in their quantization (models.qlinear; Q8_0, Q4_0, "
+        "Q4_1, Q5_x, Q4_K, Q5_K kept, Q6_K and other K-quants as 8 bits), everything else float32; "
+        "float32 / bfloat16 / float16: every weight dequantized to that type (the activation dtype); "
+        "w8a8: as --quantization w8a8",
+    )
+    p.add_argument(
+        "--cpu-matmul",
+        nargs="?",
+        const="host",
+        choices=["host", *qmatmul.ISAS],
+        help="the kept quantized matmuls run as a hand-written x86-64 kernel (models.qmatmul; built with gcc) "
+        "for AVX-512 VNNI or AVX2 (alone: the best this CPU has); without it they are dequantized in the "
+        "graph (any target, slower); llvm-cpu only",
+    )
+    p.add_argument("--activation-dtype", choices=sorted(DTYPES), default=None, help="default: float32")
     p.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default=None, help="default: activation dtype")
     p.add_argument(
         "--quantization",
@@ -109,6 +128,19 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--block-seq-stride must be >= 1 and --device-block-count >= 2 (page 0 is padding)")
     if args.top_k is not None and args.top_k < 1:
         p.error("--top-k must be >= 1")
+    if args.weights in ("float32", "bfloat16", "float16"):
+        if args.activation_dtype not in (None, args.weights):
+            p.error(f"--weights {args.weights} computes in {args.weights}: drop --activation-dtype")
+        args.activation_dtype = args.weights
+    if args.weights == "w8a8":
+        args.quantization = "w8a8"
+    if args.quantization == "w8a8" and args.weights not in ("auto", "w8a8"):
+        p.error(f"--quantization w8a8 and --weights {args.weights} disagree")
+    args.activation_dtype = args.activation_dtype or "float32"
+    if args.cpu_matmul == "host":
+        args.cpu_matmul = cpu.matmul_isa()
+        if args.cpu_matmul is None:
+            p.error("--cpu-matmul needs an x86-64 CPU with AVX2, FMA and F16C (or name the ISA to build for)")
     if args.cpu_attention == "host":
         args.cpu_attention = cpu.attention_isa()
         if args.cpu_attention is None:
@@ -362,8 +394,9 @@ def main(argv=None) -> int:
             return 0
     dtype = DTYPES[args.activation_dtype]
     kv_dtype_name = args.kv_cache_dtype or args.activation_dtype
+    kv_dtype = DTYPES[kv_dtype_name]
     try:
-        with _Stage("load weights"):
+        with _Stage("read the model's header"):
             weights = load_weights(args.gguf_file, args.hf_dir, args.irpa_file)
             tp = args.tensor_parallelism_size or weights.tp
             if weights.tp not in (1, tp):
@@ -371,35 +404,58 @@ def main(argv=None) -> int:
                     f"{weights.source} is sharded {weights.tp} ways, not {tp}; re-shard the "
                     "unsharded model with python -m sharding"
                 )
-            if tp > 1 and weights.tp == 1:
-                from sharding import shard_tensors
-
-                weights = shard_tensors(weights, tp)
+            auto = args.weights == "auto" and args.quantization != "w8a8" and args.gguf_file
+            kept = parameters.kept_formats(weights) if auto else {}
+            if kept and tp > 1:
+                raise ModelError(
+                    "kept GGUF quantizations are not sharded: give --weights float32 (or bfloat16) with "
+                    "--tensor-parallelism-size"
+                )
+            quantization = "gguf" if kept else args.quantization
+            if kept:
+                again = parameters.requantized_types(weights, kept)
+                print(
+                    f"[export] {len(kept)} matrices kept quantized"
+                    + (f" ({', '.join(sorted(again))} rescaled to 8 bits)" if again else ""),
+                    file=sys.stderr,
+                )
         args.output_mlir.parent.mkdir(parents=True, exist_ok=True)
         with _Stage(f"write parameters {args.output_irpa}" + (f" + {tp} rank files" if tp > 1 else "")):
-            model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, DTYPES[kv_dtype_name], tp)
-            if args.quantization == "w8a8":
-                model = quantize_w8a8(model, args)
-            if args.amx:
-                enable_amx(model, args)
-            if tp > 1:
-                from sharding import write_sharded
+            if quantization == "w8a8" or tp > 1:  # (the whole float model in memory: calibration, sharding)
+                if tp > 1 and weights.tp == 1:
+                    from sharding import shard_tensors
 
-                param_files = write_sharded(model_state(model, weights), args.output_irpa)
-            else:
-                write_irpa(model_state(model, weights), args.output_irpa)
+                    weights = shard_tensors(weights, tp)
+                model = PagedLlama.from_weights(weights, args.block_seq_stride, dtype, kv_dtype, tp)
+                if quantization == "w8a8":
+                    model = quantize_w8a8(model, args)
+                if args.amx:
+                    enable_amx(model, args)
+                if tp > 1:
+                    from sharding import write_sharded
+
+                    param_files = write_sharded(model_state(model, weights), args.output_irpa)
+                else:
+                    write_irpa(model_state(model, weights), args.output_irpa)
+                    param_files = [args.output_irpa]
+            else:  # one tensor at a time (export.parameters)
+                with torch.device("meta"):
+                    shapes = PagedLlama(weights.config, args.block_seq_stride, dtype, kv_dtype, 1, quantization, kept)
+                parameters.write(weights, shapes, kept, args.output_irpa)
                 param_files = [args.output_irpa]
         with _Stage("trace"):  # shapes only: the weights are external parameters
             model = PagedLlama.uninitialized(
-                weights.config, args.block_seq_stride, dtype, DTYPES[kv_dtype_name], tp, args.quantization
+                weights.config, args.block_seq_stride, dtype, kv_dtype, tp, quantization, kept
             )
             if args.amx:
                 enable_amx(model, args)
-            if args.cpu_attention:
-                try:
+            try:
+                if args.cpu_attention:
                     paged_attention.enable(model, args.cpu_attention)
-                except paged_attention.KernelError as e:
-                    raise ModelError(str(e)) from e
+                if args.cpu_matmul and kept:
+                    qmatmul.enable(model, args.cpu_matmul)
+            except (paged_attention.KernelError, qmatmul.KernelError) as e:
+                raise ModelError(str(e)) from e
             output = export_forward(
                 model,
                 args.bs_decode if args.static_decode else [],
@@ -437,9 +493,12 @@ def main(argv=None) -> int:
         ),
         vocab_size=c.vocab_size,
         activation_dtype=args.activation_dtype,
-        quantization=args.quantization,
-        cpu_features=[amx.CPU_FEATURE] * args.amx
-        + ([paged_attention.ISAS[args.cpu_attention]] if args.cpu_attention else []),
+        quantization=quantization,
+        cpu_features=sorted(
+            ({amx.CPU_FEATURE} if args.amx else set())
+            | ({paged_attention.ISAS[args.cpu_attention]} if args.cpu_attention else set())
+            | ({qmatmul.ISAS[args.cpu_matmul]} if args.cpu_matmul and kept else set())
+        ),
         attention_head_count=c.num_heads,
         hidden_size=c.hidden_size,
         has_embed=True,

@@ -52,7 +52,7 @@ class ModelABI:
     # ours
     vocab_size: int = 0
     activation_dtype: str = "float32"
-    quantization: str = "none"  # or "w8a8" (models.quant: int8 weights and activations)
+    quantization: str = "none"  # "w8a8" (models.quant: int8 weights and activations), "gguf" (models.qlinear)
     cpu_features: list[str] = field(default_factory=list)  # what the CPU must have (models.cpu)
     attention_head_count: int = 0
     bos_token_id: int | None = None

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from . import paged_attention
 from .config import LlamaConfig
 from .page_gather import page_gather
+from .qlinear import QLinear, quantized_input
 from .quant import Int8Linear, input_absmax, quantize_linear
 from .tp import shard_config
 from .weights import ModelWeights
@@ -94,30 +95,53 @@ W8A8_FUSED = {
 }
 
 
-def _linear(quantization: str):
-    return Int8Linear if quantization == "w8a8" else lambda i, o: nn.Linear(i, o, bias=False)
+def _linear(quantization: str, bits: int | None = None):
+    """The projection module: W8A8, a kept GGUF quantization of `bits` (models.qlinear), or float."""
+    if quantization == "w8a8":
+        return Int8Linear
+    if bits:
+        return lambda i, o: QLinear(i, o, bits)
+    return lambda i, o: nn.Linear(i, o, bias=False)
+
+
+def _project(lin: nn.Module, h: torch.Tensor, quantized) -> torch.Tensor:
+    return lin(h, quantized) if isinstance(lin, QLinear) else lin(h)
 
 
 class Block(nn.Module):
-    def __init__(self, c: LlamaConfig, quantization: str = "none", kv_dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        c: LlamaConfig,
+        quantization: str = "none",
+        kv_dtype: torch.dtype = torch.float32,
+        kept: dict[str, int] | None = None,
+    ):
+        """kept (quantization "gguf"): projection name (attn_q, ...) -> the bits of its kept GGUF weight;
+        projections not named stay float."""
         super().__init__()
         self.c = c
         self.kv_dtype = kv_dtype  # the cached K/V values' type (a 16-bit one is stored in int32 words)
         self.cpu_attention: str | None = None  # the kernel's ISA: models.paged_attention.enable
-        linear = _linear(quantization)
+        kept = kept or {}
         self.fused = quantization == "w8a8"
+        if not self.fused:
+            linear = lambda name, i, o: _linear(quantization, kept.get(name))(i, o)  # noqa: E731
+        else:
+            linear = lambda name, i, o: Int8Linear(i, o)  # noqa: E731
         self.qkv_split = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         if self.fused:  # (see W8A8_FUSED)
-            self.attn_qkv = linear(c.hidden_size, sum(self.qkv_split))
-            self.ffn_gate_up = linear(c.hidden_size, 2 * c.intermediate_size)
+            self.attn_qkv = linear("attn_qkv", c.hidden_size, sum(self.qkv_split))
+            self.ffn_gate_up = linear("ffn_gate_up", c.hidden_size, 2 * c.intermediate_size)
         else:
-            self.attn_q, self.attn_k, self.attn_v = (linear(c.hidden_size, n) for n in self.qkv_split)
-            self.ffn_gate = linear(c.hidden_size, c.intermediate_size)
-            self.ffn_up = linear(c.hidden_size, c.intermediate_size)
-        self.attn_output = linear(c.num_heads * c.head_dim, c.hidden_size)
-        self.ffn_down = linear(c.intermediate_size, c.hidden_size)
+            self.attn_q, self.attn_k, self.attn_v = (
+                linear(name, c.hidden_size, n) for name, n in zip(("attn_q", "attn_k", "attn_v"), self.qkv_split)
+            )
+            self.ffn_gate = linear("ffn_gate", c.hidden_size, c.intermediate_size)
+            self.ffn_up = linear("ffn_up", c.hidden_size, c.intermediate_size)
+        self.attn_output = linear("attn_output", c.num_heads * c.head_dim, c.hidden_size)
+        self.ffn_down = linear("ffn_down", c.intermediate_size, c.hidden_size)
 
     def attention(self, x, layer: int, cache, cos, sin, write_rows, read_pages, mask, last_visible):
         """-> (the attention sublayer's output (before the residual add), the cache with this call's K/V).
@@ -125,11 +149,11 @@ class Block(nn.Module):
         c = self.c
         B, S, _ = x.shape
         h = self.attn_norm(x)
-        q, k, v = (
-            self.attn_qkv(h).split(self.qkv_split, -1)
-            if self.fused
-            else (self.attn_q(h), self.attn_k(h), self.attn_v(h))
-        )
+        if self.fused:
+            q, k, v = self.attn_qkv(h).split(self.qkv_split, -1)
+        else:
+            hq = quantized_input(h, self.attn_q, self.attn_k, self.attn_v)
+            q, k, v = (_project(p, h, hq) for p in (self.attn_q, self.attn_k, self.attn_v))
         q = apply_rope(q.view(B, S, c.num_heads, c.head_dim), cos, sin)
         k = apply_rope(k.view(B, S, c.num_kv_heads, c.head_dim), cos, sin)
         v = v.view(B, S, c.num_kv_heads, c.head_dim)
@@ -208,8 +232,18 @@ class Block(nn.Module):
     def feed_forward(self, x):
         """The FFN sublayer's output (before the residual add); a rank's partial sum when sharded."""
         h = self.ffn_norm(x)
-        gate, up = self.ffn_gate_up(h).chunk(2, -1) if self.fused else (self.ffn_gate(h), self.ffn_up(h))
+        if self.fused:
+            gate, up = self.ffn_gate_up(h).chunk(2, -1)
+        else:
+            hq = quantized_input(h, self.ffn_gate, self.ffn_up)
+            gate, up = _project(self.ffn_gate, h, hq), _project(self.ffn_up, h, hq)
         return self.ffn_down(F.silu(gate) * up)
+
+
+def _layer_kept(kept: dict[str, int], layer: int) -> dict[str, int]:
+    """GGUF names of layer `layer`'s kept tensors -> projection names (blk.3.attn_q.weight -> attn_q)."""
+    prefix = f"blk.{layer}."
+    return {k[len(prefix) :].removesuffix(".weight"): v for k, v in kept.items() if k.startswith(prefix)}
 
 
 class Rank(nn.Module):
@@ -224,7 +258,9 @@ class PagedLlama(nn.Module):
     """tp > 1: Megatron-style tensor parallelism over `tp` IREE devices (models.tp): rank r's block slices
     and KV-cache slab live on device r; the embedding, final norm and head on device 0.
     quantization "w8a8": every projection and the head are models.quant.Int8Linear (the head then has its
-    own int8 copy of a tied embedding table); made from a float model by `quantize_w8a8`."""
+    own int8 copy of a tied embedding table); made from a float model by `quantize_w8a8`.
+    quantization "gguf": the matrices named in `kept` (GGUF tensor name -> bits) are models.qlinear.QLinear
+    over the GGUF's own quantization (a kept token_embd serves as the tied head too); the rest are float."""
 
     def __init__(
         self,
@@ -234,24 +270,34 @@ class PagedLlama(nn.Module):
         kv_dtype=None,
         tp: int = 1,
         quantization: str = "none",
+        kept: dict[str, int] | None = None,
     ):
         super().__init__()
         self.config = c = config
+        kept = kept or {}
         self.block_seq_stride = block_seq_stride
         self.dtype = dtype
         self.kv_dtype = kv_dtype or dtype
         self.tp = tp
         self.quantization = quantization
-        self.token_embd = nn.Embedding(c.vocab_size, c.hidden_size)
+        embd_bits = kept.get("token_embd.weight")
+        self.token_embd = (
+            QLinear(c.hidden_size, c.vocab_size, embd_bits) if embd_bits else nn.Embedding(c.vocab_size, c.hidden_size)
+        )
         if tp == 1:
-            self.blk = nn.ModuleList(Block(c, quantization, self.kv_dtype) for _ in range(c.num_layers))
+            self.blk = nn.ModuleList(
+                Block(c, quantization, self.kv_dtype, _layer_kept(kept, i)) for i in range(c.num_layers)
+            )
         else:
             self.rank = nn.ModuleList(Rank(shard_config(c, tp), self.kv_dtype) for _ in range(tp))
         self.output_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
-        tied = c.tied_embeddings and quantization == "none"
-        self.output = None if tied else _linear(quantization)(c.hidden_size, c.vocab_size)
+        tied = c.tied_embeddings and quantization != "w8a8"
+        self.output = None if tied else _linear(quantization, kept.get("output.weight"))(c.hidden_size, c.vocab_size)
         self.register_buffer("inv_freq", rope_inv_freq(c), persistent=False)
         self.to(dtype)
+        for mod in self.modules():  # (.to cast the kept scales too: they stay float16)
+            if isinstance(mod, QLinear):
+                mod.scales.data = mod.scales.data.to(torch.float16)
 
     @property
     def page_elems(self) -> int:
@@ -283,6 +329,23 @@ class PagedLlama(nn.Module):
         return model.eval()
 
     @classmethod
+    def from_parameters(cls, weights: ModelWeights, block_seq_stride: int = 16, dtype=torch.float32, kv_dtype=None):
+        """From an exported program's parameters as they are (read_irpa of its model.irpa), kept GGUF
+        quantizations included: the eager twin of the program (tp = 1, not W8A8)."""
+        expected = weights.expected_shapes()
+        kept = {
+            name: weights.tensors[name].shape[1] * 8 // expected[name][1]
+            for name in expected
+            if name.removesuffix(".weight") + ".scales" in weights.tensors
+        }
+        with torch.device("meta"):
+            model = cls(weights.config, block_seq_stride, dtype, kv_dtype, 1, "gguf" if kept else "none", kept)
+        state = {k: torch.from_numpy(np.array(v)) for k, v in weights.tensors.items()}
+        model.load_state_dict(state, strict=True, assign=True)
+        model.inv_freq = rope_inv_freq(weights.config)
+        return model.eval()
+
+    @classmethod
     def uninitialized(
         cls,
         config: LlamaConfig,
@@ -291,10 +354,11 @@ class PagedLlama(nn.Module):
         kv_dtype=None,
         tp: int = 1,
         quantization: str = "none",
+        kept: dict[str, int] | None = None,
     ):
         """Right shapes, garbage values, no initialisation cost: what export traces."""
         with torch.device("meta"):
-            model = cls(config, block_seq_stride, dtype, kv_dtype, tp, quantization)
+            model = cls(config, block_seq_stride, dtype, kv_dtype, tp, quantization, kept)
         model = model.to_empty(device="cpu")
         model.inv_freq = rope_inv_freq(config)
         return model.eval()
@@ -357,7 +421,10 @@ class PagedLlama(nn.Module):
 
         With tp > 1 every rank keeps a replica of the residual stream on its device; each sublayer's
         partial outputs are all-reduced (models.tp.all_reduce) before the residual add."""
-        x = self.token_embd(tokens)
+        if isinstance(self.token_embd, QLinear):
+            x = _to(self.token_embd.lookup(tokens), self.dtype)
+        else:
+            x = self.token_embd(tokens)
         inputs = (tokens, start_positions, seq_lens, page_ids)
         if self.tp == 1:
             ranks, lays, xs = [self], [self._layout(*inputs)], [x]
@@ -420,7 +487,11 @@ class PagedLlama(nn.Module):
         return self._run(tokens, start_positions, seq_lens, page_ids, cache)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
-        return _f32(F.linear(h, self.token_embd.weight) if self.output is None else self.output(h))
+        if self.output is not None:
+            return _f32(self.output(h))
+        if isinstance(self.token_embd, QLinear):  # (a kept table is a linear layer's weight already)
+            return _f32(self.token_embd(h))
+        return _f32(F.linear(h, self.token_embd.weight))
 
     def prefill(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Logits [B, vocab] of each sequence's last position in this chunk (updates `cache`)."""

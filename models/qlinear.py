@@ -114,10 +114,12 @@ class QLinear(nn.Module):
         words = self.weight.view(torch.int32).reshape(-1)
         w = words[((tile.unsqueeze(1) * per_tile + cols) * ROW_TILE + lane.unsqueeze(1)).reshape(-1)]
         w = w.view(-1, per_tile, 1)
+        # (shift amounts made with arange: a torch.tensor constant traces as an op IREE cannot lower)
+        j = torch.arange(32 // self.bits, dtype=torch.int32)
         if self.bits == 8:
-            u = (w >> torch.tensor([0, 8, 16, 24], dtype=torch.int32)) & 0xFF
+            u = torch.bitwise_right_shift(w, j * 8) & 0xFF  # byte j: input 4c + j
         else:
-            u = (w >> torch.tensor([0, 8, 16, 24, 4, 12, 20, 28], dtype=torch.int32)) & 0x0F
+            u = torch.bitwise_right_shift(w, (j % 4) * 8 + (j // 4) * 4) & 0x0F  # low nibbles: inputs 8c + 0..3, high: 8c + 4..7
         gcols = torch.arange(2 * G, dtype=flat.dtype)
         s = self.scales.reshape(-1)[((tile.unsqueeze(1) * 2 * G + gcols) * ROW_TILE + lane.unsqueeze(1)).reshape(-1)]
         s = s.to(torch.float32).view(-1, G, 2, 1)

@@ -1,14 +1,19 @@
 """Model weights from every source a user has: GGUF, Hugging Face safetensors folders, IRPA archives.
 
-Whatever the source, `load_weights` returns a `ModelWeights`: the `LlamaConfig` and a dict of numpy
+Whatever the source, `load_weights` returns a `ModelWeights`: the `LlamaConfig` and a mapping of numpy
 arrays named the GGUF way (`token_embd.weight`, `blk.{i}.attn_q.weight`, ...), with Q/K rows in
 GGUF's order (rotary pairs interleaved), which is the layout `models.llama` computes in.
+
+The mapping is lazy (`LazyTensors`): a tensor is read (and a GGUF quantization dequantized) when asked
+for and not kept, so an exporter that writes one tensor at a time (`IrpaWriter`) holds one at a time.
 """
 
 from __future__ import annotations
 
 import functools
 import json
+import os
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,10 +44,32 @@ HF_LAYER_TO_GGUF = {
 LAYER_TENSORS = [v for v in HF_LAYER_TO_GGUF.values()]
 
 
+class LazyTensors(Mapping):
+    """name -> array, each read by `load(name)` when asked for (not cached); shapes known up front."""
+
+    def __init__(self, shapes: dict[str, tuple[int, ...]], load: Callable[[str], np.ndarray]):
+        self.shapes, self._load = shapes, load
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self.shapes:
+            raise KeyError(name)
+        return self._load(name)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.shapes)
+
+    def __len__(self) -> int:
+        return len(self.shapes)
+
+
+def tensor_shape(tensors: Mapping[str, np.ndarray], name: str) -> tuple[int, ...]:
+    return tuple(tensors.shapes[name]) if isinstance(tensors, LazyTensors) else tuple(tensors[name].shape)
+
+
 @dataclass
 class ModelWeights:
     config: LlamaConfig
-    tensors: dict[str, np.ndarray] = field(repr=False)
+    tensors: Mapping[str, np.ndarray] = field(repr=False)
     source: Path
     tp: int = 1  # > 1: tensor-parallel names and slices (sharding.shard_tensors): rank.{r}.blk.{i}.*
 
@@ -78,7 +105,7 @@ class ModelWeights:
         for name, shape in self.expected_shapes().items():
             if name not in self.tensors:
                 raise ModelError(f"{self.source}: missing tensor {name!r} (expected shape {list(shape)})")
-            got = tuple(self.tensors[name].shape)
+            got = tensor_shape(self.tensors, name)
             if got != shape:
                 raise ModelError(
                     f"{self.source}: tensor {name!r} has shape {list(got)}, the config implies {list(shape)}"
@@ -112,31 +139,48 @@ def open_gguf(path: Path):
         raise ModelError(f"{path}: not a readable GGUF file ({e}); hint: pass a .gguf model file") from e
 
 
-def read_gguf(path: Path) -> ModelWeights:
+def gguf_rows(path: Path, t, first: int, count: int) -> np.ndarray:
+    """Raw bytes of rows [first, first + count) of GGUF tensor `t` ([count, row bytes] uint8), read from the
+    file rather than its memory map: pages of a map stay in the process's resident set after use."""
+    rows = int(np.prod([int(d) for d in t.shape[1:]]))
+    row_bytes = int(t.n_bytes) // rows
+    with open(path, "rb") as f:
+        f.seek(int(t.data_offset) + first * row_bytes)
+        raw = np.fromfile(f, dtype=np.uint8, count=count * row_bytes)
+    return raw.reshape(count, row_bytes)
+
+
+def _gguf_tensor(path: Path, t) -> np.ndarray:
+    """One GGUF tensor as float32 (F32 / F16 / BF16 as stored), dequantized if quantized."""
     import gguf
 
+    shape = [int(d) for d in reversed(t.shape)]
+    raw = gguf_rows(path, t, 0, int(np.prod(shape[:-1])) if len(shape) > 1 else 1)
+    T = gguf.GGMLQuantizationType
+    if t.tensor_type in (T.F32, T.F16):
+        return raw.view(np.float32 if t.tensor_type == T.F32 else np.float16).reshape(shape)
+    try:
+        return gguf.quants.dequantize(raw, t.tensor_type).reshape(shape)
+    except NotImplementedError as e:
+        raise ModelError(
+            f"{path}: tensor {t.name!r} uses quantisation {t.tensor_type.name}, which cannot be "
+            "dequantised; hint: re-quantise to Q8_0/Q4_K/F16"
+        ) from e
+
+
+def read_gguf(path: Path) -> ModelWeights:
     path = Path(path)
     reader = open_gguf(path)
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ModelError(f"{path}: architecture {arch!r} is not supported (only 'llama'-family GGUFs)")
-    tensors: dict[str, np.ndarray] = {}
-    for t in reader.tensors:
-        if t.tensor_type in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16):
-            arr = np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)])
-        else:
-            try:
-                arr = gguf.quants.dequantize(t.data, t.tensor_type)
-            except NotImplementedError as e:
-                raise ModelError(
-                    f"{path}: tensor {t.name!r} uses quantisation {t.tensor_type.name}, which cannot be "
-                    "dequantised; hint: re-quantise to Q8_0/Q4_K/F16"
-                ) from e
-        tensors[t.name] = arr
+    by_name = {t.name: t for t in reader.tensors}
+    factors = _gguf_tensor(path, by_name.pop("rope_freqs.weight")) if "rope_freqs.weight" in by_name else None
+    shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
+    tensors = LazyTensors(shapes, lambda name: _gguf_tensor(path, by_name[name]))
     heads = int(_field(reader, "llama.attention.head_count"))
     hidden = int(_field(reader, "llama.embedding_length"))
     head_dim = int(_field(reader, "llama.attention.key_length", hidden // heads))
-    factors = tensors.pop("rope_freqs.weight", None)
     vocab = _field(reader, "llama.vocab_size")
     if vocab is None:
         vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
@@ -151,17 +195,22 @@ def read_gguf(path: Path) -> ModelWeights:
         rms_norm_eps=float(_field(reader, "llama.attention.layer_norm_rms_epsilon", 1e-5)),
         rope_theta=float(_field(reader, "llama.rope.freq_base", 10000.0)),
         rope_freq_factors=[float(x) for x in factors] if factors is not None else None,
-        tied_embeddings="output.weight" not in tensors,
+        tied_embeddings="output.weight" not in shapes,
         max_seq_len=int(_field(reader, "llama.context_length", 4096)),
     )
     return ModelWeights(config, tensors, path)
+
+
+def gguf_tensor_info(path: Path) -> dict:
+    """name -> the GGUF's tensor record (type, shape, offset) for raw reads (models.gguf_quant)."""
+    return {t.name: t for t in open_gguf(Path(path)).tensors}
 
 
 # ---------------------------------------------------------------- Hugging Face
 
 
 def read_hf(folder: Path) -> ModelWeights:
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     folder = Path(folder)
     config = config_from_hf(folder / "config.json")
@@ -172,28 +221,31 @@ def read_hf(folder: Path) -> ModelWeights:
         files = ["model.safetensors"]
     else:
         raise ModelError(f"{folder}: no model.safetensors or model.safetensors.index.json")
-    tensors: dict[str, np.ndarray] = {}
+    where: dict[str, tuple[Path, str]] = {}
+    shapes: dict[str, tuple[int, ...]] = {}
     for name in files:
-        for key, arr in _load_safetensors(folder / name, load_file).items():
-            tensors[_hf_name(key, folder)] = arr
-    c = config
-    for i in range(c.num_layers):
-        for name, heads in ((f"blk.{i}.attn_q.weight", c.num_heads), (f"blk.{i}.attn_k.weight", c.num_kv_heads)):
-            if name in tensors:
-                tensors[name] = permute_qk(tensors[name], heads)
-    if c.tied_embeddings:
-        tensors.pop("output.weight", None)
-    return ModelWeights(config, tensors, folder)
+        with safe_open(folder / name, framework="pt") as f:
+            for key in f.keys():
+                gname = _hf_name(key, folder)
+                where[gname] = (folder / name, key)
+                shapes[gname] = tuple(f.get_slice(key).get_shape())
+    if config.tied_embeddings:
+        shapes.pop("output.weight", None)
+    heads = {}
+    for i in range(config.num_layers):
+        heads[f"blk.{i}.attn_q.weight"] = config.num_heads
+        heads[f"blk.{i}.attn_k.weight"] = config.num_kv_heads
 
-
-def _load_safetensors(path: Path, load_file) -> dict[str, np.ndarray]:
-    try:
-        return load_file(path)
-    except TypeError:  # bf16 has no numpy dtype in safetensors.numpy: go through torch
+    def load(name: str) -> np.ndarray:
         import torch
-        from safetensors.torch import load_file as load_torch
 
-        return {k: v.to(torch.float32).numpy() for k, v in load_torch(path).items()}
+        file, key = where[name]
+        with safe_open(file, framework="pt") as f:
+            t = f.get_tensor(key)
+        arr = (t if t.dtype in (torch.float32, torch.float16) else t.to(torch.float32)).numpy()
+        return permute_qk(arr, heads[name]) if name in heads else arr
+
+    return ModelWeights(config, LazyTensors(shapes, load), folder)
 
 
 def _hf_name(key: str, folder: Path) -> str:
@@ -214,19 +266,72 @@ def _np_dtype(name: str):
     return ml_dtypes.bfloat16 if name == "bfloat16" else np.dtype(name)
 
 
+class IrpaWriter:
+    """An IREE parameter archive written one tensor at a time: `add` appends a tensor's bytes to a data file
+    next to the archive (so nothing accumulates in memory); `close` writes the archive from that file
+    (IREE copies the spans) with the config and tensor table as one JSON entry, and removes the data file."""
+
+    def __init__(self, path: Path, config: LlamaConfig, extra: dict | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.meta = {"config": config.to_json(), "tensors": {}, **(extra or {})}
+        self.data_path = self.path.with_name(self.path.name + ".data")
+        self.data = open(self.data_path, "wb")
+        self.spans: list[tuple[str, int, int]] = []
+        self.bytes = 0
+
+    def add(self, name: str, arr: np.ndarray) -> None:
+        self.add_chunks(name, arr.dtype, arr.shape, [arr])
+
+    def add_chunks(self, name: str, dtype, shape, chunks) -> None:
+        """One tensor of `dtype` and `shape` from consecutive chunks of its row-major data."""
+        dtype = np.dtype(dtype)
+        pad = -self.bytes % 64
+        self.data.write(b"\0" * pad)
+        self.bytes += pad
+        start = self.bytes
+        for chunk in chunks:
+            chunk = np.ascontiguousarray(chunk)
+            if chunk.dtype != dtype:
+                raise ValueError(f"{name}: a {chunk.dtype} chunk for a {dtype} tensor")
+            self.data.write(chunk.reshape(-1).view(np.uint8).data)
+            self.bytes += chunk.nbytes
+        want = int(np.prod(shape)) * dtype.itemsize
+        if self.bytes - start != want:
+            raise ValueError(f"{name}: {self.bytes - start} bytes written for {dtype.name}{list(shape)} ({want})")
+        self.meta["tensors"][name] = {"dtype": dtype.name, "shape": [int(d) for d in shape]}
+        self.spans.append((name, start, want))
+
+    def abort(self) -> None:
+        self.data.close()
+        self.data_path.unlink(missing_ok=True)
+
+    def close(self) -> None:
+        import iree.runtime as rt
+
+        self.data.close()
+        fd = os.open(self.data_path, os.O_RDONLY)
+        try:
+            handle = rt.FileHandle.wrap_fd(fd, readable=True, writable=False)
+            index = rt.ParameterIndex()
+            for name, offset, length in self.spans:
+                if length:
+                    index.add_from_file_handle(name, handle, length, offset)
+                else:
+                    index.add_buffer(name, np.zeros(0, np.uint8))
+            index.add_buffer(CONFIG_KEY, np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8))
+            index.create_archive_file(str(self.path))
+        finally:
+            os.close(fd)
+            self.data_path.unlink()
+
+
 def write_irpa(weights: ModelWeights, path: Path, extra: dict | None = None) -> None:
     """Write tensors (and the config, as one JSON blob) to an IREE parameter archive."""
-    import iree.runtime as rt
-
-    index = rt.ParameterIndex()
-    meta = {"config": weights.config.to_json(), "tensors": {}, **(extra or {})}
+    writer = IrpaWriter(path, weights.config, extra)
     for name, arr in weights.tensors.items():
-        arr = np.ascontiguousarray(arr)
-        meta["tensors"][name] = {"dtype": arr.dtype.name, "shape": list(arr.shape)}
-        index.add_buffer(name, arr.reshape(-1).view(np.uint8))
-    index.add_buffer(CONFIG_KEY, np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8))
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    index.create_archive_file(str(path))
+        writer.add(name, arr)
+    writer.close()
 
 
 def read_irpa_meta(path: Path):

@@ -205,6 +205,7 @@ def test_clear_errors(tiny_models, tmp_path):
     with pytest.raises(ModelError, match="no such file"):
         load_weights(gguf_file=tmp_path / "missing.gguf")
     w = load_weights(gguf_file=tiny_models["gqa"][2])
+    w.tensors = dict(w.tensors)  # (read lazily: an editable copy)
     del w.tensors["blk.1.ffn_up.weight"]
     with pytest.raises(ModelError, match="missing tensor 'blk.1.ffn_up.weight'"):
         w.validate()
