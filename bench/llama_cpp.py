@@ -36,6 +36,7 @@ FTYPES = {
     "float16": ("LLAMA_FTYPE_MOSTLY_F16", "F16", 1),
     "bfloat16": ("LLAMA_FTYPE_MOSTLY_BF16", "BF16", 30),
     "w8a8": ("LLAMA_FTYPE_MOSTLY_Q8_0", "Q8_0", 0),
+    "gguf": (None, "as is", 1),  # the file's own quantization, llama.cpp's default float16 cache
 }  # (ftype, name, ggml_type of the KV cache)
 KV_NAMES = {0: "F32", 1: "F16", 30: "BF16"}
 
@@ -108,6 +109,8 @@ def convert(lib, gguf_path: Path, dtype: str, log: Callable[[str], None] = print
     """`gguf_path` re-typed to `dtype` by llama.cpp's quantizer (cached next to the source)."""
     ftype_name, short, _ = FTYPES[dtype]
     src = Path(gguf_path)
+    if ftype_name is None:
+        return src
     out = src.with_name(f"{src.stem}.llama-cpp-{short}.gguf")
     if out.is_file() and out.stat().st_mtime >= src.stat().st_mtime:
         return out

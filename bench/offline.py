@@ -1,6 +1,6 @@
 """`python -m bench.offline`: prefill and decode speed straight through the compiled program (no HTTP).
 
-    python -m bench.offline [--gguf M.gguf] [--dtype float32] [--dtype float16|bfloat16|w8a8] \\
+    python -m bench.offline [--gguf M.gguf] [--dtype float32] [--dtype float16|bfloat16|w8a8|gguf] \\
         [--prefill-lens 128,512] [--decode-batches 1,4,16] [--decode-prompt-len 32] [--decode-steps 64] \\
         [--repeats 3] [--compare-llama-cpp] [--json out.json]
     python -m bench.offline --program OUT_DIR ...    # an existing export (model*.vmfb, model.irpa, config.json)
@@ -19,7 +19,7 @@ parameter tensors one decode step reads (the IRPA's tensors; an untied token emb
 gathered from, so it is left out); "GB/s achieved" = weight bytes x batch-1 decode tok/s, and the
 roofline ratio = achieved / measured bandwidth.
 `--compare-llama-cpp` adds llama.cpp (llama-cpp-python, installed on demand: bench/llama_cpp.py) on the
-same GGUF converted to each measured precision (for w8a8: Q8_0), same prompts, same threads, in the
+same GGUF converted to each measured precision (for w8a8: Q8_0; for gguf: the file as it is), same prompts, same threads, in the
 same run.
 """
 
@@ -45,7 +45,8 @@ from . import membw
 from .report import print_table, write_json
 from .timing import SHORT, EngineRun, Plan, Timing, roofline, time_it, weight_bytes_read
 
-DTYPES = ("float32", "float16", "bfloat16", "w8a8")  # w8a8: f32 activations, export --quantization w8a8
+# w8a8: f32 activations, export --quantization w8a8; gguf: the GGUF's quantizations kept (export --weights auto)
+DTYPES = ("float32", "float16", "bfloat16", "w8a8", "gguf")
 
 
 # ---------------------------------------------------------------- our program
@@ -82,17 +83,17 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
     from models.default_model import export_args
 
     pages = max(512, plan.pages_needed(stride) + 1)
-    dtype_args = export_args("w8a8") if dtype == "w8a8" else [*export_args(), "--activation-dtype", dtype]
+    dtype_args = export_args("none" if dtype == "float32" else dtype)
     default = parse_args(["--gguf-file", str(gguf), "--output-dir", "-"])  # only its defaults
     if (
-        dtype in ("float32", "w8a8")
+        dtype in ("float32", "w8a8", "gguf")
         and not extra
         and stride == default.block_seq_stride
         and pages <= default.device_block_count
         and set(plan.decode_batches) <= set(default.bs_decode)
     ):
         # The plan fits the exporter's defaults: the very program `python -m serve` builds (and caches).
-        args = export_args("none" if dtype == "float32" else "w8a8")
+        args = export_args("none" if dtype == "float32" else dtype)
     else:
         args = [
             *dtype_args,

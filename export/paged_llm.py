@@ -161,7 +161,14 @@ class _Stage:
 
     def __exit__(self, *exc):
         if exc[0] is None:
-            print(f"[export] {self.name}: {time.perf_counter() - self.t0:.1f} s", file=sys.stderr, flush=True)
+            import resource
+
+            peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # (KiB on Linux)
+            print(
+                f"[export] {self.name}: {time.perf_counter() - self.t0:.1f} s (peak memory so far {peak:.2f} GiB)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_prefill: Sequence[int] = ()):

@@ -55,6 +55,9 @@ class LazyTensors(Mapping):
             raise KeyError(name)
         return self._load(name)
 
+    def __contains__(self, name: object) -> bool:  # (Mapping's would read the tensor)
+        return name in self.shapes
+
     def __iter__(self) -> Iterator[str]:
         return iter(self.shapes)
 
