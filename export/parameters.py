@@ -24,25 +24,25 @@ SLAB_VALUES = 1 << 25  # values per slab (128 MB as float32)
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16, torch.int8: np.int8}
 
 
-def kept_formats(weights: ModelWeights) -> dict[str, int]:
-    """GGUF tensor name -> bits of the kept format, for every quantized matrix of a GGUF source that the
-    kept format can tile (rows % 16, columns % 32); others are dequantized (named on stderr)."""
+def kept_formats(weights: ModelWeights) -> dict[str, str]:
+    """GGUF tensor name -> its kept format (models.gguf_quant.FORMATS), for every quantized matrix of a GGUF
+    source that the kept formats can tile (rows % 16, columns % 32); others are dequantized (named on stderr)."""
     if weights.source.suffix != ".gguf" and not weights.source.is_file():
         return {}
     kept = {}
     for name, t in gguf_tensor_info(weights.source).items():
         shape = [int(d) for d in reversed(t.shape)]
-        bits = gguf_quant.kept_bits(t.tensor_type)
-        if len(shape) != 2 or bits is None:
+        fmt = gguf_quant.kept_format(t.tensor_type)
+        if len(shape) != 2 or fmt is None:
             continue
         if gguf_quant.fits(*shape):
-            kept[name] = bits
+            kept[name] = fmt
         else:
             print(f"[export] {name} {shape} {t.tensor_type.name}: dequantized (no kept tiling)", file=sys.stderr)
     return kept
 
 
-def requantized_types(weights: ModelWeights, kept: dict[str, int]) -> set[str]:
+def requantized_types(weights: ModelWeights, kept: dict[str, str]) -> set[str]:
     info = gguf_tensor_info(weights.source)
     return {info[n].tensor_type.name for n in kept if not gguf_quant.exact(info[n].tensor_type)}
 
@@ -100,7 +100,7 @@ def _float_slabs(weights: ModelWeights, name: str, shape: tuple[int, ...]) -> It
                 ) from e
 
 
-def write(weights: ModelWeights, model: torch.nn.Module, kept: dict[str, int], path, extra: dict | None = None):
+def write(weights: ModelWeights, model: torch.nn.Module, kept: dict[str, str], path, extra: dict | None = None):
     """Write every parameter `model` (a PagedLlama, any device: only names, shapes and dtypes are read)
     declares, converted from `weights`, to the IRPA at `path`."""
     state = model.state_dict()
@@ -119,7 +119,7 @@ def write(weights: ModelWeights, model: torch.nn.Module, kept: dict[str, int], p
                     cols = tensor_shape(weights.tensors, name)[1]
                     for raw, qtype, count in _slabs(weights, name, shape[0], cols, gguf_quant.ROW_TILE):
                         try:
-                            w, s, _ = gguf_quant.convert(raw, qtype, count, cols)
+                            w, s = gguf_quant.convert(raw, qtype, count, cols)
                         except NotImplementedError as e:
                             raise ModelError(
                                 f"{weights.source}: tensor {name!r} uses {qtype.name}, which has no kept format "

@@ -1,19 +1,21 @@
 """GGUF's quantized blocks -> the kept formats the compiled matmuls read (models.qlinear), without floats.
 
 A kept tensor [N, K] is `w = d * u - m` in groups of 32 consecutive inputs: u an unsigned 8- or 4-bit
-integer, d and m one scale and one offset per (row, group). Every GGUF type our model family ships maps to
-it from its integers:
+integer, d and m one scale and one offset per (row, group). In the symmetric formats ("q8", "q4") m is
+2**(bits - 1) * d and not stored; "q8m" and "q4m" store it. Every GGUF type our model family ships maps to
+one from its integers:
 
 | GGUF | kept | how |
 |---|---|---|
-| Q8_0 | 8-bit | u = q + 128, m = 128 d (exact) |
-| Q4_0 | 4-bit | u = q, m = 8 d (exact) |
-| Q4_1 | 4-bit | u = q, m = -min (exact) |
-| Q5_0 / Q5_1 | 8-bit | u = the 5-bit q (exact) |
-| Q4_K | 4-bit | u = q, d = d * sc, m = dmin * min per 32-group sub-block (exact but for f16 rounding of d, m) |
-| Q5_K | 8-bit | as Q4_K with 5-bit q |
-| Q6_K | 8-bit | its integers sc * (q - 32), two 16-blocks to a group, rescaled to 8 bits (near: 1/254 of a group's max) |
-| other quantized (Q2_K, Q3_K, IQ*) | 8-bit | dequantized one row slab at a time, requantized like Q8_0 (near) |
+| Q8_0 | q8 | u = q + 128 (exact) |
+| Q4_0 | q4 | u = q (exact) |
+| Q5_0 | q8 | u = q + 112 (exact) |
+| Q4_1 | q4m | u = q, m = -min (exact) |
+| Q5_1 | q8m | u = the 5-bit q, m = -min (exact) |
+| Q4_K | q4m | u = q, d = d * sc, m = dmin * min per 32-group sub-block (exact but for f16 rounding of d, m) |
+| Q5_K | q8m | as Q4_K with 5-bit q |
+| Q6_K | q8 | its integers sc * (q - 32), two 16-blocks to a group, rescaled to 8 bits (near: 1/254 of a group's max) |
+| other quantized (Q2_K, Q3_K, IQ*) | q8 | dequantized one row slab at a time, requantized like Q8_0 (near) |
 
 d and m are stored as float16 (the GGUF's own scales are float16; K-quant products d * sc round to 11 bits).
 Torch-free (numpy): the exporter streams tensors through here one row slab at a time.
@@ -25,6 +27,7 @@ import numpy as np
 
 GROUP = 32
 ROW_TILE = 16  # output rows interleaved per tile (the kernel's register width in f32 lanes)
+FORMATS = {"q8": (8, True), "q8m": (8, False), "q4": (4, True), "q4m": (4, False)}  # -> (bits, symmetric)
 
 
 def _types():
@@ -33,12 +36,16 @@ def _types():
     return T
 
 
-def kept_bits(qtype) -> int | None:
-    """8 or 4 for a quantized GGUF type, None for a float one (F32, F16, BF16)."""
+def kept_format(qtype) -> str | None:
+    """The kept format of a quantized GGUF type (FORMATS), None for a float one (F32, F16, BF16)."""
     T = _types()
     if qtype in (T.F32, T.F16, T.BF16):
         return None
-    return 4 if qtype in (T.Q4_0, T.Q4_1, T.Q4_K) else 8
+    if qtype in (T.Q4_1, T.Q4_K):
+        return "q4m"
+    if qtype in (T.Q5_1, T.Q5_K):
+        return "q8m"
+    return "q4" if qtype == T.Q4_0 else "q8"
 
 
 def exact(qtype) -> bool:
@@ -99,7 +106,7 @@ def groups(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarra
         return _nibbles(b[:, 4:]), _f16(b[:, :2]), -_f16(b[:, 2:4])
     if qtype == T.Q5_0:
         d = _f16(b[:, :2])
-        return _nibbles(b[:, 6:]) | _high_bits(b[:, 2:6]), d, 16 * d
+        return (_nibbles(b[:, 6:]) | _high_bits(b[:, 2:6])) + 112, d, 128 * d
     if qtype == T.Q5_1:
         return _nibbles(b[:, 8:]) | _high_bits(b[:, 4:8]), _f16(b[:, :2]), -_f16(b[:, 2:4])
     if qtype in (T.Q4_K, T.Q5_K):
@@ -140,13 +147,14 @@ def from_float(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return u.reshape(rows, -1), d.reshape(rows, -1), m.reshape(rows, -1)
 
 
-def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray]:
-    """u [N, K] uint8, d and m [N, K/32] -> (weight int8 [N, K * bits / 8], scales float16 [N/16, K]) in the
-    kernel's order (models.qmatmul):
+def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
+    """u [N, K] uint8, d and m [N, K/32] -> (weight int8 [N, K * bits / 8], scales float16 [N/16, K] or,
+    symmetric, [N/16, K/2]) in the kernel's order (models.qmatmul):
       8-bit: [N/16][K/4][16 rows][4 consecutive k]: 64 bytes are 16 rows x 4 inputs (one VNNI step);
       4-bit: [N/16][K/8][16 rows][4 bytes], byte j = u[k0 + j] | u[k0 + 4 + j] << 4;
-      scales: [N/16][K/32][d, m][16 rows].
+      scales: [N/16][K/32][d, m][16 rows] (symmetric: [N/16][K/32][d][16 rows]).
     Row tiles are contiguous, so packing row slabs (multiples of 16) and concatenating them is the same."""
+    bits, symmetric = FORMATS[fmt]
     N, K = u.shape
     t = N // ROW_TILE
     if bits == 8:
@@ -154,17 +162,16 @@ def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray, bits: int) -> tuple[np.nda
     else:
         q = u.reshape(t, ROW_TILE, K // 8, 2, 4)
         w = (q[:, :, :, 0] | (q[:, :, :, 1] << 4)).transpose(0, 2, 1, 3).reshape(N, K // 2)
-    tiles = [a.reshape(t, ROW_TILE, K // GROUP).transpose(0, 2, 1) for a in (d, m)]
-    scales = np.stack(tiles, axis=2).astype(np.float16).reshape(t, 2 * K // GROUP * ROW_TILE)
+    tiles = [a.reshape(t, ROW_TILE, K // GROUP).transpose(0, 2, 1) for a in ((d,) if symmetric else (d, m))]
+    scales = np.stack(tiles, axis=2).astype(np.float16).reshape(t, -1)
     return np.ascontiguousarray(w).view(np.int8), scales
 
 
-def convert(raw: np.ndarray, qtype, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray, int]:
-    """A slab of `rows` rows of a GGUF tensor (its raw bytes) -> (packed weight, packed scales, bits)."""
+def convert(raw: np.ndarray, qtype, rows: int, cols: int) -> tuple[np.ndarray, np.ndarray]:
+    """A slab of `rows` rows of a GGUF tensor (its raw bytes) -> (packed weight, packed scales) in its
+    kept_format."""
     from gguf.constants import GGML_QUANT_SIZES
 
     block, size = GGML_QUANT_SIZES[qtype]
     u, d, m = groups(raw.reshape(-1, size), qtype)
-    bits = kept_bits(qtype) or 8
-    w, s = pack(u.reshape(rows, cols), d.reshape(rows, -1), m.reshape(rows, -1), bits)
-    return w, s, bits
+    return pack(u.reshape(rows, cols), d.reshape(rows, -1), m.reshape(rows, -1), kept_format(qtype) or "q8")

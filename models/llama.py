@@ -95,12 +95,12 @@ W8A8_FUSED = {
 }
 
 
-def _linear(quantization: str, bits: int | None = None):
-    """The projection module: W8A8, a kept GGUF quantization of `bits` (models.qlinear), or float."""
+def _linear(quantization: str, fmt: str | None = None):
+    """The projection module: W8A8, a kept GGUF quantization in format `fmt` (models.qlinear), or float."""
     if quantization == "w8a8":
         return Int8Linear
-    if bits:
-        return lambda i, o: QLinear(i, o, bits)
+    if fmt:
+        return lambda i, o: QLinear(i, o, fmt)
     return lambda i, o: nn.Linear(i, o, bias=False)
 
 
@@ -114,10 +114,10 @@ class Block(nn.Module):
         c: LlamaConfig,
         quantization: str = "none",
         kv_dtype: torch.dtype = torch.float32,
-        kept: dict[str, int] | None = None,
+        kept: dict[str, str] | None = None,
     ):
-        """kept (quantization "gguf"): projection name (attn_q, ...) -> the bits of its kept GGUF weight;
-        projections not named stay float."""
+        """kept (quantization "gguf"): projection name (attn_q, ...) -> the format of its kept GGUF weight
+        (models.gguf_quant.FORMATS); projections not named stay float."""
         super().__init__()
         self.c = c
         self.kv_dtype = kv_dtype  # the cached K/V values' type (a 16-bit one is stored in int32 words)
@@ -240,7 +240,7 @@ class Block(nn.Module):
         return self.ffn_down(F.silu(gate) * up)
 
 
-def _layer_kept(kept: dict[str, int], layer: int) -> dict[str, int]:
+def _layer_kept(kept: dict[str, str], layer: int) -> dict[str, str]:
     """GGUF names of layer `layer`'s kept tensors -> projection names (blk.3.attn_q.weight -> attn_q)."""
     prefix = f"blk.{layer}."
     return {k[len(prefix) :].removesuffix(".weight"): v for k, v in kept.items() if k.startswith(prefix)}
@@ -259,7 +259,7 @@ class PagedLlama(nn.Module):
     and KV-cache slab live on device r; the embedding, final norm and head on device 0.
     quantization "w8a8": every projection and the head are models.quant.Int8Linear (the head then has its
     own int8 copy of a tied embedding table); made from a float model by `quantize_w8a8`.
-    quantization "gguf": the matrices named in `kept` (GGUF tensor name -> bits) are models.qlinear.QLinear
+    quantization "gguf": the matrices named in `kept` (GGUF tensor name -> format) are models.qlinear.QLinear
     over the GGUF's own quantization (a kept token_embd serves as the tied head too); the rest are float."""
 
     def __init__(
@@ -270,7 +270,7 @@ class PagedLlama(nn.Module):
         kv_dtype=None,
         tp: int = 1,
         quantization: str = "none",
-        kept: dict[str, int] | None = None,
+        kept: dict[str, str] | None = None,
     ):
         super().__init__()
         self.config = c = config
@@ -280,10 +280,8 @@ class PagedLlama(nn.Module):
         self.kv_dtype = kv_dtype or dtype
         self.tp = tp
         self.quantization = quantization
-        embd_bits = kept.get("token_embd.weight")
-        self.token_embd = (
-            QLinear(c.hidden_size, c.vocab_size, embd_bits) if embd_bits else nn.Embedding(c.vocab_size, c.hidden_size)
-        )
+        embd = kept.get("token_embd.weight")
+        self.token_embd = QLinear(c.hidden_size, c.vocab_size, embd) if embd else nn.Embedding(c.vocab_size, c.hidden_size)
         if tp == 1:
             self.blk = nn.ModuleList(
                 Block(c, quantization, self.kv_dtype, _layer_kept(kept, i)) for i in range(c.num_layers)
@@ -333,11 +331,12 @@ class PagedLlama(nn.Module):
         """From an exported program's parameters as they are (read_irpa of its model.irpa), kept GGUF
         quantizations included: the eager twin of the program (tp = 1, not W8A8)."""
         expected = weights.expected_shapes()
-        kept = {
-            name: weights.tensors[name].shape[1] * 8 // expected[name][1]
-            for name in expected
-            if name.removesuffix(".weight") + ".scales" in weights.tensors
-        }
+        kept = {}
+        for name, (rows, cols) in ((n, s) for n, s in expected.items() if len(s) == 2):
+            scales = weights.tensors.get(name.removesuffix(".weight") + ".scales")
+            if scales is not None:  # (the packed shapes tell the format: bits, and whether m is stored)
+                bits = weights.tensors[name].shape[1] * 8 // cols
+                kept[name] = f"q{bits}" + ("m" if scales.shape[1] == cols else "")
         with torch.device("meta"):
             model = cls(weights.config, block_seq_stride, dtype, kv_dtype, 1, "gguf" if kept else "none", kept)
         state = {k: torch.from_numpy(np.array(v)) for k, v in weights.tensors.items()}
@@ -354,7 +353,7 @@ class PagedLlama(nn.Module):
         kv_dtype=None,
         tp: int = 1,
         quantization: str = "none",
-        kept: dict[str, int] | None = None,
+        kept: dict[str, str] | None = None,
     ):
         """Right shapes, garbage values, no initialisation cost: what export traces."""
         with torch.device("meta"):

@@ -1,7 +1,8 @@
 """Linear layers over weights kept in their GGUF quantization (`export.paged_llm --weights auto`).
 
-A kept weight [N, K] is `w = d * u - m` per group of 32 inputs (models.gguf_quant), stored packed the way
-the kernel reads it: `weight` int8 [N, K * bits / 8] and `scales` float16 [N/16, K]. Two ways to multiply:
+A kept weight [N, K] is `w = d * u - m` per group of 32 inputs (models.gguf_quant: formats q8, q8m, q4, q4m;
+symmetric ones have m = 2**(bits - 1) * d), stored packed the way the kernel reads it: `weight` int8
+[N, K * bits / 8] and `scales` float16 [N/16, K] (symmetric: [N/16, K/2]). Two ways to multiply:
 - `isa` set (`export.paged_llm --cpu-matmul`): each input row is quantized to int8 per group of 32
   (`quantize_rows`, as llama.cpp quantizes activations for its Q8_0/Q4 dot products) and the product runs
   in integers in models.qmatmul's x86 kernel, which reads the packed bytes as they are:
@@ -34,8 +35,12 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.to(torch.int8).view(M, K), a
 
 
-def unpack(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+FORMATS = {"q8": (8, True), "q8m": (8, False), "q4": (4, True), "q4m": (4, False)}  # (models.gguf_quant's)
+
+
+def unpack(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The packed tensors -> (u int32 [N, K], d f32 [N, K/32], m f32 [N, K/32])."""
+    bits, symmetric = FORMATS[fmt]
     N = weight.shape[0]
     K = weight.shape[1] * 8 // bits
     t = N // ROW_TILE
@@ -45,21 +50,23 @@ def unpack(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> tuple[torch
     else:
         q = b.view(t, K // 8, ROW_TILE, 4)
         u = torch.stack([q & 0x0F, q >> 4], 3).permute(0, 2, 1, 3, 4).reshape(N, K)
-    s = scales.to(torch.float32).view(t, K // GROUP, 2, ROW_TILE).permute(0, 3, 1, 2).reshape(N, K // GROUP, 2)
-    return u, s[..., 0], s[..., 1]
+    parts = 1 if symmetric else 2
+    s = scales.to(torch.float32).view(t, K // GROUP, parts, ROW_TILE).permute(0, 3, 1, 2).reshape(N, K // GROUP, parts)
+    d = s[..., 0]
+    return u, d, d * float(1 << (bits - 1)) if symmetric else s[..., 1]
 
 
-def dequantize(weight: torch.Tensor, scales: torch.Tensor, bits: int) -> torch.Tensor:
-    u, d, m = unpack(weight, scales, bits)
+def dequantize(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> torch.Tensor:
+    u, d, m = unpack(weight, scales, fmt)
     N, K = u.shape
     w = d.unsqueeze(-1) * u.view(N, K // GROUP, GROUP).to(torch.float32) - m.unsqueeze(-1)
     return w.reshape(N, K)
 
 
-def reference_matmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int):
+def reference_matmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, fmt: str):
     """The kernel's arithmetic in torch: y [M, N] from quantize_rows' (q, a). Integer sums are exact in
     float64, so only the float accumulation order differs from the kernel."""
-    u, d, m = unpack(weight, scales, bits)
+    u, d, m = unpack(weight, scales, fmt)
     N, K = u.shape
     G = K // GROUP
     uq = u.view(N, G, GROUP).to(torch.float64)
@@ -75,17 +82,19 @@ def reference_matmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, sca
 class QLinear(nn.Module):
     """y = x W^T (no bias) for a kept weight; `isa` (models.qmatmul.enable) picks the x86 kernel."""
 
-    def __init__(self, in_features: int, out_features: int, bits: int):
+    def __init__(self, in_features: int, out_features: int, fmt: str):
         super().__init__()
-        if out_features % ROW_TILE or in_features % GROUP or bits not in (4, 8):
-            raise ValueError(f"no kept {bits}-bit format for a [{out_features}, {in_features}] weight")
-        self.in_features, self.out_features, self.bits = in_features, out_features, bits
+        if out_features % ROW_TILE or in_features % GROUP or fmt not in FORMATS:
+            raise ValueError(f"no kept format {fmt!r} for a [{out_features}, {in_features}] weight")
+        self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
+        self.bits, symmetric = FORMATS[fmt]
         self.isa: str | None = None
         self.weight = nn.Parameter(
-            torch.zeros(out_features, in_features * bits // 8, dtype=torch.int8), requires_grad=False
+            torch.zeros(out_features, in_features * self.bits // 8, dtype=torch.int8), requires_grad=False
         )
+        parts = 1 if symmetric else 2
         self.scales = nn.Parameter(
-            torch.zeros(out_features // ROW_TILE, 2 * in_features // GROUP * ROW_TILE, dtype=torch.float16),
+            torch.zeros(out_features // ROW_TILE, parts * in_features // GROUP * ROW_TILE, dtype=torch.float16),
             requires_grad=False,
         )
 
@@ -96,9 +105,9 @@ class QLinear(nn.Module):
             from .qmatmul import qmatmul
 
             q, a = quantized if quantized is not None else quantize_rows(rows)
-            y = qmatmul(q, a, self.weight, self.scales, self.bits, self.isa)
+            y = qmatmul(q, a, self.weight, self.scales, self.fmt, self.isa)
         else:
-            y = F.linear(rows.to(torch.float32), dequantize(self.weight, self.scales, self.bits))
+            y = F.linear(rows.to(torch.float32), dequantize(self.weight, self.scales, self.fmt))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def lookup(self, ids: torch.Tensor) -> torch.Tensor:
@@ -120,10 +129,13 @@ class QLinear(nn.Module):
             u = torch.bitwise_right_shift(w, j * 8) & 0xFF  # byte j: input 4c + j
         else:
             u = torch.bitwise_right_shift(w, (j % 4) * 8 + (j // 4) * 4) & 0x0F  # low nibbles: inputs 8c + 0..3, high: 8c + 4..7
-        gcols = torch.arange(2 * G, dtype=flat.dtype)
-        s = self.scales.reshape(-1)[((tile.unsqueeze(1) * 2 * G + gcols) * ROW_TILE + lane.unsqueeze(1)).reshape(-1)]
-        s = s.to(torch.float32).view(-1, G, 2, 1)
-        rows = s[:, :, 0] * u.reshape(-1, G, GROUP).to(torch.float32) - s[:, :, 1]
+        parts = self.scales.shape[1] // (G * ROW_TILE)  # d (and m)
+        gcols = torch.arange(parts * G, dtype=flat.dtype)
+        s = self.scales.reshape(-1)[((tile.unsqueeze(1) * parts * G + gcols) * ROW_TILE + lane.unsqueeze(1)).reshape(-1)]
+        s = s.to(torch.float32).view(-1, G, parts, 1)
+        d = s[:, :, 0]
+        m = d * float(1 << (self.bits - 1)) if parts == 1 else s[:, :, 1]
+        rows = d * u.reshape(-1, G, GROUP).to(torch.float32) - m
         return rows.view(*ids.shape, K)
 
 

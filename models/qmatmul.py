@@ -25,7 +25,7 @@ from iree.turbine.support.ir_imports import RankedTensorType
 from . import ckernel
 from .cpu import MATMUL_ISAS
 from .page_gather import LIBRARY, _AsmLoader, _specialize_static_dims
-from .qlinear import GROUP, ROW_TILE, QLinear, reference_matmul
+from .qlinear import FORMATS, GROUP, ROW_TILE, QLinear, reference_matmul
 
 ISAS = {isa: MATMUL_ISAS[isa] for isa in ("avx2", "avx512")}
 _MARCH = {"avx512": ["-march=x86-64-v4", "-mavx512vnni"], "avx2": ["-march=x86-64-v3"]}
@@ -39,8 +39,13 @@ _SOURCE = r"""
 #define MEMREF(T, n) const T *n##_base, const T *n, size_t n##_off, size_t n##_size, size_t n##_stride
 #define INLINE static inline __attribute__((always_inline))
 
+/* Per group: symmetric formats (SYM) have m = C * d with C = 2**(BITS - 1), so
+   y += d * (s * dot - C * (s * sum q)); otherwise y += d * s * dot - m * (s * sum q). */
+#define C ((float)(1 << (BITS - 1)))
+#define SP (SYM ? 16 : 32)  /* scales per group and tile: d (and m) for 16 rows */
+
 #ifdef __AVX512F__
-#define MR 6
+#define MR 8
 /* rows (<= MR) activation rows against one 16-row tile: y[r][0..15]. */
 INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const float *xa, float *y,
                   size_t K, size_t N, const int rows) {
@@ -48,8 +53,11 @@ INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const fl
   __m512 acc[MR];
   for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
   for (size_t g = 0; g < G; g++) {
-    __m512i ia[MR], ib[MR];
-    for (int r = 0; r < rows; r++) { ia[r] = _mm512_setzero_si512(); ib[r] = _mm512_setzero_si512(); }
+    /* two dependency chains per row when rows are few (a vpdpbusd waits for the previous one) */
+    const int two = rows <= 4;
+    __m512i ia[MR], ib[4];
+    for (int r = 0; r < rows; r++) ia[r] = _mm512_setzero_si512();
+    for (int r = 0; r < 4; r++) ib[r] = _mm512_setzero_si512();
 #if BITS == 8
     const uint8_t *wg = w + g * 512;
     for (int kk = 0; kk < 8; kk += 2) {
@@ -57,7 +65,8 @@ INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const fl
       for (int r = 0; r < rows; r++) {
         const int32_t *xr = (const int32_t *)(x + r * K + g * 32);
         ia[r] = _mm512_dpbusd_epi32(ia[r], w0, _mm512_set1_epi32(xr[kk]));
-        ib[r] = _mm512_dpbusd_epi32(ib[r], w1, _mm512_set1_epi32(xr[kk + 1]));
+        if (two) ib[r & 3] = _mm512_dpbusd_epi32(ib[r & 3], w1, _mm512_set1_epi32(xr[kk + 1]));
+        else ia[r] = _mm512_dpbusd_epi32(ia[r], w1, _mm512_set1_epi32(xr[kk + 1]));
       }
     }
 #else
@@ -69,17 +78,25 @@ INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const fl
       for (int r = 0; r < rows; r++) {
         const int32_t *xr = (const int32_t *)(x + r * K + g * 32 + kk * 8);
         ia[r] = _mm512_dpbusd_epi32(ia[r], w0, _mm512_set1_epi32(xr[0]));
-        ib[r] = _mm512_dpbusd_epi32(ib[r], w1, _mm512_set1_epi32(xr[1]));
+        if (two) ib[r & 3] = _mm512_dpbusd_epi32(ib[r & 3], w1, _mm512_set1_epi32(xr[1]));
+        else ia[r] = _mm512_dpbusd_epi32(ia[r], w1, _mm512_set1_epi32(xr[1]));
       }
     }
 #endif
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 32)));
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * 32 + 16)));
+    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * SP)));
+#if !SYM
+    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * SP + 16)));
+#endif
     for (int r = 0; r < rows; r++) {
       const float *ar = xa + (r * G + g) * 2;
-      __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_add_epi32(ia[r], ib[r])), d);
-      acc[r] = _mm512_fmadd_ps(t, _mm512_set1_ps(ar[0]), acc[r]);
+      __m512 dot = _mm512_cvtepi32_ps(two ? _mm512_add_epi32(ia[r], ib[r & 3]) : ia[r]);
+#if SYM
+      __m512 t = _mm512_fmsub_ps(dot, _mm512_set1_ps(ar[0]), _mm512_set1_ps(C * ar[1]));
+      acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+#else
+      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dot, d), _mm512_set1_ps(ar[0]), acc[r]);
       acc[r] = _mm512_fnmadd_ps(m, _mm512_set1_ps(ar[1]), acc[r]);
+#endif
     }
   }
   for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * N, acc[r]);
@@ -126,13 +143,19 @@ INLINE void half(const uint8_t *w, const uint16_t *s, const int8_t *x, const flo
     }
     for (int r = 0; r < rows; r++) ia[r] = _mm256_madd_epi16(p[r], _mm256_set1_epi16(1));
 #endif
-    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 32 + h * 8)));
-    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * 32 + 16 + h * 8)));
+    const __m256 d = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * SP + h * 8)));
+#if !SYM
+    const __m256 m = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(s + g * SP + 16 + h * 8)));
+#endif
     for (int r = 0; r < rows; r++) {
       const float *ar = xa + (r * G + g) * 2;
-      __m256 t = _mm256_mul_ps(_mm256_cvtepi32_ps(ia[r]), d);
-      acc[r] = _mm256_fmadd_ps(t, _mm256_set1_ps(ar[0]), acc[r]);
+      __m256 dot = _mm256_cvtepi32_ps(ia[r]);
+#if SYM
+      acc[r] = _mm256_fmadd_ps(_mm256_fmsub_ps(dot, _mm256_set1_ps(ar[0]), _mm256_set1_ps(C * ar[1])), d, acc[r]);
+#else
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dot, d), _mm256_set1_ps(ar[0]), acc[r]);
       acc[r] = _mm256_fnmadd_ps(m, _mm256_set1_ps(ar[1]), acc[r]);
+#endif
     }
   }
   for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * N + h * 8, acc[r]);
@@ -153,7 +176,7 @@ void NAME(MEMREF(int8_t, x), MEMREF(float, xa), MEMREF(uint8_t, w), MEMREF(uint1
   const size_t t1 = (wg + 1) * per_wg < tiles ? (wg + 1) * per_wg : tiles;
   for (size_t t = wg * per_wg; t < t1; t++) {
     const uint8_t *wt = w + t * 16 * K * BITS / 8;
-    const uint16_t *st = s + t * G * 32;
+    const uint16_t *st = s + t * G * SP;
     for (size_t m0 = 0; m0 < M; m0 += MR) {
       const int8_t *xr = x + m0 * K;
       const float *ar = xa + m0 * G * 2;
@@ -166,6 +189,8 @@ void NAME(MEMREF(int8_t, x), MEMREF(float, xa), MEMREF(uint8_t, w), MEMREF(uint1
 #if MR > 4
         case 5: block(wt, st, xr, ar, yr, K, N, 5); break;
         case 6: block(wt, st, xr, ar, yr, K, N, 6); break;
+        case 7: block(wt, st, xr, ar, yr, K, N, 7); break;
+        case 8: block(wt, st, xr, ar, yr, K, N, 8); break;
 #endif
       }
     }
@@ -190,15 +215,16 @@ class KernelError(RuntimeError):
     pass
 
 
-def symbol(bits: int, isa: str) -> str:
-    return f"aotllm_qmm_b{bits}_{isa}"
+def symbol(fmt: str, isa: str) -> str:
+    return f"aotllm_qmm_{fmt}_{isa}"
 
 
-def build(bits: int, isa: str, shared: bool = False) -> Path:
-    """The kernel for one weight width and ISA (gcc, cached): an object the program links, or (`shared`) a
+def build(fmt: str, isa: str, shared: bool = False) -> Path:
+    """The kernel for one kept format and ISA (gcc, cached): an object the program links, or (`shared`) a
     library the tests call directly."""
-    name = symbol(bits, isa)
-    flags = [*_GCC_FLAGS, *_MARCH[isa], f"-DBITS={bits}", f"-DNAME={name}"]
+    name = symbol(fmt, isa)
+    bits, symmetric = FORMATS[fmt]
+    flags = [*_GCC_FLAGS, *_MARCH[isa], f"-DBITS={bits}", f"-DSYM={int(symmetric)}", f"-DNAME={name}"]
     flags += ["-shared", "-fvisibility=default"] if shared else ["-c"]
     return ckernel.build(
         _SOURCE.replace('__attribute__((visibility("hidden")))', "") if shared else _SOURCE,
@@ -221,20 +247,20 @@ def enable(model: torch.nn.Module, isa: str) -> None:
     """Every QLinear of `model` runs the kernel built for `isa` (built now: a failure shows before the trace)."""
     for mod in model.modules():
         if isinstance(mod, QLinear):
-            build(mod.bits, isa)
+            build(mod.fmt, isa)
             mod.isa = isa
 
 
-def qmatmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bits: int, isa: str):
-    return qmm(q, a, weight, scales, bits, list(ISAS).index(isa))
+def qmatmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, fmt: str, isa: str):
+    return qmm(q, a, weight, scales, list(FORMATS).index(fmt), list(ISAS).index(isa))
 
 
 @CustomOp.register(library=LIBRARY)
 class qmm(CustomOp):
     """q [M, K] int8, a [M, K/32, 2] f32 (models.qlinear.quantize_rows), weight [N, K * bits / 8] int8,
-    scales [N/16, K] f16 (models.gguf_quant.pack); isa: an index into ISAS -> y [M, N] f32."""
+    scales [N/16, K or K/2] f16 (models.gguf_quant.pack); fmt, isa: indices into FORMATS, ISAS -> y [M, N] f32."""
 
-    signature = "qmm(Tensor q, Tensor a, Tensor w, Tensor s, int bits, int isa) -> (Tensor)"
+    signature = "qmm(Tensor q, Tensor a, Tensor w, Tensor s, int fmt, int isa) -> (Tensor)"
 
     def select(self, ksel: KernelSelection):
         ts = [ksel.arg_tensor(i) for i in range(4)]
@@ -245,23 +271,24 @@ class qmm(CustomOp):
         out = ksel.return_new_tensor([ts[0].t.shape[0], ts[2].t.shape[0]], torch.float32)
         _specialize_static_dims(out)
 
-    def eager_execute(self, q, a, w, s, bits, isa):
-        return reference_matmul(q, a, w, s, bits)
+    def eager_execute(self, q, a, w, s, fmt, isa):
+        return reference_matmul(q, a, w, s, list(FORMATS)[fmt])
 
     def generate(self, ksel: KernelSelection, kb: KernelBuilder):
         qt, _, wt, st = (RankedTensorType(kb.arg_value(i).type) for i in range(4))
-        bits, isa = ksel.arg_descs[4].v, list(ISAS)[ksel.arg_descs[5].v]
+        fmt, isa = list(FORMATS)[ksel.arg_descs[4].v], list(ISAS)[ksel.arg_descs[5].v]
         (M, K), (N, KB) = qt.shape, wt.shape
         G = K // GROUP
-        obj, sym = build(bits, isa), symbol(bits, isa)
+        SC = st.shape[1] * st.shape[0]  # scale values
+        obj, sym = build(fmt, isa), symbol(fmt, isa)
         per_wg = per_workgroup(N)
         groups = -(-(N // ROW_TILE) // per_wg)
         ms = "?" if M < 0 else str(M)
-        name = f"aotllm_qmm_{ms.replace('?', 'D')}x{N}x{K}_b{bits}_{isa}"
+        name = f"aotllm_qmm_{ms.replace('?', 'D')}x{N}x{K}_{fmt}_{isa}"
         flat = lambda n: "?" if M < 0 else str(M * n)  # noqa: E731
         tie = lambda v: f"{{%{v}}}" if M < 0 else ""  # noqa: E731
         q_t, a_t, o_t = f"tensor<{ms}x{K}xi8>", f"tensor<{ms}x{G}x2xf32>", f"tensor<{ms}x{N}xf32>"
-        w_t, s_t = f"tensor<{N}x{KB}xi8>", f"tensor<{N // ROW_TILE}x{2 * G * ROW_TILE}xf16>"
+        w_t, s_t = f"tensor<{N}x{KB}xi8>", f"tensor<{N // ROW_TILE}x{st.shape[1]}xf16>"
         out_shape = f"%m, {N}" if M < 0 else f"{M}, {N}"
         asm = f"""module {{
 stream.executable private @{name}_exe attributes {{
@@ -286,7 +313,7 @@ stream.executable private @{name}_exe attributes {{
       %nq = arith.constant {K} : index
       %na = arith.constant {2 * G} : index
       %nw = arith.constant {N * KB} : index
-      %ns = arith.constant {N * 2 * G} : index
+      %ns = arith.constant {SC} : index
       %mq = arith.muli %m, %nq : index
       %ma = arith.muli %m, %na : index
       %my = arith.muli %m, %n : index
@@ -315,12 +342,12 @@ util.func private @{name}(%q: {q_t}, %a: {a_t}, %w: {w_t}, %s: {s_t}) -> {o_t} {
   %qf = tensor.collapse_shape %q [[0, 1]] : {q_t} into tensor<{flat(K)}xi8>
   %af = tensor.collapse_shape %a [[0, 1, 2]] : {a_t} into tensor<{flat(2 * G)}xf32>
   %wf = tensor.collapse_shape %w [[0, 1]] : {w_t} into tensor<{N * KB}xi8>
-  %s16 = tensor.bitcast %s : {s_t} to tensor<{N // ROW_TILE}x{2 * G * ROW_TILE}xi16>
-  %sf = tensor.collapse_shape %s16 [[0, 1]] : tensor<{N // ROW_TILE}x{2 * G * ROW_TILE}xi16> into tensor<{N * 2 * G}xi16>
+  %s16 = tensor.bitcast %s : {s_t} to tensor<{N // ROW_TILE}x{st.shape[1]}xi16>
+  %sf = tensor.collapse_shape %s16 [[0, 1]] : tensor<{N // ROW_TILE}x{st.shape[1]}xi16> into tensor<{SC}xi16>
   %ng = arith.constant {groups} : index
   %yf = flow.dispatch @{name}_exe::@{name}_entry[%ng](%qf, %af, %wf, %sf, %m)
       : (tensor<{flat(K)}xi8>{tie("mq")}, tensor<{flat(2 * G)}xf32>{tie("ma")}, tensor<{N * KB}xi8>,
-         tensor<{N * 2 * G}xi16>, index) -> tensor<{flat(N)}xf32>{tie("my")}
+         tensor<{SC}xi16>, index) -> tensor<{flat(N)}xf32>{tie("my")}
   %r = tensor.expand_shape %yf [[0, 1]] output_shape [{out_shape}] : tensor<{flat(N)}xf32> into {o_t}
   util.return %r : {o_t}
 }}

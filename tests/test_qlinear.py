@@ -49,7 +49,8 @@ def test_kept_groups_match_gguf_dequantization(qtype):
     blocks = random_blocks(qtype, rows, cols, rng)
     ref = dequantize(blocks, qtype).reshape(-1, 32)
     u, d, m = gguf_quant.groups(blocks, qtype)
-    assert u.dtype == np.uint8 and u.max() < (16 if gguf_quant.kept_bits(qtype) == 4 else 256)
+    fmt = gguf_quant.kept_format(qtype)
+    assert u.dtype == np.uint8 and u.max() < (16 if fmt.startswith("q4") else 256)
     d16, m16 = d.astype(np.float16).astype(np.float32), m.astype(np.float16).astype(np.float32)
     got = d16[:, None] * u - m16[:, None]
     span = np.abs(ref).max(axis=1, keepdims=True) + 1e-12
@@ -58,9 +59,13 @@ def test_kept_groups_match_gguf_dequantization(qtype):
     if qtype in (T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1):  # float16 scales of float16 scales: exact
         np.testing.assert_array_equal(got, ref)
     # and through the packed layout the model reads
-    w, s, bits = gguf_quant.convert(blocks, qtype, rows, cols)
-    assert w.nbytes == rows * cols * bits // 8
-    np.testing.assert_array_equal(dequantize_kept(torch.from_numpy(w), torch.from_numpy(s), bits).numpy(), got.reshape(rows, cols))
+    w, s = gguf_quant.convert(blocks, qtype, rows, cols)
+    bits, symmetric = gguf_quant.FORMATS[fmt]
+    assert w.nbytes == rows * cols * bits // 8 and s.size == rows * cols // 32 * (1 if symmetric else 2)
+    if symmetric:
+        np.testing.assert_array_equal(m16, d16 * (1 << (bits - 1)))
+    kept = dequantize_kept(torch.from_numpy(w), torch.from_numpy(s), fmt).numpy()
+    np.testing.assert_array_equal(kept, got.reshape(rows, cols))
 
 
 def test_unknown_type_is_an_error():
@@ -68,23 +73,27 @@ def test_unknown_type_is_an_error():
         gguf_quant.groups(np.zeros((1, GGML_QUANT_SIZES[T.Q8_1][1]), np.uint8), T.Q8_1)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_lookup_reads_rows_of_the_packed_table(bits):
-    rng = np.random.default_rng(bits)
-    N, K = 64, 96
+def _random_kept(fmt: str, N: int, K: int, rng) -> tuple[torch.Tensor, torch.Tensor]:
+    bits, symmetric = gguf_quant.FORMATS[fmt]
     u = rng.integers(0, 1 << bits, (N, K)).astype(np.uint8)
-    d, m = rng.uniform(0.01, 0.1, (2, N, K // 32)).astype(np.float32)
-    w, s = gguf_quant.pack(u, d, m, bits)
-    lin = QLinear(K, N, bits)
-    lin.weight.data, lin.scales.data = torch.from_numpy(w), torch.from_numpy(s)
+    d = rng.uniform(0.001, 0.02, (N, K // 32)).astype(np.float32)
+    m = d * (1 << (bits - 1)) if symmetric else rng.uniform(-0.1, 0.1, (N, K // 32)).astype(np.float32)
+    return tuple(torch.from_numpy(t) for t in gguf_quant.pack(u, d, m, fmt))
+
+
+@pytest.mark.parametrize("fmt", list(gguf_quant.FORMATS))
+def test_lookup_reads_rows_of_the_packed_table(fmt):
+    N, K = 64, 96
+    lin = QLinear(K, N, fmt)
+    lin.weight.data, lin.scales.data = _random_kept(fmt, N, K, np.random.default_rng(len(fmt)))
     ids = torch.tensor([[0, 17, 63], [5, 5, 40]])
-    full = dequantize_kept(lin.weight, lin.scales, bits)
+    full = dequantize_kept(lin.weight, lin.scales, fmt)
     torch.testing.assert_close(lin.lookup(ids), full[ids], rtol=0, atol=0)
 
 
-def _call_kernel(isa, bits, q, a, w, s, N):
-    lib = ctypes.CDLL(str(qmatmul.build(bits, isa, shared=True)))
-    fn = getattr(lib, qmatmul.symbol(bits, isa))
+def _call_kernel(isa, fmt, q, a, w, s, N):
+    lib = ctypes.CDLL(str(qmatmul.build(fmt, isa, shared=True)))
+    fn = getattr(lib, qmatmul.symbol(fmt, isa))
     M, K = q.shape
     y = np.zeros((M, N), np.float32)
     arrays = [np.ascontiguousarray(t) for t in (q.numpy(), a.numpy(), w.numpy(), s.numpy().view(np.uint16))]
@@ -103,25 +112,21 @@ def _call_kernel(isa, bits, q, a, w, s, N):
 @needs_gcc
 @pytest.mark.skipif(not HOST_ISAS, reason="the kernel needs an x86-64 CPU with AVX2")
 @pytest.mark.parametrize("isa", HOST_ISAS)
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("fmt", list(gguf_quant.FORMATS))
 @pytest.mark.parametrize("shape", [(1, 16, 32), (7, 48, 96), (13, 512, 1024), (64, 32, 64)])
-def test_kernel_matches_its_reference(isa, bits, shape):
+def test_kernel_matches_its_reference(isa, fmt, shape):
     """Every workgroup of the kernel, called directly, against the torch arithmetic it implements; that in
     turn against the float product of the dequantized weight (the activations' int8 rounding)."""
     M, N, K = shape
-    rng = np.random.default_rng(M * N + bits)
-    u = rng.integers(0, 1 << bits, (N, K)).astype(np.uint8)
-    d = rng.uniform(0.001, 0.02, (N, K // 32)).astype(np.float32)
-    m = d * (1 << (bits - 1))  # centred, as Q8_0 / Q4_0 are
-    w, s = (torch.from_numpy(t) for t in gguf_quant.pack(u, d, m, bits))
+    w, s = _random_kept(fmt, N, K, np.random.default_rng(M * N + len(fmt)))
     x = torch.randn(M, K)
     if K > 32:
         x[0, :32] = 0  # a group of zeros
     q, a = quantize_rows(x)
-    want = reference_matmul(q, a, w, s, bits)
-    got = _call_kernel(isa, bits, q, a, w, s, N)
+    want = reference_matmul(q, a, w, s, fmt)
+    got = _call_kernel(isa, fmt, q, a, w, s, N)
     np.testing.assert_allclose(got, want.numpy(), rtol=1e-5, atol=1e-5 * float(want.abs().max()))
-    exact = x @ dequantize_kept(w, s, bits).t()
+    exact = x @ dequantize_kept(w, s, fmt).t()
     assert float((want - exact).norm() / exact.norm()) < 0.02
 
 
