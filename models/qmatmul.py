@@ -5,11 +5,11 @@ reads the weights as float32 (or writes and rereads a float copy). This kernel (
 as a custom dispatch like models.amx) reads the packed bytes once: y[M, N] from int8 activations q [M, K]
 with per-group (s, s * sum q) and the weight tiles of models.gguf_quant.pack.
 
-One workgroup takes a run of 16-row weight tiles and every activation row, a few rows at a time. Per
-group of 32 inputs it accumulates integer dot products of the 16 weight rows with each activation row
-(AVX-512 VNNI `vpdpbusd`: 64 weight bytes = 16 rows x 4 inputs against 4 broadcast activation bytes; the
-4-bit build unpacks nibbles first), then adds d * dot * s - m * (s * sum q) in float32 lanes, one per
-output row, so nothing is summed horizontally. The AVX2 build does the same in two 8-row halves with
+One workgroup takes a run of 16-row weight tiles, two at a time, and every activation row, four at a
+time. Per group of 32 inputs it accumulates integer dot products of the 32 weight rows with each activation
+row (AVX-512 VNNI `vpdpbusd`: 64 weight bytes = 16 rows x 4 inputs against 4 broadcast activation bytes,
+each broadcast serving both tiles; the 4-bit build unpacks nibbles first), then adds
+d * dot * s - m * (s * sum q) in float32 lanes, one per output row, so nothing is summed horizontally. The AVX2 build does the same in two 8-row halves with
 `vpmaddubsw` (4-bit: 8 products summed in 16 bits cannot overflow, 8 * 2 * 15 * 127 < 2**15) or, for 8-bit
 weights (up to 255, which `vpmaddubsw` would saturate), widened to 16 bits and `vpmaddwd`.
 """
@@ -45,61 +45,70 @@ _SOURCE = r"""
 #define SP (SYM ? 16 : 32)  /* scales per group and tile: d (and m) for 16 rows */
 
 #ifdef __AVX512F__
-#define MR 8
-/* rows (<= MR) activation rows against one 16-row tile: y[r][0..15]. */
+#define MR 4
+/* rows (<= MR) activation rows against NT (1 or 2) consecutive 16-row tiles: y[r][0 .. 16 NT). Two tiles
+   share each broadcast activation word and scalar; each (row, tile) is its own dependency chain. */
 INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const float *xa, float *y,
-                  size_t K, size_t N, const int rows) {
-  const size_t G = K / 32;
-  __m512 acc[MR];
-  for (int r = 0; r < rows; r++) acc[r] = _mm512_setzero_ps();
+                  size_t K, size_t N, const int rows, const int NT) {
+  const size_t G = K / 32, tw = 16 * K * BITS / 8, ts = G * SP;  /* one tile's bytes, scales */
+  __m512 acc[MR][2];
+  for (int r = 0; r < rows; r++)
+    for (int j = 0; j < NT; j++) acc[r][j] = _mm512_setzero_ps();
   for (size_t g = 0; g < G; g++) {
-    /* two dependency chains per row when rows are few (a vpdpbusd waits for the previous one) */
-    const int two = rows <= 4;
-    __m512i ia[MR], ib[4];
-    for (int r = 0; r < rows; r++) ia[r] = _mm512_setzero_si512();
-    for (int r = 0; r < 4; r++) ib[r] = _mm512_setzero_si512();
+    __m512i ia[MR][2];
+    for (int r = 0; r < rows; r++)
+      for (int j = 0; j < NT; j++) ia[r][j] = _mm512_setzero_si512();
 #if BITS == 8
     const uint8_t *wg = w + g * 512;
-    for (int kk = 0; kk < 8; kk += 2) {
-      __m512i w0 = _mm512_loadu_si512(wg + kk * 64), w1 = _mm512_loadu_si512(wg + kk * 64 + 64);
+    for (int kk = 0; kk < 8; kk++) {
+      __m512i wv[2];
+      for (int j = 0; j < NT; j++) wv[j] = _mm512_loadu_si512(wg + j * tw + kk * 64);
       for (int r = 0; r < rows; r++) {
-        const int32_t *xr = (const int32_t *)(x + r * K + g * 32);
-        ia[r] = _mm512_dpbusd_epi32(ia[r], w0, _mm512_set1_epi32(xr[kk]));
-        if (two) ib[r & 3] = _mm512_dpbusd_epi32(ib[r & 3], w1, _mm512_set1_epi32(xr[kk + 1]));
-        else ia[r] = _mm512_dpbusd_epi32(ia[r], w1, _mm512_set1_epi32(xr[kk + 1]));
+        const __m512i xb = _mm512_set1_epi32(((const int32_t *)(x + r * K + g * 32))[kk]);
+        for (int j = 0; j < NT; j++) ia[r][j] = _mm512_dpbusd_epi32(ia[r][j], wv[j], xb);
       }
     }
 #else
     const uint8_t *wg = w + g * 256;
     const __m512i lo4 = _mm512_set1_epi8(0x0F);
     for (int kk = 0; kk < 4; kk++) {
-      __m512i wv = _mm512_loadu_si512(wg + kk * 64);
-      __m512i w0 = _mm512_and_si512(wv, lo4), w1 = _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4);
+      __m512i lo[2], hi[2];
+      for (int j = 0; j < NT; j++) {
+        __m512i wv = _mm512_loadu_si512(wg + j * tw + kk * 64);
+        lo[j] = _mm512_and_si512(wv, lo4);
+        hi[j] = _mm512_and_si512(_mm512_srli_epi16(wv, 4), lo4);
+      }
       for (int r = 0; r < rows; r++) {
         const int32_t *xr = (const int32_t *)(x + r * K + g * 32 + kk * 8);
-        ia[r] = _mm512_dpbusd_epi32(ia[r], w0, _mm512_set1_epi32(xr[0]));
-        if (two) ib[r & 3] = _mm512_dpbusd_epi32(ib[r & 3], w1, _mm512_set1_epi32(xr[1]));
-        else ia[r] = _mm512_dpbusd_epi32(ia[r], w1, _mm512_set1_epi32(xr[1]));
+        const __m512i x0 = _mm512_set1_epi32(xr[0]), x1 = _mm512_set1_epi32(xr[1]);
+        for (int j = 0; j < NT; j++) {
+          ia[r][j] = _mm512_dpbusd_epi32(ia[r][j], lo[j], x0);
+          ia[r][j] = _mm512_dpbusd_epi32(ia[r][j], hi[j], x1);
+        }
       }
     }
 #endif
-    const __m512 d = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * SP)));
-#if !SYM
-    const __m512 m = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + g * SP + 16)));
-#endif
+    __m512 d[2], m[2];
+    for (int j = 0; j < NT; j++) {
+      d[j] = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + j * ts + g * SP)));
+      m[j] = SYM ? d[j] : _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(s + j * ts + g * SP + 16)));
+    }
     for (int r = 0; r < rows; r++) {
       const float *ar = xa + (r * G + g) * 2;
-      __m512 dot = _mm512_cvtepi32_ps(two ? _mm512_add_epi32(ia[r], ib[r & 3]) : ia[r]);
+      const __m512 sx = _mm512_set1_ps(ar[0]), sq = _mm512_set1_ps(SYM ? C * ar[1] : ar[1]);
+      for (int j = 0; j < NT; j++) {
+        const __m512 dot = _mm512_cvtepi32_ps(ia[r][j]);
 #if SYM
-      __m512 t = _mm512_fmsub_ps(dot, _mm512_set1_ps(ar[0]), _mm512_set1_ps(C * ar[1]));
-      acc[r] = _mm512_fmadd_ps(t, d, acc[r]);
+        acc[r][j] = _mm512_fmadd_ps(_mm512_fmsub_ps(dot, sx, sq), d[j], acc[r][j]);
 #else
-      acc[r] = _mm512_fmadd_ps(_mm512_mul_ps(dot, d), _mm512_set1_ps(ar[0]), acc[r]);
-      acc[r] = _mm512_fnmadd_ps(m, _mm512_set1_ps(ar[1]), acc[r]);
+        acc[r][j] = _mm512_fmadd_ps(_mm512_mul_ps(dot, d[j]), sx, acc[r][j]);
+        acc[r][j] = _mm512_fnmadd_ps(m[j], sq, acc[r][j]);
 #endif
+      }
     }
   }
-  for (int r = 0; r < rows; r++) _mm512_storeu_ps(y + r * N, acc[r]);
+  for (int r = 0; r < rows; r++)
+    for (int j = 0; j < NT; j++) _mm512_storeu_ps(y + r * N + 16 * j, acc[r][j]);
 }
 #else
 #define MR 4
@@ -161,9 +170,12 @@ INLINE void half(const uint8_t *w, const uint16_t *s, const int8_t *x, const flo
   for (int r = 0; r < rows; r++) _mm256_storeu_ps(y + r * N + h * 8, acc[r]);
 }
 INLINE void block(const uint8_t *w, const uint16_t *s, const int8_t *x, const float *xa, float *y,
-                  size_t K, size_t N, const int rows) {
-  half(w, s, x, xa, y, K, N, rows, 0);
-  half(w, s, x, xa, y, K, N, rows, 1);
+                  size_t K, size_t N, const int rows, const int NT) {
+  const size_t tw = 16 * K * BITS / 8, ts = K / 32 * SP;
+  for (int j = 0; j < NT; j++) {
+    half(w + j * tw, s + j * ts, x, xa, y + 16 * j, K, N, rows, 0);
+    half(w + j * tw, s + j * ts, x, xa, y + 16 * j, K, N, rows, 1);
+  }
 }
 #endif
 
@@ -174,25 +186,17 @@ void NAME(MEMREF(int8_t, x), MEMREF(float, xa), MEMREF(uint8_t, w), MEMREF(uint1
   x += x_off; xa += xa_off; w += w_off; s += s_off; y += y_off;
   const size_t G = K / 32, tiles = N / 16;
   const size_t t1 = (wg + 1) * per_wg < tiles ? (wg + 1) * per_wg : tiles;
-  for (size_t t = wg * per_wg; t < t1; t++) {
+  for (size_t t = wg * per_wg; t < t1; t += 2) {
     const uint8_t *wt = w + t * 16 * K * BITS / 8;
     const uint16_t *st = s + t * G * SP;
+    const int two = t + 1 < t1;
     for (size_t m0 = 0; m0 < M; m0 += MR) {
       const int8_t *xr = x + m0 * K;
       const float *ar = xa + m0 * G * 2;
       float *yr = y + m0 * N + t * 16;
-      switch (M - m0 < MR ? M - m0 : MR) {
-        case 1: block(wt, st, xr, ar, yr, K, N, 1); break;
-        case 2: block(wt, st, xr, ar, yr, K, N, 2); break;
-        case 3: block(wt, st, xr, ar, yr, K, N, 3); break;
-        case 4: block(wt, st, xr, ar, yr, K, N, 4); break;
-#if MR > 4
-        case 5: block(wt, st, xr, ar, yr, K, N, 5); break;
-        case 6: block(wt, st, xr, ar, yr, K, N, 6); break;
-        case 7: block(wt, st, xr, ar, yr, K, N, 7); break;
-        case 8: block(wt, st, xr, ar, yr, K, N, 8); break;
-#endif
-      }
+#define CASE(R) case R: if (two) block(wt, st, xr, ar, yr, K, N, R, 2); else block(wt, st, xr, ar, yr, K, N, R, 1); break;
+      switch (M - m0 < MR ? M - m0 : MR) { CASE(1) CASE(2) CASE(3) CASE(4) }
+#undef CASE
     }
   }
 }
@@ -238,9 +242,11 @@ def build(fmt: str, isa: str, shared: bool = False) -> Path:
 
 
 def per_workgroup(out_features: int) -> int:
-    """16-row tiles per workgroup: at most MAX_WORKGROUPS workgroups (enough to spread over the cores)."""
+    """16-row tiles per workgroup: an even count (the kernel takes tiles two at a time), at most
+    MAX_WORKGROUPS workgroups (enough to spread over the cores)."""
     tiles = out_features // ROW_TILE
-    return -(-tiles // MAX_WORKGROUPS)
+    per = -(-tiles // MAX_WORKGROUPS)
+    return per + per % 2
 
 
 def enable(model: torch.nn.Module, isa: str) -> None:
