@@ -19,8 +19,8 @@ parameter tensors one decode step reads (the IRPA's tensors; an untied token emb
 gathered from, so it is left out); "GB/s achieved" = weight bytes x batch-1 decode tok/s, and the
 roofline ratio = achieved / measured bandwidth.
 `--compare-llama-cpp` adds llama.cpp (llama-cpp-python, installed on demand: bench/llama_cpp.py) on the
-same GGUF converted to each measured precision (for w8a8: Q8_0; for gguf: the file as it is), same prompts, same threads, in the
-same run.
+same GGUF converted to each measured precision (for w8a8: Q8_0; for gguf: the file as it is), same
+prompts, same threads, in the same run.
 """
 
 from __future__ import annotations

@@ -151,5 +151,7 @@ def write(weights: ModelWeights, model: torch.nn.Module, kept: dict[str, str], p
 def _checked(name: str, arr: np.ndarray, want: tuple) -> np.ndarray:
     shape, dtype = want
     if tuple(arr.shape) != shape or arr.dtype != _NP[dtype]:
-        raise ModelError(f"{name}: converted to {arr.dtype}{list(arr.shape)}, the program declares {dtype}{list(shape)}")
+        raise ModelError(
+            f"{name}: converted to {arr.dtype}{list(arr.shape)}, the program declares {dtype}{list(shape)}"
+        )
     return arr

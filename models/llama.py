@@ -281,7 +281,9 @@ class PagedLlama(nn.Module):
         self.tp = tp
         self.quantization = quantization
         embd = kept.get("token_embd.weight")
-        self.token_embd = QLinear(c.hidden_size, c.vocab_size, embd) if embd else nn.Embedding(c.vocab_size, c.hidden_size)
+        self.token_embd = (
+            QLinear(c.hidden_size, c.vocab_size, embd) if embd else nn.Embedding(c.vocab_size, c.hidden_size)
+        )
         if tp == 1:
             self.blk = nn.ModuleList(
                 Block(c, quantization, self.kv_dtype, _layer_kept(kept, i)) for i in range(c.num_layers)
@@ -332,7 +334,7 @@ class PagedLlama(nn.Module):
         quantizations included: the eager twin of the program (tp = 1, not W8A8)."""
         expected = weights.expected_shapes()
         kept = {}
-        for name, (rows, cols) in ((n, s) for n, s in expected.items() if len(s) == 2):
+        for name, (_, cols) in ((n, s) for n, s in expected.items() if len(s) == 2):
             scales = weights.tensors.get(name.removesuffix(".weight") + ".scales")
             if scales is not None:  # (the packed shapes tell the format: bits, and whether m is stored)
                 bits = weights.tensors[name].shape[1] * 8 // cols

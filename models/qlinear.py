@@ -3,7 +3,8 @@
 A kept weight [N, K] is `w = d * u - m` per group of 32 inputs (models.gguf_quant: formats q8, q8m, q4, q4m;
 symmetric ones have m = 2**(bits - 1) * d), stored packed the way the kernel reads it: `weight` int8
 [N, K * bits / 8] and `scales` float16 [N/16, K] (symmetric: [N/16, K/2]). Two ways to multiply:
-- `isa` set (`export.paged_llm --cpu-matmul`): each input row is quantized to int8 per group of 32
+- `kernel` set (models.qmatmul.enable, for `export.paged_llm --cpu-matmul`): each input row is quantized to
+  int8 per group of 32
   (`quantize_rows`, as llama.cpp quantizes activations for its Q8_0/Q4 dot products) and the product runs
   in integers in models.qmatmul's x86 kernel, which reads the packed bytes as they are:
   y = sum_g s_x * (d * sum(u * q_x) - m * sum(q_x)).
@@ -13,6 +14,8 @@ symmetric ones have m = 2**(bits - 1) * d), stored packed the way the kernel rea
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 import torch.nn as nn
@@ -80,7 +83,8 @@ def reference_matmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, sca
 
 
 class QLinear(nn.Module):
-    """y = x W^T (no bias) for a kept weight; `isa` (models.qmatmul.enable) picks the x86 kernel."""
+    """y = x W^T (no bias) for a kept weight; `kernel` (set by models.qmatmul.enable): the x86 kernel's op,
+    (q, a, weight, scales, fmt) -> y."""
 
     def __init__(self, in_features: int, out_features: int, fmt: str):
         super().__init__()
@@ -88,7 +92,7 @@ class QLinear(nn.Module):
             raise ValueError(f"no kept format {fmt!r} for a [{out_features}, {in_features}] weight")
         self.in_features, self.out_features, self.fmt = in_features, out_features, fmt
         self.bits, symmetric = FORMATS[fmt]
-        self.isa: str | None = None
+        self.kernel: Callable | None = None
         self.weight = nn.Parameter(
             torch.zeros(out_features, in_features * self.bits // 8, dtype=torch.int8), requires_grad=False
         )
@@ -101,11 +105,9 @@ class QLinear(nn.Module):
     def forward(self, x: torch.Tensor, quantized: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """`quantized`: quantize_rows(x) already computed for another projection of the same input."""
         rows = x.reshape(-1, self.in_features)
-        if self.isa:
-            from .qmatmul import qmatmul
-
+        if self.kernel is not None:
             q, a = quantized if quantized is not None else quantize_rows(rows)
-            y = qmatmul(q, a, self.weight, self.scales, self.fmt, self.isa)
+            y = self.kernel(q, a, self.weight, self.scales, self.fmt)
         else:
             y = F.linear(rows.to(torch.float32), dequantize(self.weight, self.scales, self.fmt))
         return y.view(*x.shape[:-1], self.out_features).to(x.dtype)
@@ -115,7 +117,7 @@ class QLinear(nn.Module):
 
         Reads only those rows: the packed bytes of one row are one int32 word per 4 (8-bit) or 8 (4-bit)
         inputs, at a stride of 16 words; the scales likewise."""
-        N, K, G = self.out_features, self.in_features, self.in_features // GROUP
+        K, G = self.in_features, self.in_features // GROUP
         flat = ids.reshape(-1)
         tile, lane = torch.div(flat, ROW_TILE, rounding_mode="floor"), flat.remainder(ROW_TILE)
         per_tile = K * self.bits // 32  # int32 words of one row in one tile
@@ -128,10 +130,14 @@ class QLinear(nn.Module):
         if self.bits == 8:
             u = torch.bitwise_right_shift(w, j * 8) & 0xFF  # byte j: input 4c + j
         else:
-            u = torch.bitwise_right_shift(w, (j % 4) * 8 + (j // 4) * 4) & 0x0F  # low nibbles: inputs 8c + 0..3, high: 8c + 4..7
+            u = (
+                torch.bitwise_right_shift(w, (j % 4) * 8 + (j // 4) * 4) & 0x0F
+            )  # low nibbles: inputs 8c + 0..3, high: 8c + 4..7
         parts = self.scales.shape[1] // (G * ROW_TILE)  # d (and m)
         gcols = torch.arange(parts * G, dtype=flat.dtype)
-        s = self.scales.reshape(-1)[((tile.unsqueeze(1) * parts * G + gcols) * ROW_TILE + lane.unsqueeze(1)).reshape(-1)]
+        s = self.scales.reshape(-1)[
+            ((tile.unsqueeze(1) * parts * G + gcols) * ROW_TILE + lane.unsqueeze(1)).reshape(-1)
+        ]
         s = s.to(torch.float32).view(-1, G, parts, 1)
         d = s[:, :, 0]
         m = d * float(1 << (self.bits - 1)) if parts == 1 else s[:, :, 1]
@@ -141,6 +147,6 @@ class QLinear(nn.Module):
 
 def quantized_input(x: torch.Tensor, *projections: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
     """quantize_rows(x) once for several kernel projections of the same input (None when none is one)."""
-    if any(isinstance(p, QLinear) and p.isa for p in projections):
+    if any(isinstance(p, QLinear) and p.kernel is not None for p in projections):
         return quantize_rows(x.reshape(-1, x.shape[-1]))
     return None

@@ -5,17 +5,19 @@ reads the weights as float32 (or writes and rereads a float copy). This kernel (
 as a custom dispatch like models.amx) reads the packed bytes once: y[M, N] from int8 activations q [M, K]
 with per-group (s, s * sum q) and the weight tiles of models.gguf_quant.pack.
 
-One workgroup takes a run of 16-row weight tiles, two at a time, and every activation row, four at a
-time. Per group of 32 inputs it accumulates integer dot products of the 32 weight rows with each activation
-row (AVX-512 VNNI `vpdpbusd`: 64 weight bytes = 16 rows x 4 inputs against 4 broadcast activation bytes,
-each broadcast serving both tiles; the 4-bit build unpacks nibbles first), then adds
-d * dot * s - m * (s * sum q) in float32 lanes, one per output row, so nothing is summed horizontally. The AVX2 build does the same in two 8-row halves with
-`vpmaddubsw` (4-bit: 8 products summed in 16 bits cannot overflow, 8 * 2 * 15 * 127 < 2**15) or, for 8-bit
-weights (up to 255, which `vpmaddubsw` would saturate), widened to 16 bits and `vpmaddwd`.
+One workgroup takes a run of 16-row weight tiles, two at a time, and every activation row, four at a time.
+Per group of 32 inputs it accumulates integer dot products of the 32 weight rows with each activation row
+(AVX-512 VNNI `vpdpbusd`: 64 weight bytes = 16 rows x 4 inputs against 4 broadcast activation bytes, each
+broadcast serving both tiles; the 4-bit build unpacks nibbles first), then adds d * dot * s - m * (s * sum
+q) in float32 lanes, one per output row, so nothing is summed horizontally. The AVX2 build does the same in
+two 8-row halves with `vpmaddubsw` (4-bit: 8 products summed in 16 bits cannot overflow, 8 * 2 * 15 * 127 <
+2**15) or, for 8-bit weights (up to 255, which `vpmaddubsw` would saturate), widened to 16 bits and
+`vpmaddwd`.
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import torch
@@ -194,7 +196,8 @@ void NAME(MEMREF(int8_t, x), MEMREF(float, xa), MEMREF(uint8_t, w), MEMREF(uint1
       const int8_t *xr = x + m0 * K;
       const float *ar = xa + m0 * G * 2;
       float *yr = y + m0 * N + t * 16;
-#define CASE(R) case R: if (two) block(wt, st, xr, ar, yr, K, N, R, 2); else block(wt, st, xr, ar, yr, K, N, R, 1); break;
+#define CASE(R) \
+  case R: if (two) block(wt, st, xr, ar, yr, K, N, R, 2); else block(wt, st, xr, ar, yr, K, N, R, 1); break;
       switch (M - m0 < MR ? M - m0 : MR) { CASE(1) CASE(2) CASE(3) CASE(4) }
 #undef CASE
     }
@@ -254,7 +257,7 @@ def enable(model: torch.nn.Module, isa: str) -> None:
     for mod in model.modules():
         if isinstance(mod, QLinear):
             build(mod.fmt, isa)
-            mod.isa = isa
+            mod.kernel = functools.partial(qmatmul, isa=isa)
 
 
 def qmatmul(q: torch.Tensor, a: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, fmt: str, isa: str):

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .core.engine import Engine, EngineConfig
-from .frontends.app import Report
 from .flags import parse_args
-from .frontends.app import create_app
+from .frontends.app import Report, create_app
 from .frontends.http_server import Server
 from .frontends.options import ServerOptions, uvicorn_config
 from .frontends.security import exposure_warnings

@@ -167,7 +167,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if len(sources) > 1:
         p.error(f"give one model: {' and '.join('--' + f.replace('_', '-') for f in sources)} were given")
     if args.vmfb and (args.quantization != "none" or args.weights):
-        p.error("--quantization / --weights build a program; for your own export give them to python -m export.paged_llm")
+        p.error(
+            "--quantization / --weights build a program; for your own export give them to python -m export.paged_llm"
+        )
     if args.quantization != "none" and args.weights not in (None, args.quantization):
         p.error(f"--quantization {args.quantization} and --weights {args.weights} disagree")
     for f in ("gguf_file", "hf_dir", "irpa_file"):

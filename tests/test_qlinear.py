@@ -17,7 +17,8 @@ from models import cpu, gguf_quant, qmatmul
 from models.abi import ModelABI
 from models.ckernel import compiler
 from models.llama import PagedLlama
-from models.qlinear import QLinear, dequantize as dequantize_kept, quantize_rows, reference_matmul
+from models.qlinear import QLinear, quantize_rows, reference_matmul
+from models.qlinear import dequantize as dequantize_kept
 from models.weights import read_irpa, read_irpa_meta
 from serve.core.runner import Runner
 from tests.tiny import VARIANTS, Variant, hf_model, write_gguf
@@ -157,8 +158,20 @@ CASES = [  # (variant, types, exported with --cpu-matmul)
     ("mqa", {p: "Q4_1" for p in PROJ} | {"token_embd.weight": "Q8_0"}, True),  # tied: the kept table is the head
     ("head_dim", {p: "Q5_0" for p in PROJ}, True),  # hidden 48: the matrices it cannot tile stay float
     ("llama31", {p: "Q5_1" for p in PROJ}, True),
-    ("kquant", {"attn_q": "Q4_K", "attn_k": "Q4_K", "attn_v": "Q6_K", "attn_output": "Q4_K", "ffn_gate": "Q4_K",
-                "ffn_up": "Q5_K", "ffn_down": "Q6_K", "token_embd.weight": "Q6_K"}, True),  # a Q4_K_M mix
+    (
+        "kquant",
+        {
+            "attn_q": "Q4_K",
+            "attn_k": "Q4_K",
+            "attn_v": "Q6_K",
+            "attn_output": "Q4_K",
+            "ffn_gate": "Q4_K",
+            "ffn_up": "Q5_K",
+            "ffn_down": "Q6_K",
+            "token_embd.weight": "Q6_K",
+        },
+        True,
+    ),  # a Q4_K_M mix
 ]
 
 

@@ -64,7 +64,9 @@ def _random_q8_gguf(path: Path, hidden: int, inter: int, layers: int, vocab: int
 def _export_peak_gib(gguf_path: Path, out: Path, *extra: str) -> float:
     """The exporter's own peak resident memory (its last stage line), exported in a fresh process."""
     cmd = [sys.executable, "-m", "export.paged_llm", "--gguf-file", str(gguf_path), "--output-dir", str(out)]
-    r = subprocess.run([*cmd, "--bs-prefill", "1", "--bs-decode", "1", *extra], cwd=ROOT, capture_output=True, text=True)
+    r = subprocess.run(
+        [*cmd, "--bs-prefill", "1", "--bs-decode", "1", *extra], cwd=ROOT, capture_output=True, text=True
+    )
     assert r.returncode == 0, r.stderr[-3000:]
     return float(re.findall(r"peak memory so far ([\d.]+) GiB", r.stderr)[-1])
 

@@ -1,0 +1,95 @@
+"""`python -m serve --gguf-file M.gguf`: one command builds (export + compile, through the cache) and serves
+any model, with /health saying how far the build is; a restart reuses the build."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from models.abi import ModelABI
+from models.gguf_tokenizer import save_tokenizer
+from tests.server_util import free_port
+from tests.tiny import VARIANTS, char_tokenizer, hf_model, write_gguf
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJ = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
+
+
+def _serve(gguf: Path, tokenizer: Path, cache: Path, timeout: float = 600) -> tuple[subprocess.Popen, str, list]:
+    """Start the server and poll /health until 200; -> (process, url, every loading answer's JSON)."""
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "serve", "--gguf-file", str(gguf), "--tokenizer", str(tokenizer)]
+    env = {**os.environ, "AOTLLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env)
+    seen, deadline = [], time.time() + timeout
+    while True:
+        assert proc.poll() is None, "the server exited"
+        assert time.time() < deadline, f"not healthy in {timeout} s: {seen[-3:]}"
+        try:
+            r = httpx.get(f"{url}/health", timeout=5)
+        except httpx.TransportError:
+            time.sleep(0.1)
+            continue
+        if r.status_code == 200:
+            return proc, url, seen
+        assert r.status_code == 503 and r.headers["retry-after"]
+        seen.append(r.json())
+        time.sleep(0.05)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def tiny_q8(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gguf")
+    gguf = write_gguf(hf_model(VARIANTS[1]), d / "tiny-q8.gguf", {p: "Q8_0" for p in PROJ})
+    save_tokenizer(*char_tokenizer(), d / "tok")
+    return gguf, d / "tok", d / "cache"
+
+
+def test_one_command_builds_reports_and_reuses(tiny_q8):
+    gguf, tok, cache = tiny_q8
+    proc, url, loading = _serve(gguf, tok, cache)
+    try:
+        assert all(body["status"] == "loading" for body in loading)
+        stages = [body["stage"] for body in loading]
+        assert any(s.startswith("exporting") for s in stages) and "compiling for llvm-cpu" in stages
+        progress = [b["progress"] for b in loading if b["stage"] == "exporting: writing parameters"]
+        assert all(0 <= p <= 1 for p in progress)
+        assert not any(str(cache) in s for s in stages)  # (no server paths to clients)
+        r = httpx.post(f"{url}/v1/completions", json={"prompt": "hello", "max_tokens": 4}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["model"] == "tiny-q8"
+        assert r.json()["usage"]["completion_tokens"] == 4
+    finally:
+        _stop(proc)
+    (built,) = [d for d in (cache / "artifacts").iterdir() if d.is_dir()]
+    assert ModelABI.load(built / "config.json").quantization == "gguf"  # its Q8_0 matrices kept
+
+    t0 = time.time()
+    proc, url, loading = _serve(gguf, tok, cache, timeout=120)
+    try:
+        assert not any(b["stage"].startswith(("exporting", "compiling")) for b in loading), loading
+        assert time.time() - t0 < 60
+    finally:
+        _stop(proc)
+
+
+def test_a_missing_model_file_is_a_flag_error(tmp_path):
+    r = subprocess.run(
+        [sys.executable, "-m", "serve", "--gguf-file", str(tmp_path / "nope.gguf")],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 2 and "no such file" in r.stderr
