@@ -119,8 +119,8 @@ def compile_mlir(req: CompileRequest, output: Path, use_cache: bool = True) -> P
         raise CompileError(f"{req.mlir}: no such MLIR file; hint: run python -m export.paged_llm first")
     if req.target != "llvm-cpu" and _links_cpu_kernels(Path(req.mlir)):
         raise CompileError(
-            f"{req.mlir} links x86-64 CPU kernels (exported with --cpu-attention or --amx), which cannot run on "
-            f"{req.target}; hint: export again without those options for a GPU"
+            f"{req.mlir} links x86-64 CPU kernels (exported with --cpu-attention, --cpu-matmul or --amx), which "
+            f"cannot run on {req.target}; hint: export again without those options for a GPU"
         )
     output = Path(output)
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -306,8 +306,10 @@ class IrpaWriter:
         self.spans.append((name, start, want))
 
     def abort(self) -> None:
+        """Remove what was written (a failed export leaves no partial archive behind)."""
         self.data.close()
         self.data_path.unlink(missing_ok=True)
+        self.path.unlink(missing_ok=True)
 
     def close(self) -> None:
         import iree.runtime as rt
@@ -324,6 +326,9 @@ class IrpaWriter:
                     index.add_buffer(name, np.zeros(0, np.uint8))
             index.add_buffer(CONFIG_KEY, np.frombuffer(json.dumps(self.meta).encode(), dtype=np.uint8))
             index.create_archive_file(str(self.path))
+        except BaseException:
+            self.path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(fd)
             self.data_path.unlink()

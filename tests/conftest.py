@@ -107,7 +107,9 @@ def _smollm2_build(name):
     return fixture
 
 
-smollm2_f32_artifacts, smollm2_w8a8_artifacts, smollm2_tp3_artifacts = map(_smollm2_build, SMOLLM2_BUILDS)
+smollm2_f32_artifacts, smollm2_w8a8_artifacts, smollm2_tp3_artifacts, smollm2_gguf_artifacts = map(
+    _smollm2_build, SMOLLM2_BUILDS
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ SMOLLM2_BUILDS = {
     "f32": export_args(),  # the same artifacts `python -m serve` builds for its default model
     "w8a8": [*export_args("w8a8"), "--bs-prefill", "1", "--bs-decode", "1"],  # the server's, fewer batch sizes
     "tp3": [*export_args(), "--tensor-parallelism-size", "3", "--bs-prefill", "1", "--bs-decode", "1"],
+    "gguf": [*export_args("gguf"), "--bs-prefill", "1", "--bs-decode", "1"],  # its Q4_1 kept (models.qlinear)
 }
 
 if __name__ == "__main__":
