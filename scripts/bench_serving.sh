@@ -4,6 +4,8 @@
 # load from `python -m bench.serving` (openai backend: /v1/completions streamed), then one table.
 #   scripts/bench_serving.sh [OUT_DIR]     (env: CONCURRENCY=16 PROMPTS=32 INPUT_LEN=32 OUTPUT_LEN=128)
 # W8A8=1 adds our server on the `--quantization w8a8` program and llama-server on a Q8_0 GGUF.
+# MODEL=M.gguf serves that file instead: ours with its quantization kept (`--gguf-file`), llama-server on
+# the file as it is (bench.random_gguf writes real shapes).
 # Then single-stream runs on the idle servers: TTFT of a short prompt (other prompts than the first
 # run's: --seed 1, so no prefix-cache hits).
 set -euo pipefail
@@ -40,15 +42,21 @@ ours() {  # NAME LABEL [python -m serve model arguments]
   kill "${pids[@]}"; wait 2>/dev/null || true; pids=()
 }
 
-ours aotllm "aotllm f32"
-LLAMA_TYPES=(F16 F32); RUNS=(aotllm)
-if [[ "${W8A8:-0}" == 1 ]]; then
+if [[ -n "${MODEL:-}" ]]; then
+  ours aotllm "aotllm $(basename "$MODEL") kept" --gguf-file "$MODEL"
+  LLAMA_TYPES=(as-is); RUNS=(aotllm)
+else
+  ours aotllm "aotllm f32"
+  LLAMA_TYPES=(F16 F32); RUNS=(aotllm)
+fi
+if [[ "${W8A8:-0}" == 1 && -z "${MODEL:-}" ]]; then
   ours aotllm-w8a8 "aotllm w8a8" --quantization w8a8
   LLAMA_TYPES+=(Q8_0); RUNS+=(aotllm-w8a8)
 fi
 
 for dt in "${LLAMA_TYPES[@]}"; do
   model="${GGUF%.gguf}.llama-cpp-$dt.gguf"
+  [[ "$dt" == as-is ]] && model="$MODEL"
   [[ -f "$model" ]] || "$PY" -c "from bench import llama_cpp; from pathlib import Path; import sys; \
 lib = llama_cpp.ensure_installed(); llama_cpp.convert(lib, Path(sys.argv[1]), {'F16': 'float16', 'F32': 'float32', 'Q8_0': 'w8a8'}[sys.argv[2]])" "$GGUF" "$dt"
   ctx=$((C * (I + O + 64))); ((ctx < C * 512)) && ctx=$((C * 512))   # every slot holds a whole request

@@ -76,7 +76,7 @@ def test_quantization_flag_is_for_the_default_model(capsys):
     assert parse_args(["--quantization", "w8a8"]).quantization == "w8a8"
     with pytest.raises(SystemExit):
         parse_args(["--vmfb", "m.vmfb", "--parameters", "a.irpa", "--model-config", "c.json", "--quantization", "w8a8"])
-    assert "give it to python -m export.paged_llm" in capsys.readouterr().err
+    assert "give them to python -m export.paged_llm" in capsys.readouterr().err
 
 
 def test_config_file_takes_alias_spellings_and_command_line_aliases_win(tmp_path):
