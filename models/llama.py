@@ -124,10 +124,10 @@ class Block(nn.Module):
         self.cpu_attention: str | None = None  # the kernel's ISA: models.paged_attention.enable
         kept = kept or {}
         self.fused = quantization == "w8a8"
-        if not self.fused:
-            linear = lambda name, i, o: _linear(quantization, kept.get(name))(i, o)  # noqa: E731
-        else:
-            linear = lambda name, i, o: Int8Linear(i, o)  # noqa: E731
+
+        def linear(name: str, i: int, o: int) -> nn.Module:
+            return _linear(quantization, kept.get(name))(i, o)
+
         self.qkv_split = [c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim, c.num_kv_heads * c.head_dim]
         self.attn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)
         self.ffn_norm = RMSNorm(c.hidden_size, c.rms_norm_eps)

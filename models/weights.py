@@ -154,7 +154,7 @@ def gguf_rows(path: Path, t, first: int, count: int) -> np.ndarray:
 
 
 def _gguf_tensor(path: Path, t) -> np.ndarray:
-    """One GGUF tensor as float32 (F32 / F16 / BF16 as stored), dequantized if quantized."""
+    """One GGUF tensor: F32 and F16 as stored, anything else dequantized to float32."""
     import gguf
 
     shape = [int(d) for d in reversed(t.shape)]
