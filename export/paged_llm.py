@@ -61,7 +61,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         choices=["auto", "float32", "bfloat16", "float16", "w8a8"],
         default="auto",
         help="auto: a GGUF's quantized matrices stay in their quantization (models.qlinear; Q8_0, Q4_0, "
-        "Q4_1, Q5_x, Q4_K, Q5_K kept, Q6_K and other K-quants as 8 bits), everything else float32; "
+        "Q4_1, Q5_x, Q4_K, Q5_K kept, Q6_K and other K-quants as 8 bits), everything else float32; an "
+        "F16 / BF16 GGUF serves in bfloat16; "
         "float32 / bfloat16 / float16: every weight dequantized to that type (the activation dtype); "
         "w8a8: as --quantization w8a8",
     )
@@ -74,7 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
         "for AVX-512 VNNI or AVX2 (alone: the best this CPU has); without it they are dequantized in the "
         "graph (any target, slower); llvm-cpu only",
     )
-    p.add_argument("--activation-dtype", choices=sorted(DTYPES), default=None, help="default: float32")
+    p.add_argument(
+        "--activation-dtype", choices=sorted(DTYPES), default=None, help="default: float32 (--weights auto: see there)"
+    )
     p.add_argument("--kv-cache-dtype", choices=sorted(DTYPES), default=None, help="default: activation dtype")
     p.add_argument(
         "--quantization",
@@ -136,7 +139,6 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.quantization = "w8a8"
     if args.quantization == "w8a8" and args.weights not in ("auto", "w8a8"):
         p.error(f"--quantization w8a8 and --weights {args.weights} disagree")
-    args.activation_dtype = args.activation_dtype or "float32"
     if args.cpu_matmul == "host":
         args.cpu_matmul = cpu.matmul_isa()
         if args.cpu_matmul is None:
@@ -399,9 +401,6 @@ def main(argv=None) -> int:
         if stamp.is_file() and stamp.read_text() == key and all(p.is_file() for p in outputs):
             print(f"[export] up to date: {args.output_mlir} (same inputs and options)", file=sys.stderr)
             return 0
-    dtype = DTYPES[args.activation_dtype]
-    kv_dtype_name = args.kv_cache_dtype or args.activation_dtype
-    kv_dtype = DTYPES[kv_dtype_name]
     try:
         with _Stage("read the model's header"):
             weights = load_weights(args.gguf_file, args.hf_dir, args.irpa_file)
@@ -419,6 +418,12 @@ def main(argv=None) -> int:
                     "--tensor-parallelism-size"
                 )
             quantization = "gguf" if kept else args.quantization
+            if args.activation_dtype is None:  # a 16-bit float GGUF serves in bfloat16 (2x float32's speed)
+                sixteen = auto and not kept and parameters.float16_matrices(weights)
+                args.activation_dtype = "bfloat16" if sixteen else "float32"
+            dtype = DTYPES[args.activation_dtype]
+            kv_dtype_name = args.kv_cache_dtype or args.activation_dtype
+            kv_dtype = DTYPES[kv_dtype_name]
             if kept:
                 again = parameters.requantized_types(weights, kept)
                 print(

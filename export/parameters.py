@@ -42,6 +42,20 @@ def kept_formats(weights: ModelWeights) -> dict[str, str]:
     return kept
 
 
+def float16_matrices(weights: ModelWeights) -> bool:
+    """Whether a GGUF source's matrices are mostly (by bytes) 16-bit floats (F16 / BF16)."""
+    import gguf
+
+    if not (weights.source.is_file() and weights.source.suffix == ".gguf"):
+        return False
+    T = gguf.GGMLQuantizationType
+    sizes = {True: 0, False: 0}
+    for t in gguf_tensor_info(weights.source).values():
+        if len(t.shape) == 2:
+            sizes[t.tensor_type in (T.F16, T.BF16)] += int(t.n_bytes)
+    return sizes[True] > sizes[False]
+
+
 def requantized_types(weights: ModelWeights, kept: dict[str, str]) -> set[str]:
     info = gguf_tensor_info(weights.source)
     return {info[n].tensor_type.name for n in kept if not gguf_quant.exact(info[n].tensor_type)}

@@ -305,3 +305,17 @@ def greedy_logits(model, tokens, pages):
         return model.prefill(
             torch.tensor([padded]), torch.tensor([0]), torch.tensor([len(tokens)]), torch.tensor([pages]), cache
         )[0]
+
+
+@pytest.mark.parametrize("qtype,want", [("F16", "bfloat16"), (None, "float32"), ("Q8_0", "float32")])
+def test_auto_serves_a_16_bit_gguf_in_bfloat16(tmp_path, qtype, want):
+    """--weights auto: an F16 GGUF's program computes in bfloat16 (twice float32's speed on the 1B shape:
+    docs/benchmarks.md), an F32 one in float32, a quantized one in float32 around its kept matrices."""
+    types = {p: qtype for p in PROJ} | {"token_embd.weight": qtype} if qtype else {}
+    gguf = _quantized(VARIANTS[1], tmp_path / "m.gguf", types)
+    assert paged_llm.main(["--gguf-file", str(gguf), "--output-dir", str(tmp_path / "o"), "--bs-decode", "1"]) == 0
+    abi = ModelABI.load(tmp_path / "o" / "config.json")
+    assert abi.activation_dtype == want
+    assert abi.quantization == ("gguf" if qtype == "Q8_0" else "none")
+    dtypes = {info["dtype"] for info in read_irpa_meta(tmp_path / "o" / "model.irpa")[2]["tensors"].values()}
+    assert ("bfloat16" in dtypes) == (want == "bfloat16")
