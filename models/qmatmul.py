@@ -11,8 +11,8 @@ Per group of 32 inputs it accumulates integer dot products of the 32 weight rows
 broadcast serving both tiles; the 4-bit build unpacks nibbles first), then adds d * dot * s - m * (s * sum
 q) in float32 lanes, one per output row, so nothing is summed horizontally. The AVX2 build does the same in
 two 8-row halves with `vpmaddubsw` (4-bit: 8 products summed in 16 bits cannot overflow, 8 * 2 * 15 * 127 <
-2**15) or, for 8-bit weights (up to 255, which `vpmaddubsw` would saturate), widened to 16 bits and
-`vpmaddwd`.
+2**15; 8-bit: on the weights less their offset of 128, with the sign moved onto the activations, as
+llama.cpp's Q8_0 dot product does).
 """
 
 from __future__ import annotations
@@ -123,21 +123,20 @@ INLINE void half(const uint8_t *w, const uint16_t *s, const int8_t *x, const flo
   for (size_t g = 0; g < G; g++) {
     __m256i ia[MR];
 #if BITS == 8
-    __m256i ib[MR];
-    for (int r = 0; r < rows; r++) { ia[r] = _mm256_setzero_si256(); ib[r] = _mm256_setzero_si256(); }
+    /* The dot of w' = u - 128 (signed bytes, |w'| <= 128): vpmaddubsw of |w'| with x carrying w's sign
+       cannot saturate (2 * 128 * 127 < 2**15); the epilogue adds back what the offset took. */
+    for (int r = 0; r < rows; r++) ia[r] = _mm256_setzero_si256();
     const uint8_t *wg = w + g * 512 + h * 32;
+    const __m256i flip = _mm256_set1_epi8((char)0x80), ones = _mm256_set1_epi16(1);
     for (int kk = 0; kk < 8; kk++) {
-      __m256i wa = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + kk * 64)));
-      __m256i wb = _mm256_cvtepu8_epi16(_mm_loadu_si128((const __m128i *)(wg + kk * 64 + 16)));
+      const __m256i ws = _mm256_xor_si256(_mm256_loadu_si256((const __m256i *)(wg + kk * 64)), flip);
+      const __m256i wa = _mm256_abs_epi8(ws);
       for (int r = 0; r < rows; r++) {
-        const int32_t *xr = (const int32_t *)(x + r * K + g * 32);
-        __m256i xv = _mm256_broadcastq_epi64(_mm_cvtepi8_epi16(_mm_cvtsi32_si128(xr[kk])));
-        ia[r] = _mm256_add_epi32(ia[r], _mm256_madd_epi16(wa, xv));  /* rows 0-3: pairs of k */
-        ib[r] = _mm256_add_epi32(ib[r], _mm256_madd_epi16(wb, xv));  /* rows 4-7 */
+        const __m256i xb = _mm256_set1_epi32(((const int32_t *)(x + r * K + g * 32))[kk]);
+        const __m256i p = _mm256_maddubs_epi16(wa, _mm256_sign_epi8(xb, ws));
+        ia[r] = _mm256_add_epi32(ia[r], _mm256_madd_epi16(p, ones));
       }
     }
-    const __m256i order = _mm256_setr_epi32(0, 1, 4, 5, 2, 3, 6, 7);
-    for (int r = 0; r < rows; r++) ia[r] = _mm256_permutevar8x32_epi32(_mm256_hadd_epi32(ia[r], ib[r]), order);
 #else
     __m256i p[MR];
     for (int r = 0; r < rows; r++) p[r] = _mm256_setzero_si256();
@@ -161,7 +160,12 @@ INLINE void half(const uint8_t *w, const uint16_t *s, const int8_t *x, const flo
     for (int r = 0; r < rows; r++) {
       const float *ar = xa + (r * G + g) * 2;
       __m256 dot = _mm256_cvtepi32_ps(ia[r]);
-#if SYM
+#if BITS == 8 && SYM  /* dot is over u - C already: d * s * dot */
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dot, _mm256_set1_ps(ar[0])), d, acc[r]);
+#elif BITS == 8  /* d * s * (dot + C sum q) - m * s sum q */
+      acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dot, d), _mm256_set1_ps(ar[0]), acc[r]);
+      acc[r] = _mm256_fmadd_ps(_mm256_fmsub_ps(d, _mm256_set1_ps(C), m), _mm256_set1_ps(ar[1]), acc[r]);
+#elif SYM
       acc[r] = _mm256_fmadd_ps(_mm256_fmsub_ps(dot, _mm256_set1_ps(ar[0]), _mm256_set1_ps(C * ar[1])), d, acc[r]);
 #else
       acc[r] = _mm256_fmadd_ps(_mm256_mul_ps(dot, d), _mm256_set1_ps(ar[0]), acc[r]);
