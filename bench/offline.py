@@ -93,7 +93,7 @@ def build_program(gguf: Path, dtype: str, plan: Plan, stride: int, extra: list[s
         and set(plan.decode_batches) <= set(default.bs_decode)
     ):
         # The plan fits the exporter's defaults: the very program `python -m serve` builds (and caches).
-        args = export_args("none" if dtype == "float32" else dtype)
+        args = dtype_args
     else:
         args = [
             *dtype_args,

@@ -453,7 +453,7 @@ def main(argv=None) -> int:
             else:  # one tensor at a time (export.parameters)
                 with torch.device("meta"):
                     shapes = PagedLlama(weights.config, args.block_seq_stride, dtype, kv_dtype, 1, quantization, kept)
-                parameters.write(weights, shapes, kept, args.output_irpa)
+                parameters.write(weights, shapes, kept, args.output_irpa, gguf=args.gguf_file is not None)
                 param_files = [args.output_irpa]
         with _Stage("trace"):  # shapes only: the weights are external parameters
             model = PagedLlama.uninitialized(

@@ -18,7 +18,7 @@ import torch
 
 from models import gguf_quant
 from models.config import ModelError
-from models.weights import IrpaWriter, ModelWeights, gguf_rows, gguf_tensor_info, tensor_shape
+from models.weights import IrpaWriter, ModelWeights, gguf_rows, gguf_tensor_info, gguf_values, tensor_shape
 
 SLAB_VALUES = 1 << 25  # values per slab (128 MB as float32)
 _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_dtypes.bfloat16, torch.int8: np.int8}
@@ -27,8 +27,6 @@ _NP = {torch.float32: np.float32, torch.float16: np.float16, torch.bfloat16: ml_
 def kept_formats(weights: ModelWeights) -> dict[str, str]:
     """GGUF tensor name -> its kept format (models.gguf_quant.FORMATS), for every quantized matrix of a GGUF
     source that the kept formats can tile (rows % 16, columns % 32); others are dequantized (named on stderr)."""
-    if weights.source.suffix != ".gguf" and not weights.source.is_file():
-        return {}
     kept = {}
     for name, t in gguf_tensor_info(weights.source).items():
         shape = [int(d) for d in reversed(t.shape)]
@@ -46,8 +44,6 @@ def float16_matrices(weights: ModelWeights) -> bool:
     """Whether a GGUF source's matrices are mostly (by bytes) 16-bit floats (F16 / BF16)."""
     import gguf
 
-    if not (weights.source.is_file() and weights.source.suffix == ".gguf"):
-        return False
     T = gguf.GGMLQuantizationType
     sizes = {True: 0, False: 0}
     for t in gguf_tensor_info(weights.source).values():
@@ -93,30 +89,27 @@ def _slabs(weights: ModelWeights, name: str, rows: int, cols: int, row_multiple:
         yield gguf_rows(weights.source, t, first, count), t.tensor_type, count
 
 
-def _float_slabs(weights: ModelWeights, name: str, shape: tuple[int, ...]) -> Iterator[np.ndarray]:
+def _float_slabs(weights: ModelWeights, name: str, shape: tuple[int, ...], gguf: bool) -> Iterator[np.ndarray]:
     """The tensor as float values, slab by slab (a GGUF's rows from the file; other sources whole)."""
-    if not (weights.source.is_file() and weights.source.suffix == ".gguf") or len(shape) != 2:
+    if not gguf or len(shape) != 2:
         yield weights.tensors[name]
         return
-    import gguf
-
-    T = gguf.GGMLQuantizationType
-    for raw, qtype, count in _slabs(weights, name, *shape):
-        if qtype in (T.F32, T.F16):
-            yield raw.view(np.float32 if qtype == T.F32 else np.float16).reshape(count, shape[1])
-        else:
-            try:
-                yield gguf.quants.dequantize(raw, qtype).reshape(count, shape[1])
-            except NotImplementedError as e:
-                raise ModelError(
-                    f"{weights.source}: tensor {name!r} uses {qtype.name}, which cannot be read; hint: "
-                    "re-quantise the model to Q8_0/Q4_K_M/F16"
-                ) from e
+    t = gguf_tensor_info(weights.source)[name]
+    for raw, _, count in _slabs(weights, name, *shape):
+        yield gguf_values(weights.source, t, raw).reshape(count, shape[1])
 
 
-def write(weights: ModelWeights, model: torch.nn.Module, kept: dict[str, str], path, extra: dict | None = None):
+def write(
+    weights: ModelWeights,
+    model: torch.nn.Module,
+    kept: dict[str, str],
+    path,
+    gguf: bool,
+    extra: dict | None = None,
+):
     """Write every parameter `model` (a PagedLlama, any device: only names, shapes and dtypes are read)
-    declares, converted from `weights`, to the IRPA at `path`."""
+    declares, converted from `weights` (`gguf`: read from a GGUF file, a row slab at a time), to the IRPA at
+    `path`."""
     state = model.state_dict()
     expected = {k: (tuple(v.shape), v.dtype) for k, v in state.items()}
     total = sum(int(np.prod(s)) * torch.empty(0, dtype=d).element_size() for s, d in expected.values())
@@ -150,7 +143,7 @@ def write(weights: ModelWeights, model: torch.nn.Module, kept: dict[str, str], p
             np_dtype = _NP[dtype]
 
             def cast(name=name, shape=shape, np_dtype=np_dtype):
-                for x in _float_slabs(weights, name, shape):
+                for x in _float_slabs(weights, name, shape, gguf):
                     out = np.asarray(x).astype(np_dtype, copy=False)
                     progress.add(out.nbytes)
                     yield out

@@ -68,21 +68,6 @@ void aotllm_amx_mm_s8(const int8_t *a_base, const int8_t *a, size_t a_off, size_
 }
 """
 
-_GCC_FLAGS = [
-    "-O3",
-    "-mamx-tile",
-    "-mamx-int8",
-    "-mavx512f",
-    "-ffreestanding",
-    "-fPIC",
-    "-fno-stack-protector",
-    "-fno-plt",
-    "-fvisibility=hidden",
-    "-ffunction-sections",
-    "-fdata-sections",
-    "-c",
-]
-
 
 class AmxError(RuntimeError):
     pass
@@ -93,9 +78,8 @@ def object_path() -> Path:
     names it by path: IREE 3.13 links an object given as `data` without its symbols ("undefined symbol")."""
     return ckernel.build(
         _SOURCE,
-        _GCC_FLAGS,
+        ["-mamx-tile", "-mamx-int8", "-mavx512f"],
         "amx_mm",
-        "o",
         AmxError,
         "--amx builds its kernel with gcc, which is not on PATH; hint: install gcc, or export without --amx",
         "gcc failed to build the AMX kernel: {stderr}; hint: gcc >= 11 knows AMX, or export without --amx",

@@ -20,18 +20,38 @@ def compiler() -> str | None:
     return shutil.which(os.environ.get("CC", "gcc"))
 
 
+# Every kernel is linked into an IREE program, which has no libc: freestanding code, no calls GCC would add
+# (memset / memcpy for loops), position independent, only the entry point visible.
+FREESTANDING = [
+    "-O3",
+    "-ffreestanding",
+    "-fno-tree-loop-distribute-patterns",
+    "-fPIC",
+    "-fno-stack-protector",
+    "-fno-plt",
+    "-fvisibility=hidden",
+    "-ffunction-sections",
+    "-fdata-sections",
+]
+HIDDEN = '__attribute__((visibility("hidden")))'  # the entry point's mark in a kernel's source
+
+
 def build(
     source: str,
     flags: list[str],
     name: str,
-    suffix: str,
     error: type[Exception],
     no_compiler: str,
     failed: str,
+    shared: bool = False,
 ) -> Path:
-    """`source` compiled with `flags` into ~/.cache/aotllm/kernels/`name`_<hash>.`suffix`, once per source
-    and flags. No compiler raises `error(no_compiler)`; a failed build `error(failed)`, with the compiler's
-    message in place of `{stderr}`."""
+    """`source` compiled with FREESTANDING + `flags` into ~/.cache/aotllm/kernels/`name`_<hash>.o (the object
+    a program links) or, `shared`, .so (a library whose entry points, HIDDEN in the source, tests call
+    directly), once per source and flags. No compiler raises `error(no_compiler)`; a failed build
+    `error(failed)`, with the compiler's message in place of `{stderr}`."""
+    flags = [*FREESTANDING, *flags, *(["-shared", "-fvisibility=default"] if shared else ["-c"])]
+    source = source.replace(HIDDEN, "") if shared else source
+    suffix = "so" if shared else "o"
     key = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
     root = cache_dir() / "kernels"
     out = root / f"{name}_{key}.{suffix}"

@@ -140,13 +140,6 @@ def groups(blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray, np.ndarra
     return _requantize(x, np.ones(x.shape[0], np.float32))
 
 
-def from_float(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Float values [rows, K] -> 8-bit kept (u, d, m) per group of 32, like Q8_0 (for tests and benches)."""
-    u, d, m = _requantize(x.reshape(-1, GROUP).astype(np.float32), np.ones(x.size // GROUP, np.float32))
-    rows = x.shape[0]
-    return u.reshape(rows, -1), d.reshape(rows, -1), m.reshape(rows, -1)
-
-
 def pack(u: np.ndarray, d: np.ndarray, m: np.ndarray, fmt: str) -> tuple[np.ndarray, np.ndarray]:
     """u [N, K] uint8, d and m [N, K/32] -> (weight int8 [N, K * bits / 8], scales float16 [N/16, K] or,
     symmetric, [N/16, K/2]) in the kernel's order (models.qmatmul):

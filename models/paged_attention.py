@@ -277,18 +277,6 @@ void NAME(const float *q_base, const float *q, size_t q_off, size_t q_size, size
 }
 """
 
-_GCC_FLAGS = [
-    "-O3",
-    "-ffreestanding",
-    "-fno-tree-loop-distribute-patterns",  # (no memset / memcpy calls: the program links no libc)
-    "-fPIC",
-    "-fno-stack-protector",
-    "-fno-plt",
-    "-fvisibility=hidden",
-    "-ffunction-sections",
-    "-fdata-sections",
-]
-
 
 class KernelError(RuntimeError):
     pass
@@ -304,16 +292,14 @@ def build(head_dim: int, kind: int, isa: str, shared: bool = False) -> Path:
     if head_dim % 8:
         raise KernelError(f"--cpu-attention needs a head dimension divisible by 8 (this model's: {head_dim})")
     name = symbol(head_dim, kind)
-    flags = [*_GCC_FLAGS, f"-march={ISAS[isa]}", f"-DHD={head_dim}", f"-DKIND={kind}", f"-DNAME={name}"]
-    flags += ["-shared", "-fvisibility=default"] if shared else ["-c"]
     return ckernel.build(
-        _SOURCE.replace('__attribute__((visibility("hidden")))', "") if shared else _SOURCE,
-        flags,
+        _SOURCE,
+        [f"-march={ISAS[isa]}", f"-DHD={head_dim}", f"-DKIND={kind}", f"-DNAME={name}"],
         name,
-        "so" if shared else "o",
         KernelError,
         "--cpu-attention builds its kernel with gcc, which is not on PATH; hint: install gcc",
         "gcc failed to build the attention kernel: {stderr}",
+        shared,
     )
 
 

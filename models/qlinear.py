@@ -21,7 +21,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-GROUP, ROW_TILE = 32, 16
+from .gguf_quant import FORMATS, GROUP, ROW_TILE
+
 _ROUND = 12582912.0  # 1.5 * 2**23: (v + _ROUND) - _ROUND rounds an f32 |v| < 2**22 to nearest even
 
 
@@ -36,9 +37,6 @@ def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = amax.squeeze(-1) / 127.0
     a = torch.stack([s, s * q.sum(-1)], -1)
     return q.to(torch.int8).view(M, K), a
-
-
-FORMATS = {"q8": (8, True), "q8m": (8, False), "q4": (4, True), "q4m": (4, False)}  # (models.gguf_quant's)
 
 
 def unpack(weight: torch.Tensor, scales: torch.Tensor, fmt: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -209,18 +209,6 @@ void NAME(MEMREF(int8_t, x), MEMREF(float, xa), MEMREF(uint8_t, w), MEMREF(uint1
 }
 """
 
-_GCC_FLAGS = [
-    "-O3",
-    "-ffreestanding",
-    "-fno-tree-loop-distribute-patterns",  # (no memset / memcpy calls: the program links no libc)
-    "-fPIC",
-    "-fno-stack-protector",
-    "-fno-plt",
-    "-fvisibility=hidden",
-    "-ffunction-sections",
-    "-fdata-sections",
-]
-
 
 class KernelError(RuntimeError):
     pass
@@ -235,16 +223,14 @@ def build(fmt: str, isa: str, shared: bool = False) -> Path:
     library the tests call directly."""
     name = symbol(fmt, isa)
     bits, symmetric = FORMATS[fmt]
-    flags = [*_GCC_FLAGS, *_MARCH[isa], f"-DBITS={bits}", f"-DSYM={int(symmetric)}", f"-DNAME={name}"]
-    flags += ["-shared", "-fvisibility=default"] if shared else ["-c"]
     return ckernel.build(
-        _SOURCE.replace('__attribute__((visibility("hidden")))', "") if shared else _SOURCE,
-        flags,
+        _SOURCE,
+        [*_MARCH[isa], f"-DBITS={bits}", f"-DSYM={int(symmetric)}", f"-DNAME={name}"],
         name,
-        "so" if shared else "o",
         KernelError,
         "--cpu-matmul builds its kernel with gcc, which is not on PATH; hint: install gcc, or export without it",
         "gcc failed to build the quantized matmul kernel: {stderr}",
+        shared,
     )
 
 

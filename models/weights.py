@@ -153,22 +153,27 @@ def gguf_rows(path: Path, t, first: int, count: int) -> np.ndarray:
     return raw.reshape(count, row_bytes)
 
 
-def _gguf_tensor(path: Path, t) -> np.ndarray:
-    """One GGUF tensor: F32 and F16 as stored, anything else dequantized to float32."""
+def gguf_values(path: Path, t, raw: np.ndarray) -> np.ndarray:
+    """Raw rows of GGUF tensor `t` (gguf_rows) as values: F32 and F16 as stored, anything else dequantized
+    to float32; [rows, columns]."""
     import gguf
 
-    shape = [int(d) for d in reversed(t.shape)]
-    raw = gguf_rows(path, t, 0, int(np.prod(shape[:-1])) if len(shape) > 1 else 1)
     T = gguf.GGMLQuantizationType
     if t.tensor_type in (T.F32, T.F16):
-        return raw.view(np.float32 if t.tensor_type == T.F32 else np.float16).reshape(shape)
+        return raw.view(np.float32 if t.tensor_type == T.F32 else np.float16)
     try:
-        return gguf.quants.dequantize(raw, t.tensor_type).reshape(shape)
+        return gguf.quants.dequantize(raw, t.tensor_type)
     except NotImplementedError as e:
         raise ModelError(
             f"{path}: tensor {t.name!r} uses quantisation {t.tensor_type.name}, which cannot be "
             "dequantised; hint: re-quantise to Q8_0/Q4_K/F16"
         ) from e
+
+
+def _gguf_tensor(path: Path, t) -> np.ndarray:
+    shape = [int(d) for d in reversed(t.shape)]
+    raw = gguf_rows(path, t, 0, int(np.prod(shape[:-1])) if len(shape) > 1 else 1)
+    return gguf_values(path, t, raw).reshape(shape)
 
 
 def read_gguf(path: Path) -> ModelWeights:
@@ -177,7 +182,7 @@ def read_gguf(path: Path) -> ModelWeights:
     arch = _field(reader, "general.architecture")
     if arch != "llama":
         raise ModelError(f"{path}: architecture {arch!r} is not supported (only 'llama'-family GGUFs)")
-    by_name = {t.name: t for t in reader.tensors}
+    by_name = dict(gguf_tensor_info(path))
     factors = _gguf_tensor(path, by_name.pop("rope_freqs.weight")) if "rope_freqs.weight" in by_name else None
     shapes = {name: tuple(int(d) for d in reversed(t.shape)) for name, t in by_name.items()}
     tensors = LazyTensors(shapes, lambda name: _gguf_tensor(path, by_name[name]))
@@ -204,8 +209,10 @@ def read_gguf(path: Path) -> ModelWeights:
     return ModelWeights(config, tensors, path)
 
 
+@functools.lru_cache(maxsize=2)
 def gguf_tensor_info(path: Path) -> dict:
-    """name -> the GGUF's tensor record (type, shape, offset) for raw reads (models.gguf_quant)."""
+    """name -> the GGUF's tensor record (type, shape, offset) for raw reads (models.gguf_quant); do not
+    modify (shared)."""
     return {t.name: t for t in open_gguf(Path(path)).tensors}
 
 

@@ -47,3 +47,39 @@ def compiled_greedy(runner, prompt: list[int], n_new: int, pages: np.ndarray) ->
         logits = runner.decode(np.array([out[-1]]), np.array([len(prompt) + len(out)]), pages).logits
         out.append(int(logits[0].argmax()))
     return out
+
+
+def program_vs_eager(
+    runner, model: PagedLlama, cache, lens: list[int], pages: np.ndarray, split: int, steps: int, seed: int = 3
+) -> tuple[float, float]:
+    """Two prompts of `lens` tokens (random ids < 128) prefilled as one ragged batch in two chunks (split at
+    `split`) over the page rows `pages` [2, P], then `steps` decode steps at batch 4 (two padding rows) and
+    one at batch 1, through a serve.core.runner.Runner and the eager model (`cache`, its pages) ->
+    (largest |program - eager| logit difference, largest |eager logit|)."""
+    g = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lens]
+    end = max(lens)
+    worst, scale = 0.0, 0.0
+
+    def compare(got: np.ndarray, want: torch.Tensor) -> None:
+        nonlocal worst, scale
+        assert np.isfinite(got).all()
+        worst, scale = max(worst, float(np.abs(got - want.numpy()).max())), max(scale, float(want.abs().max()))
+
+    with torch.no_grad():
+        for first, last in [(0, split), (split, end)]:
+            chunk = np.array([(p + [0] * end)[first:last] for p in prompts])
+            args = (chunk, np.full(2, first), np.minimum(np.array(lens), last), pages)
+            compare(runner.prefill(*args), model.prefill(*(torch.tensor(a) for a in args), cache))
+        zeros = np.zeros(pages.shape[1], np.int64)
+        dpages = np.stack([pages[0], zeros, pages[1], zeros])
+        for step in range(steps):
+            toks = np.array([5 + step, 0, 17 + step, 0])
+            dlens = np.array([lens[0] + 1 + step, 0, lens[1] + 1 + step, 0])
+            got = runner.decode(toks, dlens, dpages).logits
+            want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(dpages), cache)
+            compare(got[[0, 2]], want[[0, 2]])
+        toks, dlens = np.array([9]), np.array([lens[1] + steps + 1])
+        got = runner.decode(toks, dlens, pages[1:]).logits
+        compare(got, model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(pages[1:]), cache))
+    return worst, scale

@@ -9,7 +9,7 @@ from models.config import ModelError
 from models.llama import PagedLlama
 from models.weights import load_weights, read_irpa, write_irpa
 from tests.eager import greedy, padded
-from tests.tiny import VARIANTS, Variant, hf_model, write_gguf
+from tests.tiny import VARIANTS, Variant, hf_model, rewrite_gguf, write_gguf
 
 STRIDE = 8
 
@@ -69,12 +69,6 @@ def _kquant_gguf(tmp_path, hf):
         },
     )
     # Rewrite blk.1's projections as K-quants: HF's own GGUF loader dequantises them for the reference.
-    reader = gguf.GGUFReader(path)
-    w = gguf.GGUFWriter(str(tmp_path / "k.gguf"), "llama")
-    for key, field in reader.fields.items():
-        if key.startswith(("GGUF.", "general.architecture")):
-            continue
-        w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
     kq = {
         "blk.1.attn_q.weight": "Q2_K",
         "blk.1.attn_k.weight": "Q3_K",
@@ -82,18 +76,14 @@ def _kquant_gguf(tmp_path, hf):
         "blk.1.ffn_gate.weight": "Q5_K",
         "blk.1.ffn_up.weight": "Q6_K",
     }
-    for i, t in enumerate(reader.tensors):
-        if t.name in kq:
-            rows, cols = int(t.shape[1]), int(t.shape[0])
-            q = gguf.GGMLQuantizationType[kq[t.name]]
-            w.add_tensor(t.name, random_kquant(rows, cols, kq[t.name], np.random.default_rng(i), 0.002), raw_dtype=q)
-        else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return tmp_path / "k.gguf"
+
+    def replace(i, t, rows, cols):
+        if t.name not in kq:
+            return None
+        data = random_kquant(rows, cols, kq[t.name], np.random.default_rng(i), 0.002)
+        return data, gguf.GGMLQuantizationType[kq[t.name]]
+
+    return rewrite_gguf(path, tmp_path / "k.gguf", replace)
 
 
 def test_quantised_gguf_matches_hf_loader(tmp_path):

@@ -19,6 +19,7 @@ from models.abi import ModelABI
 from models.llama import DTYPES, PagedLlama
 from models.weights import load_weights
 from serve.core.runner import Runner
+from tests.eager import program_vs_eager
 from tests.tiny import Variant, hf_model, write_gguf
 
 HOST_ISA = cpu.attention_isa()
@@ -94,33 +95,9 @@ def _export(gguf, out, *extra):
 
 
 def _same(runner, model, cache, tol):
-    """Ragged batch-2 prefill in two chunks over scattered pages, then decode at batch 4 (two padding rows)
-    and at batch 1: the program (kernel) and the eager model (graph attention) agree."""
-    g = torch.Generator().manual_seed(3)
-    lens = [21, 38]
-    prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lens]
-    pages = np.stack([np.array(p) for p in (torch.randperm(39, generator=g) + 1).view(3, 13)[:2].tolist()])
-    worst = 0.0
-    for start, end in [(0, 16), (16, 40)]:
-        chunk = np.array([(p + [0] * 40)[start:end] for p in prompts])
-        args = (chunk, np.full(2, start), np.minimum(np.array(lens), end), pages)
-        got = runner.prefill(*args)
-        with torch.no_grad():
-            want = model.prefill(*(torch.tensor(a) for a in args), cache).numpy()
-        worst = max(worst, np.abs(got - want).max())
-    dpages = np.stack([pages[0], np.zeros(13, np.int64), pages[1], np.zeros(13, np.int64)])
-    for step in range(4):
-        toks, dlens = np.array([5 + step, 0, 17 + step, 0]), np.array([lens[0] + 1 + step, 0, lens[1] + 1 + step, 0])
-        got = runner.decode(toks, dlens, dpages).logits
-        with torch.no_grad():
-            want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(dpages), cache)
-        assert np.isfinite(got).all()
-        worst = max(worst, np.abs(got[[0, 2]] - want[[0, 2]].numpy()).max())
-    toks, dlens = np.array([9]), np.array([lens[1] + 5])
-    got = runner.decode(toks, dlens, pages[1:]).logits
-    with torch.no_grad():
-        want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(pages[1:]), cache)
-    worst = max(worst, np.abs(got - want.numpy()).max())
+    """The program (kernel) and the eager model (graph attention) agree (tests.eager.program_vs_eager)."""
+    pages = (torch.randperm(39, generator=torch.Generator().manual_seed(4)) + 1).view(3, 13)[:2].numpy()
+    worst, _ = program_vs_eager(runner, model, cache, [21, 38], pages, split=16, steps=4)
     assert worst <= tol
 
 

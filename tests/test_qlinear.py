@@ -21,7 +21,8 @@ from models.qlinear import QLinear, quantize_rows, reference_matmul
 from models.qlinear import dequantize as dequantize_kept
 from models.weights import read_irpa, read_irpa_meta
 from serve.core.runner import Runner
-from tests.tiny import VARIANTS, Variant, hf_model, write_gguf
+from tests.eager import program_vs_eager
+from tests.tiny import VARIANTS, Variant, hf_model, rewrite_gguf, write_gguf
 
 TYPES = [T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1, T.Q4_K, T.Q5_K, T.Q6_K, T.Q3_K]
 HOST_ISAS = [isa for isa, feature in qmatmul.ISAS.items() if cpu.supports([feature])]
@@ -179,7 +180,7 @@ CASES = [  # (variant, types, exported with --cpu-matmul)
 def test_program_equals_eager_model(tmp_path, variant, types, kernel):
     """The compiled program (kernel or graph dequantization) and the eager model over the same kept
     parameters (models.qlinear's arithmetic) agree within 1e-3 of the logits' scale, through a ragged
-    chunked prefill, decode at batch 4 with padding rows, and decode at batch 1."""
+    chunked prefill, decode at batch 4 with padding rows, and decode at batch 1 (tests.eager)."""
     if kernel and (not HOST_ISAS or compiler() is None):
         pytest.skip("the kernel needs gcc and an x86-64 CPU with AVX2")
     v = KQUANT if variant == "kquant" else next(x for x in VARIANTS if x.name == variant)
@@ -201,32 +202,8 @@ def test_program_equals_eager_model(tmp_path, variant, types, kernel):
     assert all(meta[n]["dtype"] == "float16" for n in kept)
     if variant == "head_dim":
         assert meta["blk.0.attn_q.weight"]["dtype"] == "float32"  # [128, 48]: no tiling of 48 columns
-    g = torch.Generator().manual_seed(3)
-    lens = [9, 23]
-    prompts = [torch.randint(0, v.vocab, (n,), generator=g).tolist() for n in lens]
     pages = np.array([[3, 7, 1, 12, 5, 9, 14], [2, 8, 4, 11, 6, 10, 13]])
-    cache = model.allocate_cache(40)
-    worst, scale = 0.0, 0.0
-    for start, end in [(0, 8), (8, 24)]:
-        chunk = np.array([(p + [0] * 24)[start:end] for p in prompts])
-        args = (chunk, np.full(2, start), np.minimum(np.array(lens), end), pages)
-        got = runner.prefill(*args)
-        with torch.no_grad():
-            want = model.prefill(*(torch.tensor(a) for a in args), cache).numpy()
-        worst, scale = max(worst, np.abs(got - want).max()), max(scale, np.abs(want).max())
-    zeros = np.zeros(7, np.int64)
-    dpages = np.stack([pages[0], zeros, pages[1], zeros])
-    for step in range(3):
-        toks, dlens = np.array([5 + step, 0, 17 + step, 0]), np.array([lens[0] + 1 + step, 0, lens[1] + 1 + step, 0])
-        got = runner.decode(toks, dlens, dpages).logits
-        with torch.no_grad():
-            want = model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(dpages), cache)
-        assert np.isfinite(got).all()
-        worst = max(worst, np.abs(got[[0, 2]] - want[[0, 2]].numpy()).max())
-    got = runner.decode(np.array([9]), np.array([lens[1] + 4]), pages[1:]).logits
-    with torch.no_grad():
-        want = model.decode(torch.tensor([[9]]), torch.tensor([lens[1] + 4]), torch.tensor(pages[1:]), cache)
-    worst = max(worst, np.abs(got - want.numpy()).max())
+    worst, scale = program_vs_eager(runner, model, model.allocate_cache(40), [9, 23], pages, split=8, steps=3)
     assert worst <= 1e-3 * scale, (worst, scale)
 
 
@@ -243,21 +220,13 @@ def test_a_type_without_kept_format_names_the_tensor(tmp_path, capsys):
     import gguf as g
 
     src = _quantized(VARIANTS[1], tmp_path / "q.gguf", {p: "Q8_0" for p in PROJ})
-    reader = g.GGUFReader(src)
-    w = g.GGUFWriter(str(tmp_path / "bad.gguf"), "llama")
-    for key, field in reader.fields.items():
-        if not key.startswith(("GGUF.", "general.architecture")):
-            w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
-    for t in reader.tensors:
-        if t.name == "blk.1.ffn_up.weight":
-            rows, cols = int(t.shape[1]), int(t.shape[0])
-            w.add_tensor(t.name, np.zeros((rows, cols // 32 * 40), np.uint8), raw_dtype=g.GGMLQuantizationType.Q8_1)
-        else:
-            w.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
+
+    def replace(i, t, rows, cols):
+        if t.name != "blk.1.ffn_up.weight":
+            return None
+        return np.zeros((rows, cols // 32 * 40), np.uint8), g.GGMLQuantizationType.Q8_1
+
+    rewrite_gguf(src, tmp_path / "bad.gguf", replace)
     assert paged_llm.main(["--gguf-file", str(tmp_path / "bad.gguf"), "--output-dir", str(tmp_path / "o")]) == 2
     assert "'blk.1.ffn_up.weight' uses Q8_1" in capsys.readouterr().err
 

@@ -133,6 +133,27 @@ def write_gguf(model, path: Path, quant: dict[str, str] | None = None) -> Path:
     return path
 
 
+def rewrite_gguf(src: Path, dst: Path, replace) -> Path:
+    """A copy of GGUF `src` at `dst` with some tensors replaced: replace(index, tensor record, rows, cols)
+    returns (raw data, GGML type) for a tensor to replace, None to copy it."""
+    import gguf
+
+    reader = gguf.GGUFReader(src)
+    w = gguf.GGUFWriter(str(dst), "llama")
+    for key, field in reader.fields.items():
+        if not key.startswith(("GGUF.", "general.architecture")):
+            w.add_key_value(key, field.contents(), field.types[0], field.types[-1] if len(field.types) > 1 else None)
+    for i, t in enumerate(reader.tensors):
+        new = replace(i, t, int(t.shape[1]) if len(t.shape) > 1 else 1, int(t.shape[0]))
+        data, qtype = new if new is not None else (np.asarray(t.data), t.tensor_type)
+        w.add_tensor(t.name, data, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
 def config_from_hf_dict(cfg):
     import json
     import tempfile
