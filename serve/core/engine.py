@@ -14,6 +14,7 @@ from models.abi import ModelABI
 from models.tokenizer import load_tokenizer
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .guide import ConstraintError, Guides
 from .kv_pages import PagePool
 from .runner import Runner
 from .sampling import ParamError, Sampler, SamplingParams
@@ -63,6 +64,7 @@ class Engine:
         if self.tok_info.eos_id is not None:
             eos.add(self.tok_info.eos_id)
         self.eos_ids = sorted(eos)
+        self.guides = Guides(self.tokenizer, self.abi.vocab_size, self.eos_ids)
         tp = self.abi.tensor_parallelism_size
         if len(cfg.device_ids) % tp:
             raise ValueError(
@@ -112,15 +114,28 @@ class Engine:
                 f"max tokens {params.max_tokens} is above this server's limit of {cap} per request", "max_tokens"
             )
         self._check_prompt(prompt_ids, params.n)
+        constraint = params.constraint
+        if constraint is not None:
+            if self.abi.top_k:
+                raise BadRequest(
+                    f"this server's program returns only the top {self.abi.top_k} logits (exported with --top-k), "
+                    "and a constrained output needs all of them; hint: re-export the model without --top-k",
+                    "constraint",
+                )
+            try:
+                self.guides.compile(constraint)  # (cached: front-ends compile it off the loop first, `prepare`)
+            except ConstraintError as e:
+                raise BadRequest(str(e), "constraint") from e
         rid = rid or uuid.uuid4().hex
         seqs = []
         for i in range(params.n):
             seed = None if params.seed is None else params.seed + i
+            guide = self.guides.guide(constraint) if constraint is not None else None
             seq = Sequence(
                 rid=rid if params.n == 1 else f"{rid}-{i}",
                 prompt_ids=list(prompt_ids),
                 params=params,
-                sampler=Sampler(params, prompt_ids, seed),
+                sampler=Sampler(params, prompt_ids, seed, guide),
                 detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
                 stops=StopMatcher(params.stop),
             )
@@ -148,6 +163,14 @@ class Engine:
         )
         self._least_loaded().add(seq)
         return seq
+
+    async def prepare(self, params: SamplingParams) -> None:
+        """Compile the request's constraint, if any, off the event loop and within a deadline (BadRequest)."""
+        if params.constraint is not None and not self.abi.top_k:
+            try:
+                await self.guides.prepare(params.constraint)
+            except ConstraintError as e:
+                raise BadRequest(str(e), "constraint") from e
 
     def _least_loaded(self) -> Scheduler:
         return min(self.schedulers, key=lambda s: s.load)

@@ -3,7 +3,7 @@
 `SamplingParams` holds what an OpenAI-style request asks for; `Sampler` turns one sequence's next-token
 logits (a full `[V]` row, or an on-device top-k) into a token, in vLLM's order:
 
-    logit_bias -> repetition penalty -> presence/frequency penalties
+    logit_bias -> repetition penalty -> presence/frequency penalties -> the constraint's token mask
     -> temperature == 0: argmax (ties: lowest id)
     -> else: / temperature -> top-k -> top-p -> min-p -> one draw from the sequence's own generator
 
@@ -23,6 +23,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
+
+from .guide import Constraint, Guide, allowed
 
 MAX_TOKENS_LIMIT = 1_000_000
 MAX_N = 16
@@ -52,6 +54,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # top logprobs per token (0 => only the chosen token's)
+    constraint: Constraint | None = None  # the output must match it (core/guide.py)
 
     def validate(self, vocab_size: int) -> None:
         """Raise ParamError for the first field out of range, naming the range it must be in."""
@@ -138,8 +141,11 @@ class Sampler:
     With `n > 1` give each sequence its own seed (e.g. `params.seed + i`), or they all draw alike.
     """
 
-    def __init__(self, params: SamplingParams, prompt_ids: list[int], seed: int | None = None) -> None:
+    def __init__(
+        self, params: SamplingParams, prompt_ids: list[int], seed: int | None = None, guide: Guide | None = None
+    ) -> None:
         self.params = params
+        self.guide = guide  # consumes every sampled token; its mask comes with the logits (sample's `mask`)
         seed = params.seed if seed is None else seed
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
@@ -155,12 +161,15 @@ class Sampler:
         self._counts: dict[int, int] = {}  # generated token -> times generated
         self.num_generated = 0
 
-    def sample(self, logits: np.ndarray) -> Sampled:
-        """Sample from the full next-token logits `[V]` and record the token for the penalties."""
+    def sample(self, logits: np.ndarray, mask: np.ndarray | None = None) -> Sampled:
+        """Sample from the full next-token logits `[V]` and record the token for the penalties. `mask` is the
+        guide's bitmask of allowed tokens (core/guide.py), computed for this step."""
         logits = np.asarray(logits, dtype=np.float32)
         if logits.ndim != 1:
             raise ValueError(f"logits must be one row [V], got shape {logits.shape}")
         adjusted = self.apply_penalties(logits)
+        if mask is not None:
+            adjusted = np.where(allowed(mask, logits.shape[0]), adjusted, np.float32(-np.inf))
         if self.greedy:
             pos = int(np.argmax(adjusted))
         else:
@@ -260,6 +269,8 @@ class Sampler:
     def _finish(self, pos: int, raw: np.ndarray, token_ids: np.ndarray | None) -> Sampled:
         token = pos if token_ids is None else int(token_ids[pos])
         self.num_generated += 1
+        if self.guide is not None:
+            self.guide.advance(token)
         if self._use_counts:
             self._counts[token] = self._counts.get(token, 0) + 1
         if self._use_rep and token not in self._seen:

@@ -11,6 +11,7 @@ import asyncio
 import itertools
 import logging
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -18,6 +19,7 @@ import numpy as np
 from models.abi import ModelABI
 
 from .detokenizer import IncrementalDetokenizer, StopMatcher
+from .guide import mask_words
 from .kv_pages import PagePool
 from .runner import Runner
 from .sampling import Sampled, Sampler, SamplingParams
@@ -109,6 +111,7 @@ class Scheduler:
         self.running: list[Sequence] = []
         self.counters = Counters()
         self._wake = asyncio.Event()
+        self._mask_thread: ThreadPoolExecutor | None = None  # guided sequences' masks, beside the device call
 
     # -- requests
     def add(self, seq: Sequence) -> None:
@@ -150,7 +153,7 @@ class Scheduler:
             await asyncio.sleep(0)
             return
         t0 = time.perf_counter()
-        decode_out, prefill_out = await asyncio.to_thread(self._execute, decode, prefill)
+        decode_out, (prefill_out, prefill_masks) = await asyncio.to_thread(self._execute, decode, prefill)
         for seq, sampled in zip(decode, decode_out):
             seq.computed += 1
             self._emit(seq, sampled)
@@ -160,7 +163,7 @@ class Scheduler:
             if seq.pooling:
                 self._pool(seq, out[:new])
             elif end == seq.prefill_target and not seq.output_ids:
-                self._emit(seq, seq.sampler.sample(out))
+                self._emit(seq, seq.sampler.sample(out, prefill_masks.get(id(seq))))
         self.counters.step_seconds += time.perf_counter() - t0
 
     # -- planning. Three invariants make the oldest sequence advance at every step, so the scheduler never
@@ -285,8 +288,25 @@ class Scheduler:
     # -- device work (worker thread: reads the plan, touches no scheduler state)
     def _execute(
         self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]
-    ) -> tuple[list[Sampled], list[np.ndarray]]:
+    ) -> tuple[list[Sampled], tuple[list[np.ndarray], dict[int, np.ndarray]]]:
         return self._decode(decode), self._prefill(prefill)
+
+    def _masks(self, seqs: list[Sequence]) -> Future[np.ndarray] | None:
+        """Start computing the guided sequences' next-token masks (rows of `seqs`' order) on the mask thread,
+        so that they are ready when the device call that runs meanwhile returns the logits."""
+        guided = [(i, s.sampler.guide) for i, s in enumerate(seqs) if s.sampler.guide is not None]
+        if not guided:
+            return None
+        rows = np.zeros((len(seqs), mask_words(self.abi.vocab_size)), np.int32)
+
+        def fill() -> np.ndarray:
+            for i, guide in guided:
+                guide.fill(rows[i])
+            return rows
+
+        if self._mask_thread is None:
+            self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix=f"guide{self.device_index}")
+        return self._mask_thread.submit(fill)
 
     def _decode(self, decode: list[Sequence]) -> list[Sampled]:
         """One token for each sequence, in groups of the compiled batch sizes."""
@@ -300,20 +320,25 @@ class Scheduler:
             lens = np.zeros(bs, np.int64)
             for j, s in enumerate(group):
                 toks[j], lens[j] = s.tokens[-1], len(s.tokens)
+            masks = self._masks(group)
             t0 = time.perf_counter()
             out = self.runner.decode(toks, lens, pages)
             self.counters.device_seconds += time.perf_counter() - t0
+            rows = masks.result() if masks else None
             for j, s in enumerate(group):
                 if out.logits is not None:
-                    sampled.append(s.sampler.sample(out.logits[j]))
+                    mask = rows[j] if rows is not None and s.sampler.guide is not None else None
+                    sampled.append(s.sampler.sample(out.logits[j], mask))
                 else:
                     assert out.top_values is not None and out.top_indices is not None
                     sampled.append(s.sampler.sample_top_k(out.top_values[j], out.top_indices[j]))
         return sampled
 
-    def _prefill(self, prefill: list[tuple[Sequence, int]]) -> list[np.ndarray]:
-        """Each chunk's last-position logits [V], or for an embedding its hidden states [S, H]."""
+    def _prefill(self, prefill: list[tuple[Sequence, int]]) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
+        """Each chunk's last-position logits [V], or for an embedding its hidden states [S, H]; and the masks of
+        the guided sequences whose prompt this completes (by `id` of the sequence)."""
         results: list[np.ndarray] = [np.empty(0)] * len(prefill)
+        masks: dict[int, np.ndarray] = {}
         sizes = self.abi.prefill_batch_sizes
         for embed in (False, True):
             items = [(i, s, end) for i, (s, end) in enumerate(prefill) if bool(s.pooling) == embed]
@@ -330,12 +355,17 @@ class Scheduler:
                     toks[j, : len(chunk)] = chunk
                     start[j], lens[j] = s.computed, end
                 run = self.runner.embed if embed else self.runner.prefill
+                last = [s for _, s, end in group if end == s.prefill_target and not s.output_ids]
+                pending = self._masks(last)
                 t0 = time.perf_counter()
                 out = run(toks, start, lens, _page_table([s.pages for _, s, _ in group], bs))
                 self.counters.device_seconds += time.perf_counter() - t0
                 for j, (i, _, _) in enumerate(group):
                     results[i] = out[j]
-        return results
+                if pending is not None:
+                    rows = pending.result()
+                    masks.update((id(s), rows[j]) for j, s in enumerate(last) if s.sampler.guide is not None)
+        return results, masks
 
     # -- results
     def _emit(self, seq: Sequence, sampled: Sampled) -> None:
@@ -350,8 +380,8 @@ class Scheduler:
             finish = "stop"  # the end token itself is not part of the text
         else:
             text, stopped = seq.stops.feed(seq.detok.add(tok))
-            if stopped:
-                finish = "stop"
+            if stopped or (seq.sampler.guide is not None and seq.sampler.guide.stopped):
+                finish = "stop"  # (a grammar that allows nothing more ends the sequence as a stop string does)
             elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.abi.max_seq_len:
                 finish = "length"
         if finish and not stopped:

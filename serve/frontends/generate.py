@@ -15,6 +15,7 @@ from serve.core.engine import BadRequest, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
+from . import constraints
 from .body import BodyError, parse_body
 from .common import Submission, collect, error_status, fan_in, field_message, sequence_events
 from .generate_protocol import (
@@ -44,9 +45,17 @@ def validation_message(exc: ValidationError | RequestValidationError) -> str:
 
 
 def sampling_from(p: GenerateSamplingParams, cap: int | None = None) -> SamplingParams:
-    """`cap` (--max-tokens-per-request) bounds the default max_completion_tokens; one given is checked."""
+    """`cap` (--max-tokens-per-request) bounds the default max_completion_tokens; one given is checked.
+    A malformed constraint is a FieldError."""
     stop = [p.stop] if isinstance(p.stop, str) else list(p.stop or [])
     given = "max_completion_tokens" in p.model_fields_set
+    constraint = constraints.one(
+        [
+            constraints.Given("sampling_params.json_schema", "json_schema", p.json_schema),
+            constraints.Given("sampling_params.regex", "regex", p.regex),
+            constraints.Given("sampling_params.ebnf", "grammar", p.ebnf),
+        ]
+    )
     return SamplingParams(
         max_tokens=p.max_completion_tokens if given or cap is None else min(p.max_completion_tokens, cap),
         temperature=p.temperature,
@@ -61,6 +70,7 @@ def sampling_from(p: GenerateSamplingParams, cap: int | None = None) -> Sampling
         stop_token_ids=list(p.stop_token_ids),
         ignore_eos=p.ignore_eos,
         n=p.n,
+        constraint=constraint and constraint[1],
     )
 
 
@@ -99,12 +109,15 @@ def add_routes(app: FastAPI) -> None:
         rids = req.rid if isinstance(req.rid, list) else [req.rid] * len(prompts)
         if len(rids) != len(prompts):
             return error(400, f"{len(rids)} rids for {len(prompts)} prompts")
-        params = sampling_from(req.sampling_params, eng.cfg.max_tokens_per_request)
         try:
+            params = sampling_from(req.sampling_params, eng.cfg.max_tokens_per_request)
             prompt_ids = await encode_prompts(eng, prompts)
+            await eng.prepare(params)
             with Submission(eng) as sub:
                 for ids, rid in zip(prompt_ids, rids):
                     sub.add(ids, params, rid)
+        except constraints.FieldError as e:
+            return error(400, str(e))
         except BadRequest as e:
             return error(400, field_message(e, FIELD_NAMES))
         except QueueFull as e:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -23,6 +23,10 @@ class GenerateSamplingParams(BaseModel):
     stop_token_ids: list[int] = Field(default_factory=list)
     ignore_eos: bool = False
     n: int = 1
+    # SGLang's output constraints (one at most): a JSON schema (its text or object), a regex, an EBNF grammar
+    json_schema: str | dict[str, Any] | None = None
+    regex: str | None = None
+    ebnf: str | None = None
     # accepted for shortfin compatibility; beam search is not implemented and is refused when asked for
     use_beam_search: bool = False
     num_beams: int = 1

@@ -122,16 +122,17 @@ def add_routes(app: FastAPI) -> None:
         ids = await _encode(eng, prompts, "prompt")
         default = min(16, eng.cfg.max_tokens_per_request or 16)  # (OpenAI's default, within the server's cap)
         params = req.sampling(default if req.max_tokens is None else req.max_tokens, req.logprobs)
+        given = req.constraint()
+        if given:
+            params.constraint = given[1]
         echo = [pr if isinstance(pr, str) else eng.tokenizer.decode(pr) for pr in prompts] if req.echo else []
-        return await _run(request, eng, req, model, "cmpl", ids, params, echo)
+        return await _run(request, eng, req, model, "cmpl", ids, params, echo, given and given[0])
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request):
         eng = engine(request)
         req: ChatRequest = await parse_request(request, ChatRequest)
         model = check_model(eng, req.model)
-        if (req.response_format or {}).get("type", "text") != "text":
-            raise OpenAIError(400, "response_format other than text is not supported", param="response_format")
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
         info = eng.tok_info
@@ -163,7 +164,10 @@ def add_routes(app: FastAPI) -> None:
         if max_tokens is None:  # the rest of the context, within the server's cap
             max_tokens = max(1, min(eng.abi.max_seq_len - len(ids), eng.cfg.max_tokens_per_request or MAX_TOKENS_LIMIT))
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        return await _run(request, eng, req, model, "chatcmpl", [ids], params, [], chat=True)
+        given = req.constraint()
+        if given:
+            params.constraint = given[1]
+        return await _run(request, eng, req, model, "chatcmpl", [ids], params, [], given and given[0], chat=True)
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
@@ -285,17 +289,21 @@ async def _run(
     prompts: list[list[int]],
     params: SamplingParams,
     echo: list[str],
+    constraint_field: str | None,
     chat: bool = False,
 ):
+    """`constraint_field`: the request field that gave `params.constraint` (errors name it)."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
     try:
+        await eng.prepare(params)
         with Submission(eng) as sub:
             for i, ids in enumerate(prompts):
                 sub.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}")
     except QueueFull as e:
         raise _queue_full(e) from e
     except BadRequest as e:
-        raise OpenAIError(400, str(e), param=e.field or ("messages" if chat else "prompt")) from e
+        field = constraint_field if e.field == "constraint" else e.field
+        raise OpenAIError(400, str(e), param=field or ("messages" if chat else "prompt")) from e
     record = access_record()
     record.id, record.model, record.user, record.stream, record.n = rid, model, req.user, bool(req.stream), params.n
     end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eng.eos_ids))

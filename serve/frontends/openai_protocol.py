@@ -13,9 +13,11 @@ from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve.core.guide import Constraint
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
+from . import constraints
 from .body import BodyError, parse_body
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
@@ -76,6 +78,33 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    # the output's constraint: OpenAI's, vLLM's, llama.cpp's spellings (serve/frontends/constraints.py)
+    response_format: dict[str, Any] | None = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    json_schema: dict[str, Any] | None = None
+    grammar: str | None = None
+
+    def constraint(self) -> tuple[str, Constraint] | None:
+        """The request's constraint and the field that gave it; OpenAIError for a malformed or second one."""
+        try:
+            return constraints.one(
+                constraints.response_format(self.response_format),
+                constraints.structured_outputs(self.structured_outputs),
+                [
+                    constraints.Given("guided_json", "json_schema", self.guided_json),
+                    constraints.Given("guided_regex", "regex", self.guided_regex),
+                    constraints.Given("guided_choice", "choice", self.guided_choice),
+                    constraints.Given("guided_grammar", "grammar", self.guided_grammar),
+                    constraints.Given("json_schema", "json_schema", self.json_schema),
+                    constraints.Given("grammar", "grammar", self.grammar),
+                ],
+            )
+        except constraints.FieldError as e:
+            raise OpenAIError(400, str(e), param=e.field) from e
 
     def sampling(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         bias = {}
@@ -140,7 +169,6 @@ class ChatRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 

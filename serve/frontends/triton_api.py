@@ -35,6 +35,7 @@ from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
 
+from . import constraints
 from .body import BodyError, parse_body
 from .common import Submission, cancel, collect, error_status, field_message, sequence_events
 from .generate import validation_message
@@ -103,6 +104,8 @@ class TritonGenerateRequest(BaseModel):
     return_finish_reason: bool = False  # (the vLLM backend's flag) adds "finish_reason": "stop" | "length"
     exclude_input_in_output: bool = False
     ignore_eos: bool = False
+    guided_decoding_guide_type: str | None = None  # json, json_schema, regex, ebnf_grammar (TensorRT-LLM's)
+    guided_decoding_guide: str | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -128,6 +131,12 @@ class TritonGenerateRequest(BaseModel):
             ids = eng.tokenizer.encode(word, add_special_tokens=False).ids
             if ids:
                 bias[ids[0]] = BAD_WORD_BIAS
+        try:
+            constraint = constraints.one(
+                constraints.triton_guide(self.guided_decoding_guide_type, self.guided_decoding_guide)
+            )
+        except constraints.FieldError as e:
+            raise TritonError(400, str(e)) from e
         return SamplingParams(
             max_tokens=self.max_tokens,
             temperature=0.0 if greedy else (self.temperature or 1.0),
@@ -143,6 +152,7 @@ class TritonGenerateRequest(BaseModel):
             stop_token_ids=[] if self.end_id in (None, -1) else [self.end_id],
             ignore_eos=self.ignore_eos or self.end_id == -1 or self.min_length >= self.max_tokens,
             logprobs=0 if self.return_log_probs else None,
+            constraint=constraint and constraint[1],
         )
 
 
@@ -234,6 +244,7 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
     size = len(req.text_input) + sum(len(w) for w in _words(req.bad_words))
     try:
         params, ids = await off_loop(lambda: (req.sampling(eng), prompt_ids(eng, req.text_input)), size)
+        await eng.prepare(params)
         with Submission(eng) as sub:
             seq = sub.add(ids, params, rid)[0]
     except QueueFull as e:

@@ -1,0 +1,228 @@
+"""Constrained decoding (serve/core/guide.py, serve/frontends/constraints.py): the sampler's mask under every
+sampling setting, each protocol's constraint fields over the tiny program, and the refusals."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+
+import httpx
+import jsonschema
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from serve.core.guide import Constraint, ConstraintError, Guides
+from serve.core.sampling import Sampler, SamplingParams
+from tests.server_util import TINY_MODEL_NAME
+from tests.tiny import char_tokenizer
+
+MODEL = TINY_MODEL_NAME
+
+SAMPLERS = {
+    "greedy": {"temperature": 0},
+    "temperature": {"temperature": 1.0, "seed": 1},
+    "top_k": {"temperature": 1.5, "top_k": 5, "seed": 2},
+    "top_p": {"temperature": 1.0, "top_p": 0.8, "seed": 3},
+    "min_p": {"temperature": 1.0, "min_p": 0.2, "seed": 4},
+    "penalties": {"temperature": 0.7, "presence_penalty": 1.5, "frequency_penalty": 1.0, "repetition_penalty": 1.3},
+    "logit_bias": {"temperature": 0, "logit_bias": {str(ord("z") - 29): 100}},  # 'z': forbidden by the regex
+    "n": {"temperature": 1.0, "n": 3, "seed": 5},
+}
+
+
+def post(server, path: str, body: dict) -> httpx.Response:
+    return httpx.post(f"{server.url}{path}", json=body, timeout=120)
+
+
+def texts(r: httpx.Response) -> list[tuple[str, str]]:
+    assert r.status_code == 200, r.text
+    return [(c.get("text") or c["message"]["content"], c["finish_reason"]) for c in r.json()["choices"]]
+
+
+# -- the sampler's mask ------------------------------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    allowed_frac=st.sampled_from([1 / 500, 0.01, 0.3, 1.0]),
+    temperature=st.sampled_from([0.0, 0.5, 1.0, 2.0]),
+    top_k=st.sampled_from([0, 1, 3, 50]),
+    top_p=st.sampled_from([1.0, 0.9, 0.2]),
+    min_p=st.sampled_from([0.0, 0.1]),
+    penalty=st.booleans(),
+)
+def test_sampled_token_is_always_allowed(seed, allowed_frac, temperature, top_k, top_p, min_p, penalty):
+    rng = np.random.default_rng(seed)
+    vocab = 1000
+    logits = (rng.standard_normal(vocab) * 4).astype(np.float32)
+    ok = rng.random(vocab) < allowed_frac
+    ok[rng.integers(vocab)] = True
+    mask = np.packbits(np.pad(ok, (0, 24)), bitorder="little").view(np.int32)  # (whole 32-bit words)
+    best_forbidden = int(np.flatnonzero(~ok)[0]) if not ok.all() else 0
+    params = SamplingParams(
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        min_p=min_p,
+        repetition_penalty=1.5 if penalty else 1.0,
+        frequency_penalty=1.0 if penalty else 0.0,
+        logit_bias={best_forbidden: 100.0},
+    )
+    sampler = Sampler(params, [1, 2, 3], seed=seed)
+    for _ in range(3):
+        assert ok[sampler.sample(logits, mask).token_id]
+
+
+# -- every sampler, each protocol's fields -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", SAMPLERS)
+def test_regex_holds_under_every_sampler(server, name):
+    pattern = "[0-9]{2,4}-(ab|cd)"
+    r = post(
+        server, "/v1/completions", {"prompt": "Code:", "max_tokens": 20, "guided_regex": pattern, **SAMPLERS[name]}
+    )
+    for text, finish in texts(r):
+        assert re.fullmatch(pattern, text) and finish == "stop", (text, finish)
+
+
+def test_choice_gbnf_and_lark_on_completions(server):
+    r = post(server, "/v1/completions", {"prompt": "Colour:", "max_tokens": 10, "guided_choice": ["red", "green"]})
+    assert texts(r)[0] in (("red", "stop"), ("green", "stop"))
+    gbnf = 'root ::= answer " " digit digit\nanswer ::= "yes" | "no"\ndigit ::= [0-9]'
+    for field in ("grammar", "guided_grammar"):  # llama.cpp's GBNF, vLLM's grammar
+        text, finish = texts(post(server, "/v1/completions", {"prompt": "Q?", "max_tokens": 10, field: gbnf}))[0]
+        assert re.fullmatch(r"(yes|no) [0-9]{2}", text) and finish == "stop"
+    lark = 'start: "x" NUM "y"\nNUM: /[1-9]/'
+    body = {"prompt": "Q?", "max_tokens": 10, "structured_outputs": {"grammar": lark}}
+    assert re.fullmatch("x[1-9]y", texts(post(server, "/v1/completions", body))[0][0])
+
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 6},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3},
+        "pet": {"anyOf": [{"type": "null"}, {"type": "boolean"}]},
+    },
+    "required": ["name", "age", "tags", "pet"],
+    "additionalProperties": False,
+}
+
+
+def test_json_schema_chat_streamed_and_not(server):
+    body = {
+        "model": MODEL,
+        "messages": [{"role": "user", "content": "A person, please."}],
+        "max_tokens": 120,
+        "temperature": 0.8,
+        "seed": 7,
+        "response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}},
+    }
+    text, finish = texts(post(server, "/v1/chat/completions", body))[0]
+    assert finish == "stop"
+    jsonschema.validate(json.loads(text), SCHEMA)
+    with httpx.stream("POST", f"{server.url}/v1/chat/completions", json={**body, "stream": True}, timeout=120) as r:
+        chunks = [json.loads(x[6:]) for x in r.iter_lines() if x.startswith("data: {")]
+    streamed = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks)
+    assert streamed == text and chunks[-1]["choices"][0]["finish_reason"] == "stop"  # same seed, same text
+    body["response_format"] = {"type": "json_object"}
+    assert isinstance(json.loads(texts(post(server, "/v1/chat/completions", body))[0][0]), dict)
+
+
+def test_running_out_of_tokens_mid_structure_is_length(server):
+    body = {"prompt": "x", "max_tokens": 3, "json_schema": SCHEMA}  # llama.cpp's field
+    text, finish = texts(post(server, "/v1/completions", body))[0]
+    assert finish == "length" and text.startswith("{")
+
+
+def test_generate_and_triton_fields(server):
+    sp = {"max_completion_tokens": 12}
+    for field, value, check in (
+        ("regex", "[a-c]{3}", "[a-c]{3}"),
+        ("ebnf", 'root ::= "k" [0-9]', "k[0-9]"),
+        ("json_schema", json.dumps({"enum": ["on", "off"]}), '"(on|off)"'),
+    ):
+        r = post(server, "/generate", {"text": "go", "sampling_params": {**sp, field: value}})
+        assert r.status_code == 200, r.text
+        out = r.json()["responses"][0]["responses"][0]
+        assert re.fullmatch(check, out["text"]) and out["finish_reason"] == "stop", (field, out)
+    triton = {"text_input": "go", "max_tokens": 12, "return_finish_reason": True, "exclude_input_in_output": True}
+    for kind, guide, check in (("regex", "[0-9]{4}", "[0-9]{4}"), ("json_schema", '{"enum": [1, 2]}', "[12]")):
+        body = {**triton, "guided_decoding_guide_type": kind, "guided_decoding_guide": guide}
+        r = post(server, f"/v2/models/{MODEL}/generate", body)
+        assert r.status_code == 200 and re.fullmatch(check, r.json()["text_output"]), r.text
+    r = post(server, f"/v2/models/{MODEL}/generate", {**triton, "guided_decoding_guide_type": "json"})
+    assert r.json()["text_output"].startswith("{")  # (any object: the random model's keys run past 12 tokens)
+
+
+@pytest.mark.parametrize(
+    "body, param, words",
+    [
+        ({"guided_regex": "a(b"}, "guided_regex", ["unclosed group", "^"]),
+        ({"guided_json": {"type": "objec"}}, "guided_json", ["Invalid type: objec"]),
+        ({"json_schema": {"type": "string", "format": "foo"}}, "json_schema", ["Unknown format: foo"]),
+        ({"grammar": 'root ::= "a" | b'}, "grammar", ["'b' not found"]),
+        ({"guided_choice": []}, "guided_choice", ["non-empty list"]),
+        ({"guided_regex": "a", "guided_choice": ["b"]}, "guided_choice", ["give one constraint"]),
+        ({"response_format": {"type": "xml"}}, "response_format.type", ["'xml' is not supported"]),
+        ({"response_format": {"type": "json_schema"}}, "response_format.json_schema", ["schema"]),
+        ({"structured_outputs": {"structural_tag": "x"}}, "structured_outputs.structural_tag", ["not supported"]),
+    ],
+)
+def test_bad_constraints_are_400s_naming_the_problem(server, body, param, words):
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    err = r.json()["error"]
+    assert err["param"] == param and all(w in err["message"] for w in words), err
+
+
+def test_bad_constraints_on_generate_and_triton(server):
+    r = post(server, "/generate", {"text": "x", "sampling_params": {"regex": "(", "ebnf": "root ::= 'a'"}})
+    assert r.status_code == 400 and "give one constraint" in r.json()["error"]
+    r = post(server, "/generate", {"text": "x", "sampling_params": {"regex": "a{2"}})
+    assert r.status_code == 400 and "regex" in r.json()["error"]
+    body = {"text_input": "x", "max_tokens": 4, "guided_decoding_guide_type": "structural_tag"}
+    r = post(server, f"/v2/models/{MODEL}/generate", body)
+    assert r.status_code == 400 and "not supported" in r.json()["error"]
+
+
+def test_top_k_program_refuses_constraints(server):
+    """A program exported with --top-k returns K logits, which cannot be masked: a 400 that says so."""
+    abi = server.engine.abi
+    abi.top_k = 4
+    try:
+        r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 4, "guided_regex": "[0-9]"})
+    finally:
+        abi.top_k = None
+    assert r.status_code == 400 and "without --top-k" in r.json()["error"]["message"]
+    assert r.json()["error"]["param"] == "guided_regex"
+
+
+# -- compiling: cache and deadline -------------------------------------------------------------------------
+
+
+def test_compiled_constraints_are_cached_and_slow_ones_time_out(monkeypatch):
+    tok, _ = char_tokenizer()
+    guides = Guides(tok, 128, [2])
+    c = Constraint.of("json_schema", {"type": "integer"})
+    assert guides.compile(c) is guides.compile(Constraint.of("json_schema", '{"type": "integer"}'))
+    a, b = guides.guide(c), guides.guide(c)
+    a.advance(tok.token_to_id("7"))
+    assert a.matcher is not b.matcher and b.matcher.is_accepting() is False  # each sequence its own state
+
+    real = guides.compile
+
+    def slow(constraint):
+        time.sleep(0.5)
+        return real(constraint)
+
+    monkeypatch.setattr(guides, "compile", slow)
+    with pytest.raises(ConstraintError, match="longer than 0.05 s"):
+        asyncio.run(guides.prepare(Constraint.of("regex", "[0-9]+"), timeout=0.05))
