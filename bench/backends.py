@@ -78,7 +78,8 @@ class Backend:
     def url(self) -> str:
         raise NotImplementedError
 
-    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool, schema: dict | None = None) -> dict[str, Any]:
+        """The request; `schema`: its output constrained to this JSON schema, in the API's own field."""
         raise NotImplementedError
 
     def parse(self, data: str, state: StreamState) -> bool:
@@ -120,12 +121,11 @@ class GenerateBackend(Backend):
     def url(self) -> str:
         return f"{self.base_url}/generate"
 
-    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
-        return {
-            "text": prompt,
-            "stream": True,
-            "sampling_params": {"max_completion_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos},
-        }
+    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool, schema: dict | None = None) -> dict[str, Any]:
+        params = {"max_completion_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}
+        if schema is not None:
+            params["json_schema"] = json.dumps(schema)
+        return {"text": prompt, "stream": True, "sampling_params": params}
 
     def parse(self, data: str, state: StreamState) -> bool:
         obj = _json(data)
@@ -163,7 +163,7 @@ class OpenAIBackend(Backend):
     def url(self) -> str:
         return f"{self.base_url}/v1/completions"
 
-    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool, schema: dict | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.model,
             "prompt": prompt,
@@ -174,6 +174,8 @@ class OpenAIBackend(Backend):
         }
         if ignore_eos:
             body["ignore_eos"] = True
+        if schema is not None:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "record", "schema": schema}}
         return body
 
     def parse(self, data: str, state: StreamState) -> bool:
@@ -206,7 +208,7 @@ class TritonBackend(Backend):
     def url(self) -> str:
         return f"{self.base_url}/v2/models/{self.model or 'ensemble'}/generate_stream"
 
-    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool) -> dict[str, Any]:
+    def payload(self, prompt: str, max_tokens: int, ignore_eos: bool, schema: dict | None = None) -> dict[str, Any]:
         body: dict[str, Any] = {
             "text_input": prompt,
             "max_tokens": max_tokens,
@@ -218,6 +220,8 @@ class TritonBackend(Backend):
         }
         if ignore_eos:
             body["min_length"] = max_tokens  # TensorRT-LLM's way (and vLLM's trt backend's)
+        if schema is not None:
+            body["guided_decoding_guide_type"], body["guided_decoding_guide"] = "json_schema", json.dumps(schema)
         return body
 
     def parse(self, data: str, state: StreamState) -> bool:
@@ -241,7 +245,14 @@ BACKENDS: dict[str, type[Backend]] = {"generate": GenerateBackend, "openai": Ope
 
 
 async def send(
-    client: httpx.AsyncClient, backend: Backend, index: int, prompt: str, max_tokens: int, ignore_eos: bool, t0: float
+    client: httpx.AsyncClient,
+    backend: Backend,
+    index: int,
+    prompt: str,
+    max_tokens: int,
+    ignore_eos: bool,
+    t0: float,
+    schema: dict | None = None,
 ) -> RequestResult:
     """One streamed request; failures (HTTP errors, broken streams, error events) are results, not raises."""
     out = RequestResult(index=index)
@@ -250,7 +261,9 @@ async def send(
     out.start_s = st - t0
     last = st
     try:
-        async with client.stream("POST", backend.url(), json=backend.payload(prompt, max_tokens, ignore_eos)) as r:
+        async with client.stream(
+            "POST", backend.url(), json=backend.payload(prompt, max_tokens, ignore_eos, schema)
+        ) as r:
             if r.status_code != 200:
                 body = (await r.aread()).decode("utf-8", "replace")
                 out.error = f"HTTP {r.status_code}: {body[:300]}"

@@ -101,3 +101,34 @@ async def file_prompts(path: str | Path, n: int, counter: TokenCounter | None) -
         return [Prompt(t, None) for t in chosen]
     counts = await asyncio.gather(*(counter.encode(t) for t in chosen))
     return [Prompt(t, len(ids)) for t, ids in zip(chosen, counts)]
+
+
+def json_schemas(n: int, seed: int | str) -> list[dict]:
+    """`n` distinct JSON schemas for a structured-output workload (each request gets one, cycled): objects of
+    named strings, bounded numbers, enums, a nested object and an array long enough that a model fills its
+    output budget inside the structure (so constrained and plain runs generate alike many tokens)."""
+    rng = random.Random(f"schemas-{seed}")
+    schemas = []
+    for i in range(n):
+        names = rng.sample(WORDS, 6)
+        props: dict = {
+            names[0]: {"type": "string", "maxLength": rng.choice([16, 32, 64])},
+            names[1]: {"type": "integer", "minimum": 0, "maximum": rng.choice([10, 1000, 10**6])},
+            names[2]: {"enum": rng.sample(WORDS, 3)},
+            names[3]: {
+                "type": "object",
+                "properties": {"a": {"type": "number"}, "b": {"type": "boolean"}},
+                "required": ["a", "b"],
+            },
+            names[4]: {"type": "array", "items": {"type": "string", "maxLength": 24}, "minItems": 40},
+        }
+        schemas.append(
+            {
+                "title": f"record{i}",
+                "type": "object",
+                "properties": props,
+                "required": list(props),
+                "additionalProperties": False,
+            }
+        )
+    return schemas

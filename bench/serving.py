@@ -38,7 +38,7 @@ import httpx
 from tqdm import tqdm
 
 from .backends import BACKENDS, Backend, RequestResult, send
-from .prompts import Prompt, file_prompts, synthetic_prompts
+from .prompts import Prompt, file_prompts, json_schemas, synthetic_prompts
 from .report import format_cell, print_table, write_json
 from .serving_metrics import TABLE_ROWS, Summary, summarize, tpot
 from .tokens import TokenCounter, find_counter
@@ -60,6 +60,7 @@ class RunConfig:
     seed: int
     warmup: int
     tokenizer: str | None
+    json_schemas: int = 0  # > 0: each request's output constrained to one of this many generated schemas
 
 
 @dataclass
@@ -94,11 +95,13 @@ async def _timed(
 ) -> tuple[list[RequestResult], float]:
     rng = random.Random(cfg.seed)
     slots = asyncio.Semaphore(cfg.concurrency) if cfg.concurrency else None
+    schemas = json_schemas(cfg.json_schemas, cfg.seed)
     bar = tqdm(total=len(prompts), disable=not progress, unit="req", desc=cfg.label, file=sys.stderr)
 
     async def one(i: int, t0: float) -> RequestResult:
         async with slots or contextlib.nullcontext():
-            r = await send(client, backend, i, prompts[i].text, cfg.output_len, cfg.ignore_eos, t0)
+            schema = schemas[i % len(schemas)] if schemas else None
+            r = await send(client, backend, i, prompts[i].text, cfg.output_len, cfg.ignore_eos, t0, schema)
         bar.update(1)
         return r
 
@@ -142,8 +145,10 @@ async def run(cfg: RunConfig, timeout_s: float = 6 * 3600, progress: bool = True
             raise BenchError(str(e)) from e
         # the warm-up prompt is none of the measured ones: it must not put them in the prefix cache
         warm = (await synthetic_prompts(1, cfg.input_len, f"{cfg.seed}-warmup", None))[0].text
+        # (constrained: a schema none of the measured requests uses, so that theirs still compile in the run)
+        warm_schema = json_schemas(1, f"{cfg.seed}-warmup")[0] if cfg.json_schemas else None
         for _ in range(cfg.warmup):
-            r = await send(client, backend, -1, warm, cfg.output_len, cfg.ignore_eos, time.perf_counter())
+            r = await send(client, backend, -1, warm, cfg.output_len, cfg.ignore_eos, time.perf_counter(), warm_schema)
             if not r.success:
                 raise BenchError(f"the warm-up request failed ({backend.url()}): {r.error}")
         date = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -210,6 +215,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompts-file", help='JSON lines with "prompt", or one prompt per line (cycled to --num-prompts)')
     p.add_argument("--ignore-eos", action="store_true", help="generate --output-len tokens whatever the model says")
     p.add_argument(
+        "--json-schemas",
+        type=int,
+        default=0,
+        metavar="N",
+        help="constrain each request's output to one of N generated JSON schemas, in the API's own field "
+        "(structured output; default 0: unconstrained)",
+    )
+    p.add_argument(
         "--tokenizer",
         help="tokenizer.json (or its folder) for token counts the server does not give "
         "(default: the server's POST /tokenize when it has one)",
@@ -248,6 +261,7 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         seed=args.seed,
         warmup=args.warmup,
         tokenizer=args.tokenizer,
+        json_schemas=args.json_schemas,
     )
 
 

@@ -89,7 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     grpc_address = None if args.grpc_port is None else (args.host, args.grpc_port)
     options = server_options(args)
-    app = create_app(engine_loader(args), args.chat_template, grpc_address, options)
+    app = create_app(
+        engine_loader(args), args.chat_template, grpc_address, options, args.tool_call_parser, args.reasoning_parser
+    )
     t0 = time.perf_counter()
     scheme = "https" if options.tls else "http"
     log.info("serving on %s://%s:%d (model loading in the background)", scheme, args.host, args.port)

@@ -99,6 +99,19 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         "file; default: the model's own, else chatml",
     )
     flag(
+        "--tool-call-parser",
+        choices=("auto", "llama3", "hermes", "mistral"),
+        default="auto",
+        help="how the model writes tool calls (chat completions with tools): auto picks from the chat template "
+        "(hermes, whose format the server teaches a template without tools, when it says nothing)",
+    )
+    flag(
+        "--reasoning-parser",
+        choices=("deepseek_r1", "qwen3"),
+        default=None,
+        help="split <think>...</think> off the chat answer into reasoning_content (default: no split)",
+    )
+    flag(
         "--pooling",
         choices=("mean", "last"),
         default="mean",

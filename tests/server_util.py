@@ -46,7 +46,8 @@ def wait_healthy(proc: subprocess.Popen, url: str, timeout_s: float, verify: ssl
 
 
 class ServerThread:
-    def __init__(self, cfg: EngineConfig, options: ServerOptions | None = None):
+    def __init__(self, cfg: EngineConfig, options: ServerOptions | None = None, **app_options):
+        """`app_options`: create_app's (tool_call_parser, reasoning_parser, chat_template)."""
         self._engine: Engine | None = None
         options = options or ServerOptions()
 
@@ -54,7 +55,7 @@ class ServerThread:
             self._engine = Engine(cfg)
             return self._engine
 
-        app = create_app(load, options=options)
+        app = create_app(load, options=options, **app_options)
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = Server(

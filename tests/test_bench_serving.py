@@ -83,6 +83,15 @@ def test_each_backend(server, tmp_path, capsys, backend):
     assert "| Successful requests" in table and f"| {backend} 127.0.0.1:{server.port}" in table
 
 
+@pytest.mark.parametrize("backend", ["generate", "openai", "triton"])
+def test_json_schema_workload(server, tmp_path, backend):
+    """--json-schemas: every request's output is constrained, in each API's own field."""
+    rc, result = bench(server, tmp_path, "--backend", backend, "--json-schemas", "3", "--ignore-eos")
+    assert rc == 0 and result["config"]["json_schemas"] == 3
+    assert result["summary"]["completed"] == N
+    assert all(r["text"].startswith("{") for r in result["requests"])  # (a random model's output: the first key)
+
+
 def test_poisson_arrivals(server, tmp_path):
     rc, result = bench(server, tmp_path, "--backend", "openai", "--request-rate", "50", "--seed", "3")
     assert rc == 0 and result["config"]["request_rate"] == 50

@@ -146,6 +146,12 @@ def valid_fields(vocab_size: int, model: str) -> dict[str, dict[str, dict[str, A
         "use_beam_search": {"enum": [False]},
         "num_beams": {"enum": [1]},
         "suffix": absent,
+        # constraints: tests/test_structured.py checks them (an arbitrary regex or grammar is rightly a 400)
+        **dict.fromkeys(
+            ["structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "json_schema"]
+            + ["grammar", "regex", "ebnf", "guided_decoding_guide_type", "guided_decoding_guide"],
+            absent,
+        ),
         "best_of": absent,
         "dimensions": absent,
     }

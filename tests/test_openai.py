@@ -281,7 +281,7 @@ def test_bad_completion_params_are_400(server, client, kw, param):
         {"top_logprobs": 21, "logprobs": True},
         {"top_logprobs": 2},
         {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]},
-        {"response_format": {"type": "json_object"}},
+        {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
     ],
 )
 def test_bad_chat_params_are_400(client, kw):

@@ -226,3 +226,169 @@ def test_compiled_constraints_are_cached_and_slow_ones_time_out(monkeypatch):
     monkeypatch.setattr(guides, "compile", slow)
     with pytest.raises(ConstraintError, match="longer than 0.05 s"):
         asyncio.run(guides.prepare(Constraint.of("regex", "[0-9]+"), timeout=0.05))
+
+
+# -- SmolLM2 through the openai client ---------------------------------------------------------------------
+
+
+def _schemas() -> list[type]:
+    """20 response formats as the openai client's `parse` takes them: nested objects, arrays, enums, bounded
+    numbers, optional fields, anyOf; strings and arrays bounded, so that a small model's answer ends."""
+    from typing import Literal
+
+    from pydantic import BaseModel, Field
+
+    S = Field(max_length=24)
+
+    class Person(BaseModel):
+        name: str = S
+        age: int = Field(ge=0, le=120)
+
+    class Point(BaseModel):
+        x: float
+        y: float
+
+    class Pick(BaseModel):
+        color: Literal["red", "green", "blue"]
+
+    class Book(BaseModel):
+        title: str = S
+        author: str = S
+        year: int = Field(ge=1000, le=2030)
+        tags: list[str] = Field(max_length=3)
+
+    class Address(BaseModel):
+        street: str = S
+        city: str = S
+        zip: str = Field(pattern=r"^[0-9]{5}$")
+
+    class Resident(BaseModel):
+        name: str = S
+        address: Address
+
+    class Product(BaseModel):
+        name: str = S
+        price: float = Field(ge=0)
+        discount: float | None
+
+    class Shape(BaseModel):
+        kind: Literal["circle", "square"]
+        size: int | str
+
+    class Member(BaseModel):
+        name: str = S
+        role: Literal["lead", "dev", "qa"]
+
+    class Team(BaseModel):
+        members: list[Member] = Field(max_length=3)
+
+    class Answer(BaseModel):
+        yes: bool
+        reason: str = Field(max_length=60)
+
+    class Week(BaseModel):
+        days: list[Literal["mon", "tue", "wed", "thu", "fri", "sat", "sun"]] = Field(max_length=7)
+
+    class Event(BaseModel):
+        date: str = Field(pattern=r"^20[0-9]{2}-[01][0-9]-[0-3][0-9]$")
+        attendees: int = Field(ge=1, le=1000)
+
+    class Ingredient(BaseModel):
+        name: str = S
+        grams: int = Field(ge=1, le=5000)
+
+    class Recipe(BaseModel):
+        ingredients: list[Ingredient] = Field(max_length=4)
+        steps: list[str] = Field(max_length=3)
+
+    class Movie(BaseModel):
+        title: str = S
+        rating: float = Field(ge=0, le=10)
+        genres: list[Literal["drama", "comedy", "action"]] = Field(max_length=3)
+
+    class Place(BaseModel):
+        lat: float = Field(ge=-90, le=90)
+        lon: float = Field(ge=-180, le=180)
+
+    class Contact(BaseModel):
+        email: str = Field(pattern=r"^[a-z]{1,12}@[a-z]{1,12}\.com$")
+        phone: str | None = Field(max_length=16)
+
+    class Line(BaseModel):
+        sku: str = Field(pattern=r"^[A-Z]{3}-[0-9]{3}$")
+        qty: int = Field(ge=1, le=99)
+
+    class Order(BaseModel):
+        id: int = Field(ge=1)
+        lines: list[Line] = Field(max_length=3)
+
+    class Sentiment(BaseModel):
+        label: Literal["positive", "negative", "neutral"]
+        score: float = Field(ge=0, le=1)
+
+    class Translation(BaseModel):
+        source_language: str = S
+        target_language: str = S
+        text: str = Field(max_length=60)
+
+    class Leaf(BaseModel):
+        name: str = S
+        children: list[Person] = Field(max_length=2)
+
+    class Tree(BaseModel):
+        name: str = S
+        children: list[Leaf] = Field(max_length=2)
+
+    class Flag(BaseModel):
+        enabled: bool
+        level: Literal[1, 2, 3]
+
+    return [Person, Point, Pick, Book, Resident, Product, Shape, Team, Answer, Week, Event, Recipe, Movie, Place] + [
+        Contact,
+        Order,
+        Sentiment,
+        Translation,
+        Tree,
+        Flag,
+    ]
+
+
+@pytest.fixture(scope="module")
+def smollm2_server(smollm2_f32_artifacts):
+    from serve.core.engine import EngineConfig
+    from tests.server_util import ServerThread
+
+    art = smollm2_f32_artifacts
+    cfg = EngineConfig(vmfb=art.vmfb, parameters=[art.irpa], model_config=art.config, tokenizer=art.dir)
+    s = ServerThread(cfg)
+    yield s
+    s.stop()
+
+
+@pytest.mark.slow
+def test_smollm2_parse_20_schemas_streamed_and_not(smollm2_server):
+    """The openai client's `parse` gets a valid object for 20 varied schemas, streamed and not, and every
+    output validates against the schema the client sent (jsonschema)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import openai
+    from openai.lib._pydantic import to_strict_json_schema
+
+    client = openai.OpenAI(base_url=smollm2_server.url + "/v1", api_key="x", max_retries=0, timeout=600)
+
+    def ask(model: type) -> list[object]:
+        messages = [{"role": "user", "content": f"Give me an example {model.__name__} as JSON."}]
+        kw = {"model": "default", "messages": messages, "response_format": model, "max_tokens": 400}
+        done = client.chat.completions.parse(temperature=0, **kw).choices[0]
+        with client.chat.completions.stream(temperature=0.7, seed=1, **kw) as stream:
+            streamed = stream.get_final_completion().choices[0]
+        out = []
+        for choice in (done, streamed):
+            assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, model), choice
+            jsonschema.validate(json.loads(choice.message.content), to_strict_json_schema(model))
+            out.append(choice.message.parsed)
+        return out
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(ask, _schemas()))
+    assert len(results) == 20

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer
 
 log = logging.getLogger("aotllm.guide")
 
-KINDS = ("json_object", "json_schema", "regex", "choice", "grammar")
+KINDS = ("json_object", "json_schema", "regex", "choice", "grammar", "lark")  # grammar: GBNF or Lark
 COMPILE_TIMEOUT = 10.0  # seconds a constraint may take to compile before the request is refused
 CACHE_SIZE = 256  # compiled constraints kept (LRU)
 MAX_SPEC_CHARS = 1_000_000

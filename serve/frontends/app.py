@@ -35,12 +35,19 @@ def create_app(
     chat_template: str | None = None,
     grpc_address: tuple[str, int] | None = None,
     options: ServerOptions | None = None,
+    tool_call_parser: str | None = None,
+    reasoning_parser: str | None = None,
 ) -> FastAPI:
     options = options or ServerOptions()
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[dict[str, ServerState]]:
-        state = ServerState(metrics=Metrics(lambda: state.engine), chat_template=chat_template)
+        state = ServerState(
+            metrics=Metrics(lambda: state.engine),
+            chat_template=chat_template,
+            tool_call_parser=tool_call_parser,
+            reasoning_parser=reasoning_parser,
+        )
         loop = asyncio.get_running_loop()
         threading.Thread(target=_load, args=(load, state, loop), name="engine-loader", daemon=True).start()
         grpc_server = None

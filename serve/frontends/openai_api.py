@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -17,9 +18,11 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.core.engine import BadRequest, Engine, QueueFull
+from serve.core.guide import Constraint
 from serve.core.sampling import MAX_TOKENS_LIMIT, SamplingParams
 from serve.core.scheduler import Event
 
+from .chat_output import ChatOutput
 from .chat_template import RESERVED_VARIABLES, ChatTemplateError, encode_prompt, render_chat, resolve_template
 from .common import Submission, collect, error_status, fan_in, sequence_events
 from .metrics import access_record
@@ -33,10 +36,12 @@ from .openai_protocol import (
     OpenAIError,
     SamplingRequest,
     TokenizeRequest,
+    finish_reason,
     parse_request,
 )
 from .state import NotReady, server
 from .tokenizing import decode_ids, encode_prompts, encode_text, off_loop
+from .tool_calls import FunctionTool, ToolCall, ToolError, ToolParser, forced_tools, pick_parser, tools_system_prompt
 
 log = logging.getLogger("aotllm.openai")
 # /tokenize takes texts of up to this many contexts (or this many tokens, if more).
@@ -146,9 +151,10 @@ def add_routes(app: FastAPI) -> None:
                 "from chat_template_kwargs",
                 param="chat_template_kwargs",
             )
-        if req.tools is not None:
-            variables["tools"] = req.tools
         template, messages = chat_template(request, eng), [m.for_template() for m in req.messages]
+        tools = _Tools.of(req, template, server(request).tool_call_parser, eng)
+        if tools.parser is not None:
+            messages = tools.show(messages, variables)
 
         def render_and_encode() -> list[int]:
             text = render_chat(
@@ -165,9 +171,18 @@ def add_routes(app: FastAPI) -> None:
             max_tokens = max(1, min(eng.abi.max_seq_len - len(ids), eng.cfg.max_tokens_per_request or MAX_TOKENS_LIMIT))
         params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
         given = req.constraint()
+        if tools.forced is not None:
+            if given:
+                raise OpenAIError(
+                    400, f"{given[0]}: give it or a tool_choice that forces a call, not both", param=given[0]
+                )
+            given = "tool_choice", tools.forced
         if given:
             params.constraint = given[1]
-        return await _run(request, eng, req, model, "chatcmpl", [ids], params, [], given and given[0], chat=True)
+        output = ChatOutput(tools.parser, server(request).reasoning_parser)
+        return await _run(
+            request, eng, req, model, "chatcmpl", [ids], params, [], given and given[0], chat=True, output=output
+        )
 
     @app.post("/v1/embeddings")
     async def embeddings(request: Request) -> dict:
@@ -269,6 +284,65 @@ def add_routes(app: FastAPI) -> None:
         return {"content": text, "prompt": text}
 
 
+@dataclass
+class _Tools:
+    """A chat request's tools: the parser of the model's calls (None: no tools, or tool_choice "none") and the
+    constraint that forces a call (tool_choice "required" or a named function)."""
+
+    tools: list[FunctionTool]
+    parser: ToolParser | None = None
+    forced: Constraint | None = None
+    template: str = ""
+
+    @staticmethod
+    def of(req: ChatRequest, template: str, parser_name: str | None, eng: Engine) -> _Tools:
+        try:
+            tools = FunctionTool.from_openai(req.tools) if req.tools else []
+        except ToolError as e:
+            raise OpenAIError(400, str(e), param="tools") from e
+        if not tools or req.tool_choice == "none":
+            if req.tool_choice not in (None, "none", "auto"):
+                raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
+            return _Tools(tools, template=template)
+        parser = pick_parser(parser_name, template)
+        try:
+            forced = forced_tools(tools, req.tool_choice)
+        except ToolError as e:
+            raise OpenAIError(400, str(e), param="tool_choice") from e
+        if forced is None:
+            return _Tools(tools, parser, template=template)
+        # a literal the vocabulary holds as one token is that token in the grammar (llguidance matches no
+        # added token by its text)
+        ids = {t: i for t in parser.token_texts if (i := eng.tokenizer.token_to_id(t)) is not None}
+        grammar = parser.grammar(forced, parallel=req.parallel_tool_calls is not False, token_ids=ids)
+        return _Tools(tools, parser, Constraint.of("lark", grammar), template)
+
+    def show(self, messages: list[dict[str, Any]], variables: dict[str, Any]) -> list[dict[str, Any]]:
+        """The messages and template variables that show the model its tools and its earlier calls: through
+        the template when it renders them, else as a system prompt and as text in the parser's format."""
+        assert self.parser is not None
+        if "tools" in self.template:
+            variables["tools"] = [t.openai() for t in self.tools]
+        else:
+            prompt = tools_system_prompt(self.tools, self.parser)
+            if messages and messages[0]["role"] == "system":
+                messages = [{**messages[0], "content": f"{prompt}\n\n{messages[0]['content'] or ''}"}, *messages[1:]]
+            else:
+                messages = [{"role": "system", "content": prompt}, *messages]
+        if "tool_calls" not in self.template:
+            shown = []
+            for m in messages:
+                if m["role"] == "assistant" and m.get("tool_calls"):
+                    try:
+                        calls = self.parser.render_calls(ToolCall.from_openai(m["tool_calls"]))
+                    except ToolError as e:
+                        raise OpenAIError(400, str(e), param="messages") from e
+                    m = {**m, "content": f"{m.get('content') or ''}{calls}"}
+                shown.append(m)
+            messages = shown
+        return messages
+
+
 async def _encode(eng: Engine, prompts: list[str | list[int]], param: str) -> list[list[int]]:
     try:
         return await encode_prompts(eng, prompts)
@@ -291,6 +365,7 @@ async def _run(
     echo: list[str],
     constraint_field: str | None,
     chat: bool = False,
+    output: ChatOutput | None = None,
 ):
     """`constraint_field`: the request field that gave `params.constraint` (errors name it)."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
@@ -314,7 +389,10 @@ async def _run(
         rid=rid,
         model=model,
         prompt_tokens=sum(len(p) for p in prompts),
-        choices=[Choice(i, s, end_ids) for i, s in enumerate(seqs)],
+        choices=[
+            Choice(i, s, end_ids, output=output and ChatOutput(output.tools, output.reasoning))
+            for i, s in enumerate(seqs)
+        ],
         piece=piece,
         echo=[e for e in echo for _ in range(params.n)],
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
@@ -379,10 +457,20 @@ async def _stream(job: Job, request: Request) -> AsyncIterator[str]:
         async for index, ev in events:
             c = job.choices[index]
             tokens = c.feed(ev, job.piece)
-            if ev.text or tokens:
-                yield job.chunk(c, ev.text, tokens)
-            if ev.finish_reason in ("stop", "length"):
-                yield job.chunk(c, None if job.chat else "", [], finish=ev.finish_reason)
+            finish = ev.finish_reason
+            if c.output is None:
+                if ev.text or tokens:
+                    yield job.chunk(c, ev.text, tokens)
+            else:  # (reasoning and tool calls: the parsers hold back what may still change its part)
+                for chunk in job.part_chunks(c, c.output.feed(ev.text), tokens):
+                    yield chunk
+                if finish in ("stop", "length"):
+                    parts = c.output.finish()
+                    for chunk in job.part_chunks(c, parts, []):
+                        yield chunk
+                    finish = finish_reason(finish, parts)
+            if finish in ("stop", "length", "tool_calls"):
+                yield job.chunk(c, None if job.chat else "", [], finish=finish)
             elif ev.finish_reason == "error":
                 err = {"message": f"generation failed: {ev.error}", "type": "server_error", "param": None, "code": None}
                 yield f"data: {json.dumps({'error': err})}\n\n"

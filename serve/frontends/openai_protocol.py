@@ -19,6 +19,7 @@ from serve.core.scheduler import Event, Sequence
 
 from . import constraints
 from .body import BodyError, parse_body
+from .chat_output import ChatOutput, Parts
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
 
@@ -169,6 +170,8 @@ class ChatRequest(SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = Field(None, ge=0, le=20)
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     add_generation_prompt: bool = True
     chat_template_kwargs: dict[str, Any] | None = None
 
@@ -238,6 +241,7 @@ class Choice:
     offset: int = 0  # text_offset of the next token (completions logprobs)
     finish_reason: str | None = None
     error: str | None = None
+    output: ChatOutput | None = None  # chat with a tool-call or reasoning parser: the message's parts
 
     def feed(self, ev: Event, piece: Any) -> list[TokenLogprob]:
         new: list[TokenLogprob] = []
@@ -310,10 +314,18 @@ class Job:
         return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
 
     def chunk(
-        self, c: Choice, text: str | None, tokens: list[TokenLogprob], finish: str | None = None, role: bool = False
+        self,
+        c: Choice,
+        text: str | None,
+        tokens: list[TokenLogprob],
+        finish: str | None = None,
+        role: bool = False,
+        delta: dict[str, Any] | None = None,
     ) -> str:
+        """One stream chunk: `text` (chat: as the delta's content, unless `delta` is given)."""
         if self.chat:
-            delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
+            if delta is None:
+                delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
             choice = {
                 "index": c.index,
                 "delta": delta,
@@ -332,17 +344,34 @@ class Job:
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
 
+    def part_chunks(self, c: Choice, parts: Parts, tokens: list[TokenLogprob]) -> list[str]:
+        """A chat choice's streamed parts: reasoning, content (with the tokens' logprobs), each tool call."""
+        out = []
+        if parts.reasoning:
+            out.append(self.chunk(c, None, [], delta={"reasoning_content": parts.reasoning}))
+        if parts.content or tokens:
+            out.append(self.chunk(c, parts.content or "", tokens))
+        for i, call in enumerate(parts.calls):
+            out.append(self.chunk(c, None, [], delta={"tool_calls": [{"index": i, **call.openai()}]}))
+        return out
+
     def full(self) -> dict[str, Any]:
         out = []
         for c, echo in zip(self.choices, self.echo or [""] * len(self.choices)):
             text = echo + "".join(c.text)
             if self.chat:
+                parts = c.output.parse(text) if c.output else Parts(content=text)
+                message: dict[str, Any] = {"role": "assistant", "content": parts.content}
+                if c.output and c.output.reasoning:
+                    message["reasoning_content"] = parts.reasoning
+                if parts.calls:
+                    message["tool_calls"] = [call.openai() for call in parts.calls]
                 out.append(
                     {
                         "index": c.index,
-                        "message": {"role": "assistant", "content": text},
+                        "message": message,
                         "logprobs": c.chat_logprobs(c.tokens),
-                        "finish_reason": c.finish_reason,
+                        "finish_reason": finish_reason(c.finish_reason, parts),
                     }
                 )
             else:
@@ -355,6 +384,11 @@ class Job:
                     }
                 )
         return {**self.envelope(out, stream=False), "usage": self.usage()}
+
+
+def finish_reason(reason: str | None, parts: Parts) -> str | None:
+    """OpenAI's "tool_calls" for an output that ended as calls."""
+    return "tool_calls" if parts.calls and reason == "stop" else reason
 
 
 # -- routes --------------------------------------------------------------------------------------------------

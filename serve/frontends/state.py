@@ -27,6 +27,8 @@ class NotReady(Exception):
 class ServerState:
     metrics: Metrics
     chat_template: str | None = None  # --chat-template: a built-in name or a file; None: the model's own
+    tool_call_parser: str | None = None  # --tool-call-parser: llama3, hermes, mistral; None: from the template
+    reasoning_parser: str | None = None  # --reasoning-parser: deepseek_r1, qwen3; None: no reasoning_content
     engine: Engine | None = None  # set once, when the model is loaded and its schedulers run
     status: str = "starting"  # while `engine` is None: what the server is doing, or why loading failed
     progress: float | None = None  # how far that is (0..1), when known
