@@ -149,7 +149,8 @@ def valid_fields(vocab_size: int, model: str) -> dict[str, dict[str, dict[str, A
         # constraints: tests/test_structured.py checks them (an arbitrary regex or grammar is rightly a 400)
         **dict.fromkeys(
             ["structured_outputs", "guided_json", "guided_regex", "guided_choice", "guided_grammar", "json_schema"]
-            + ["grammar", "regex", "ebnf", "guided_decoding_guide_type", "guided_decoding_guide"],
+            + ["grammar", "regex", "ebnf", "guided_decoding_guide_type", "guided_decoding_guide"]
+            + ["tools", "tool_choice"],  # (tests/test_tool_calling.py)
             absent,
         ),
         "best_of": absent,

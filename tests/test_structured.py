@@ -234,7 +234,7 @@ def test_compiled_constraints_are_cached_and_slow_ones_time_out(monkeypatch):
 def _schemas() -> list[type]:
     """20 response formats as the openai client's `parse` takes them: nested objects, arrays, enums, bounded
     numbers, optional fields, anyOf; strings and arrays bounded, so that a small model's answer ends."""
-    from typing import Literal
+    from typing import Annotated, Literal
 
     from pydantic import BaseModel, Field
 
@@ -299,7 +299,7 @@ def _schemas() -> list[type]:
 
     class Recipe(BaseModel):
         ingredients: list[Ingredient] = Field(max_length=4)
-        steps: list[str] = Field(max_length=3)
+        steps: list[Annotated[str, Field(max_length=40)]] = Field(max_length=3)
 
     class Movie(BaseModel):
         title: str = S
@@ -385,7 +385,9 @@ def test_smollm2_parse_20_schemas_streamed_and_not(smollm2_server):
         out = []
         for choice in (done, streamed):
             assert choice.finish_reason == "stop" and isinstance(choice.message.parsed, model), choice
-            jsonschema.validate(json.loads(choice.message.content), to_strict_json_schema(model))
+            value = json.loads(choice.message.content)
+            jsonschema.validate(value, to_strict_json_schema(model))
+            assert list(value) == list(model.model_fields)  # in the schema's order
             out.append(choice.message.parsed)
         return out
 

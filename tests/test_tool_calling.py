@@ -151,8 +151,9 @@ def test_tool_round_trip_renders_the_calls_and_results(client, llama3_server):
     calls = "; ".join(
         json.dumps({"name": c.function.name, "parameters": json.loads(c.function.arguments)}) for c in call.tool_calls
     )
-    added = "[get_weather,get_time]" + "<assistant>" + calls + "<tool>" * len(call.tool_calls)
-    assert shown == plain + len(added) + len('{"temp": 21}') * len(call.tool_calls)
+    result = '<user><tool_response>\n{"temp": 21}\n</tool_response>'  # (a template that knows no tool role)
+    added = "[get_weather,get_time]" + "<assistant>" + calls + result * len(call.tool_calls)
+    assert shown == plain + len(added)
 
 
 @pytest.mark.parametrize(
@@ -200,7 +201,8 @@ def test_smollm2_tool_round_trip(smollm2_f32_artifacts):
     s = ServerThread(cfg)
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=600)
-        kw = {"model": "default", "tools": TOOLS, "max_tokens": 100, "temperature": 0}
+        # (with parallel calls allowed, greedy SmolLM2 repeats its call until max_tokens)
+        kw = {"model": "default", "tools": TOOLS, "max_tokens": 100, "temperature": 0, "parallel_tool_calls": False}
         for stream in (False, True):
             if stream:
                 with c.chat.completions.stream(messages=ASK, tool_choice="required", **kw) as st:
@@ -219,7 +221,7 @@ def test_smollm2_tool_round_trip(smollm2_f32_artifacts):
                 named.message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": named.message.tool_calls[0].id, "content": "Sunny, 31 degrees C."},
             ]
-            final = c.chat.completions.create(messages=messages, **kw).choices[0]
+            final = c.chat.completions.create(messages=messages, **kw).choices[0]  # (tool_choice auto)
             assert final.finish_reason == "stop" and final.message.tool_calls is None
             assert "31" in final.message.content or "sunny" in final.message.content.lower(), final.message.content
     finally:

@@ -63,7 +63,7 @@ class Constraint:
                     raise ConstraintError(f"the JSON schema is not valid JSON: {e}") from e
             if not isinstance(value, (dict, bool)):
                 raise ConstraintError(f"a JSON schema must be an object, got {type(value).__name__}")
-            spec = json.dumps(value, sort_keys=True)
+            spec = json.dumps(value)  # (not sorted: the properties' order is the order the output gives them)
         elif kind == "choice":
             if not (isinstance(value, list) and value and all(isinstance(v, str) and v for v in value)):
                 raise ConstraintError("choices must be a non-empty list of non-empty strings")

@@ -146,6 +146,7 @@ class Sampler:
     ) -> None:
         self.params = params
         self.guide = guide  # consumes every sampled token; its mask comes with the logits (sample's `mask`)
+        self._mask_buffer: np.ndarray | None = None
         seed = params.seed if seed is None else seed
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
@@ -169,13 +170,24 @@ class Sampler:
             raise ValueError(f"logits must be one row [V], got shape {logits.shape}")
         adjusted = self.apply_penalties(logits)
         if mask is not None:
-            adjusted = np.where(allowed(mask, logits.shape[0]), adjusted, np.float32(-np.inf))
+            adjusted = self._masked(adjusted, mask)
         if self.greedy:
             pos = int(np.argmax(adjusted))
         else:
             scratch = None if adjusted is logits else adjusted  # never write into the caller's array
             pos = self._draw(np.divide(adjusted, np.float32(self.params.temperature), out=scratch), None)
         return self._finish(pos, logits, None)
+
+    def _masked(self, logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        """`logits` with the tokens the mask forbids at -inf, in this sampler's own buffer: a fresh array per
+        token would be a fresh mapping (glibc maps allocations this size), and unmapping it interrupts every
+        thread of the process, the device's workers included."""
+        if self._mask_buffer is None or self._mask_buffer.shape != logits.shape:
+            self._mask_buffer = np.empty_like(logits)
+        out = self._mask_buffer
+        out.fill(-np.inf)
+        np.copyto(out, logits, where=allowed(mask, logits.shape[0]))
+        return out
 
     def sample_top_k(self, values: np.ndarray, indices: np.ndarray) -> Sampled:
         """Sample from an on-device top-k (`values [K]` logits of token ids `indices [K]`).

@@ -88,6 +88,8 @@ PREFILL_CHUNK = 128
 # times (a 4096-token prompt's TTFT ~12 % shorter in 256-token chunks; 512 gains ~2 % more but doubles
 # what a newly arriving request waits for the chunk in flight: docs/benchmarks.md).
 IDLE_PREFILL_CHUNK = 256
+# Guided sequences in a device call from which their masks are computed on a thread beside it.
+MASK_THREAD_MIN = 4
 
 
 class Scheduler:
@@ -293,7 +295,9 @@ class Scheduler:
 
     def _masks(self, seqs: list[Sequence]) -> Future[np.ndarray] | None:
         """Start computing the guided sequences' next-token masks (rows of `seqs`' order) on the mask thread,
-        so that they are ready when the device call that runs meanwhile returns the logits."""
+        so that they are ready when the device call that runs meanwhile returns the logits. A few masks
+        (tens of microseconds each) are computed at once instead: waking the thread beside a device call
+        that keeps every core busy cost more than it hid (docs/benchmarks.md, structured output)."""
         guided = [(i, s.sampler.guide) for i, s in enumerate(seqs) if s.sampler.guide is not None]
         if not guided:
             return None
@@ -304,6 +308,10 @@ class Scheduler:
                 guide.fill(rows[i])
             return rows
 
+        if len(guided) < MASK_THREAD_MIN:
+            done: Future[np.ndarray] = Future()
+            done.set_result(fill())
+            return done
         if self._mask_thread is None:
             self._mask_thread = ThreadPoolExecutor(1, thread_name_prefix=f"guide{self.device_index}")
         return self._mask_thread.submit(fill)

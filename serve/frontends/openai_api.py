@@ -10,7 +10,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any, cast
 
 import numpy as np
@@ -18,12 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.core.engine import BadRequest, Engine, QueueFull
-from serve.core.guide import Constraint
 from serve.core.sampling import MAX_TOKENS_LIMIT, SamplingParams
 from serve.core.scheduler import Event
 
 from .chat_output import ChatOutput
 from .chat_template import RESERVED_VARIABLES, ChatTemplateError, encode_prompt, render_chat, resolve_template
+from .chat_tools import ChatTools, ToolRequestError
 from .common import Submission, collect, error_status, fan_in, sequence_events
 from .metrics import access_record
 from .openai_protocol import (
@@ -41,7 +40,6 @@ from .openai_protocol import (
 )
 from .state import NotReady, server
 from .tokenizing import decode_ids, encode_prompts, encode_text, off_loop
-from .tool_calls import FunctionTool, ToolCall, ToolError, ToolParser, forced_tools, pick_parser, tools_system_prompt
 
 log = logging.getLogger("aotllm.openai")
 # /tokenize takes texts of up to this many contexts (or this many tokens, if more).
@@ -152,9 +150,19 @@ def add_routes(app: FastAPI) -> None:
                 param="chat_template_kwargs",
             )
         template, messages = chat_template(request, eng), [m.for_template() for m in req.messages]
-        tools = _Tools.of(req, template, server(request).tool_call_parser, eng)
-        if tools.parser is not None:
+        try:
+            tools = ChatTools.of(
+                req.tools,
+                req.tool_choice,
+                req.parallel_tool_calls,
+                messages,
+                template,
+                server(request).tool_call_parser,
+                eng.tokenizer.token_to_id,
+            )
             messages = tools.show(messages, variables)
+        except ToolRequestError as e:
+            raise OpenAIError(400, str(e), param=e.param) from e
 
         def render_and_encode() -> list[int]:
             text = render_chat(
@@ -179,7 +187,7 @@ def add_routes(app: FastAPI) -> None:
             given = "tool_choice", tools.forced
         if given:
             params.constraint = given[1]
-        output = ChatOutput(tools.parser, server(request).reasoning_parser)
+        output = ChatOutput(tools.parser if tools.active else None, server(request).reasoning_parser)
         return await _run(
             request, eng, req, model, "chatcmpl", [ids], params, [], given and given[0], chat=True, output=output
         )
@@ -282,65 +290,6 @@ def add_routes(app: FastAPI) -> None:
         except BadRequest as e:
             raise OpenAIError(400, str(e), param="tokens") from e
         return {"content": text, "prompt": text}
-
-
-@dataclass
-class _Tools:
-    """A chat request's tools: the parser of the model's calls (None: no tools, or tool_choice "none") and the
-    constraint that forces a call (tool_choice "required" or a named function)."""
-
-    tools: list[FunctionTool]
-    parser: ToolParser | None = None
-    forced: Constraint | None = None
-    template: str = ""
-
-    @staticmethod
-    def of(req: ChatRequest, template: str, parser_name: str | None, eng: Engine) -> _Tools:
-        try:
-            tools = FunctionTool.from_openai(req.tools) if req.tools else []
-        except ToolError as e:
-            raise OpenAIError(400, str(e), param="tools") from e
-        if not tools or req.tool_choice == "none":
-            if req.tool_choice not in (None, "none", "auto"):
-                raise OpenAIError(400, "tool_choice needs tools", param="tool_choice")
-            return _Tools(tools, template=template)
-        parser = pick_parser(parser_name, template)
-        try:
-            forced = forced_tools(tools, req.tool_choice)
-        except ToolError as e:
-            raise OpenAIError(400, str(e), param="tool_choice") from e
-        if forced is None:
-            return _Tools(tools, parser, template=template)
-        # a literal the vocabulary holds as one token is that token in the grammar (llguidance matches no
-        # added token by its text)
-        ids = {t: i for t in parser.token_texts if (i := eng.tokenizer.token_to_id(t)) is not None}
-        grammar = parser.grammar(forced, parallel=req.parallel_tool_calls is not False, token_ids=ids)
-        return _Tools(tools, parser, Constraint.of("lark", grammar), template)
-
-    def show(self, messages: list[dict[str, Any]], variables: dict[str, Any]) -> list[dict[str, Any]]:
-        """The messages and template variables that show the model its tools and its earlier calls: through
-        the template when it renders them, else as a system prompt and as text in the parser's format."""
-        assert self.parser is not None
-        if "tools" in self.template:
-            variables["tools"] = [t.openai() for t in self.tools]
-        else:
-            prompt = tools_system_prompt(self.tools, self.parser)
-            if messages and messages[0]["role"] == "system":
-                messages = [{**messages[0], "content": f"{prompt}\n\n{messages[0]['content'] or ''}"}, *messages[1:]]
-            else:
-                messages = [{"role": "system", "content": prompt}, *messages]
-        if "tool_calls" not in self.template:
-            shown = []
-            for m in messages:
-                if m["role"] == "assistant" and m.get("tool_calls"):
-                    try:
-                        calls = self.parser.render_calls(ToolCall.from_openai(m["tool_calls"]))
-                    except ToolError as e:
-                        raise OpenAIError(400, str(e), param="messages") from e
-                    m = {**m, "content": f"{m.get('content') or ''}{calls}"}
-                shown.append(m)
-            messages = shown
-        return messages
 
 
 async def _encode(eng: Engine, prompts: list[str | list[int]], param: str) -> list[list[int]]:
