@@ -156,6 +156,14 @@ def test_tool_round_trip_renders_the_calls_and_results(client, llama3_server):
     assert shown == plain + len(added)
 
 
+def test_special_tokens_reach_the_text_when_asked(client):
+    """(Mistral's [TOOL_CALLS] is a special token: with tools, the server keeps such markers in the text.)"""
+    kw = {"model": "tiny-llama", "prompt": "x", "max_tokens": 3, "temperature": 0, "logit_bias": {"1": 100}}
+    assert client.completions.create(**kw).choices[0].text == ""
+    kept = client.completions.create(**kw, extra_body={"skip_special_tokens": False})
+    assert kept.choices[0].text == "<s><s><s>"
+
+
 @pytest.mark.parametrize(
     "body, param",
     [
@@ -221,7 +229,11 @@ def test_smollm2_tool_round_trip(smollm2_f32_artifacts):
                 named.message.model_dump(exclude_none=True),
                 {"role": "tool", "tool_call_id": named.message.tool_calls[0].id, "content": "Sunny, 31 degrees C."},
             ]
-            final = c.chat.completions.create(messages=messages, **kw).choices[0]  # (tool_choice auto)
+            if stream:  # (tool_choice auto)
+                with c.chat.completions.stream(messages=messages, **kw) as st:
+                    final = st.get_final_completion().choices[0]
+            else:
+                final = c.chat.completions.create(messages=messages, **kw).choices[0]
             assert final.finish_reason == "stop" and final.message.tool_calls is None
             assert "31" in final.message.content or "sunny" in final.message.content.lower(), final.message.content
     finally:

@@ -136,7 +136,7 @@ class Engine:
                 prompt_ids=list(prompt_ids),
                 params=params,
                 sampler=Sampler(params, prompt_ids, seed, guide),
-                detok=IncrementalDetokenizer(self.tokenizer, prompt_ids),
+                detok=IncrementalDetokenizer(self.tokenizer, prompt_ids, params.skip_special_tokens),
                 stops=StopMatcher(params.stop),
             )
             self._least_loaded().add(seq)

@@ -55,6 +55,7 @@ class SamplingParams:
     n: int = 1
     logprobs: int | None = None  # top logprobs per token (0 => only the chosen token's)
     constraint: Constraint | None = None  # the output must match it (core/guide.py)
+    skip_special_tokens: bool = True  # special tokens add no text (vLLM's); tool-call markers may be special
 
     def validate(self, vocab_size: int) -> None:
         """Raise ParamError for the first field out of range, naming the range it must be in."""

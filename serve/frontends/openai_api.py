@@ -187,6 +187,12 @@ def add_routes(app: FastAPI) -> None:
             given = "tool_choice", tools.forced
         if given:
             params.constraint = given[1]
+        if (
+            tools.active
+            and tools.parser is not None
+            and any(eng.tokenizer.token_to_id(m) is not None for m in tools.parser.markers)
+        ):
+            params.skip_special_tokens = False  # (a call marker that is one special token must reach the parser)
         output = ChatOutput(tools.parser if tools.active else None, server(request).reasoning_parser)
         return await _run(
             request, eng, req, model, "chatcmpl", [ids], params, [], given and given[0], chat=True, output=output

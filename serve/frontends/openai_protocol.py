@@ -79,6 +79,7 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
     # the output's constraint: OpenAI's, vLLM's, llama.cpp's spellings (serve/frontends/constraints.py)
     response_format: dict[str, Any] | None = None
     structured_outputs: dict[str, Any] | None = None
@@ -131,6 +132,7 @@ class SamplingRequest(BaseModel):
             stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
             stop_token_ids=list(self.stop_token_ids or []),
             ignore_eos=bool(self.ignore_eos),
+            skip_special_tokens=given(self.skip_special_tokens, True),
             n=given(self.n, 1),
             logprobs=logprobs,
         )
