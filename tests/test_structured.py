@@ -78,6 +78,43 @@ def test_sampled_token_is_always_allowed(seed, allowed_frac, temperature, top_k,
         assert ok[sampler.sample(logits, mask).token_id]
 
 
+class FixedGuide:
+    """A guide that allows a fixed set of tokens (Sampler's side of core/guide.Guide)."""
+
+    def __init__(self, ok: np.ndarray) -> None:
+        self.ok, self.masks = ok, 0
+
+    def allows(self, token: int) -> bool:
+        return bool(self.ok[token])
+
+    def mask(self, vocab_size: int) -> np.ndarray:
+        self.masks += 1
+        return np.packbits(np.pad(self.ok, (0, -len(self.ok) % 32)), bitorder="little").view(np.int32)
+
+    def advance(self, token: int) -> None:
+        pass
+
+
+def test_mask_only_when_needed_draws_the_masked_distribution():
+    """Without top-k/p or min-p the sampler draws unmasked and masks only when that token is not allowed:
+    the draws still follow the masked distribution (chi-square), and greedy picks the masked argmax."""
+    logits = np.log(np.array([0.30, 0.25, 0.20, 0.10, 0.08, 0.04, 0.02, 0.01], np.float32))
+    ok = np.array([0, 1, 0, 1, 1, 0, 1, 1], bool)
+    guide = FixedGuide(ok)
+    sampler = Sampler(SamplingParams(temperature=1.0), [], seed=0, guide=guide)  # type: ignore[arg-type]
+    assert not sampler.needs_mask
+    n = 20000
+    counts = np.bincount([sampler.sample(logits).token_id for _ in range(n)], minlength=8)
+    assert counts[~ok].sum() == 0 and 0 < guide.masks < n  # (the mask only after a forbidden draw)
+    p = np.exp(logits) * ok
+    expected = n * p[ok] / p.sum()
+    chi2 = float((((counts[ok] - expected) ** 2) / expected).sum())
+    assert chi2 < 20.5  # 4 degrees of freedom: p = 0.0004
+    greedy = Sampler(SamplingParams(temperature=0), [], guide=FixedGuide(ok))  # type: ignore[arg-type]
+    assert greedy.sample(logits).token_id == 1
+    assert Sampler(SamplingParams(temperature=1.0, top_p=0.9), [], guide=guide).needs_mask  # type: ignore[arg-type]
+
+
 # -- every sampler, each protocol's fields -----------------------------------------------------------------
 
 

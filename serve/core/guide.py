@@ -100,6 +100,15 @@ class Guide:
             row[:] = 0
             row[self.eos_id // 32] = np.int32(np.uint32(1 << (self.eos_id % 32)).view(np.int32))
 
+    def allows(self, token: int) -> bool:
+        """Whether the grammar takes `token` next (microseconds: no mask)."""
+        return bool(self.matcher.validate_tokens([token]))
+
+    def mask(self, vocab_size: int) -> np.ndarray:
+        row = np.zeros(mask_words(vocab_size), np.int32)
+        self.fill(row)
+        return row
+
     def advance(self, token: int) -> None:
         self.matcher.consume_token(token)
 

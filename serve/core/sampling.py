@@ -146,7 +146,14 @@ class Sampler:
         self, params: SamplingParams, prompt_ids: list[int], seed: int | None = None, guide: Guide | None = None
     ) -> None:
         self.params = params
-        self.guide = guide  # consumes every sampled token; its mask comes with the logits (sample's `mask`)
+        self.guide = guide  # consumes every sampled token
+        # A guided sequence's mask comes with the logits (sample's `mask`), or with no filter to apply it is
+        # needed only when the token drawn without it is not allowed: drawing from the unmasked distribution
+        # and keeping an allowed token, else drawing from the masked one, gives each allowed token
+        # p(t) + (1 - Z) p(t) / Z = p(t) / Z, the masked distribution (greedy: the unmasked argmax, when
+        # allowed, is the masked one). Top-k/p and min-p would filter a different distribution.
+        filters = params.top_k > 0 or params.top_p < 1.0 or params.min_p > 0.0
+        self.needs_mask = guide is not None and params.temperature >= GREEDY_EPS and filters
         self._mask_buffer: np.ndarray | None = None
         seed = params.seed if seed is None else seed
         if seed is None:
@@ -172,12 +179,17 @@ class Sampler:
         adjusted = self.apply_penalties(logits)
         if mask is not None:
             adjusted = self._masked(adjusted, mask)
-        if self.greedy:
-            pos = int(np.argmax(adjusted))
-        else:
-            scratch = None if adjusted is logits else adjusted  # never write into the caller's array
-            pos = self._draw(np.divide(adjusted, np.float32(self.params.temperature), out=scratch), None)
+        pos = self._pick(adjusted, logits)
+        if self.guide is not None and mask is None and not self.guide.allows(pos):
+            pos = self._pick(self._masked(self.apply_penalties(logits), self.guide.mask(len(logits))), logits)
         return self._finish(pos, logits, None)
+
+    def _pick(self, adjusted: np.ndarray, logits: np.ndarray) -> int:
+        """Greedy, or one draw (in place on `adjusted` when it is not the caller's `logits`)."""
+        if self.greedy:
+            return int(np.argmax(adjusted))
+        scratch = None if adjusted is logits else adjusted  # never write into the caller's array
+        return self._draw(np.divide(adjusted, np.float32(self.params.temperature), out=scratch), None)
 
     def _masked(self, logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """`logits` with the tokens the mask forbids at -inf, in this sampler's own buffer: a fresh array per

@@ -298,7 +298,7 @@ class Scheduler:
         so that they are ready when the device call that runs meanwhile returns the logits. A few masks
         (tens of microseconds each) are computed at once instead: waking the thread beside a device call
         that keeps every core busy cost more than it hid (docs/benchmarks.md, structured output)."""
-        guided = [(i, s.sampler.guide) for i, s in enumerate(seqs) if s.sampler.guide is not None]
+        guided = [(i, s.sampler.guide) for i, s in enumerate(seqs) if s.sampler.needs_mask and s.sampler.guide]
         if not guided:
             return None
         rows = np.zeros((len(seqs), mask_words(self.abi.vocab_size)), np.int32)
@@ -335,7 +335,7 @@ class Scheduler:
             rows = masks.result() if masks else None
             for j, s in enumerate(group):
                 if out.logits is not None:
-                    mask = rows[j] if rows is not None and s.sampler.guide is not None else None
+                    mask = rows[j] if rows is not None and s.sampler.needs_mask else None
                     sampled.append(s.sampler.sample(out.logits[j], mask))
                 else:
                     assert out.top_values is not None and out.top_indices is not None
@@ -372,7 +372,7 @@ class Scheduler:
                     results[i] = out[j]
                 if pending is not None:
                     rows = pending.result()
-                    masks.update((id(s), rows[j]) for j, s in enumerate(last) if s.sampler.guide is not None)
+                    masks.update((id(s), rows[j]) for j, s in enumerate(last) if s.sampler.needs_mask)
         return results, masks
 
     # -- results
