@@ -15,7 +15,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serve.core.guide import Constraint, ConstraintError, Guides
+from serve.core.guide import Constraint, ConstraintError, Guides, allowed
 from serve.core.sampling import Sampler, SamplingParams
 from tests.server_util import TINY_MODEL_NAME
 from tests.tiny import char_tokenizer
@@ -243,6 +243,14 @@ def test_top_k_program_refuses_constraints(server):
 
 
 # -- compiling: cache and deadline -------------------------------------------------------------------------
+
+
+def test_a_guide_in_error_allows_only_the_end_token():
+    tok, _ = char_tokenizer()
+    guide = Guides(tok, 128, [2]).guide(Constraint.of("regex", "[0-9]+"))
+    assert guide.allows(tok.token_to_id("7")) and not guide.allows(tok.token_to_id("x"))
+    guide.advance(tok.token_to_id("x"))  # (the sampler never does this: llguidance's error state)
+    assert np.flatnonzero(allowed(guide.mask(128), 128)).tolist() == [2]
 
 
 def test_compiled_constraints_are_cached_and_slow_ones_time_out(monkeypatch):

@@ -4,8 +4,9 @@ grammar) compiled once by llguidance, and each sequence's matcher, whose token m
 `Guides` (one per engine) holds llguidance's view of the tokenizer and a cache of compiled matchers keyed
 by the constraint's text; a sequence gets a copy (`deep_copy` is microseconds, compiling is milliseconds
 to seconds). Compiling runs off the event loop under a deadline (`prepare`). A `Guide` is one sequence's
-state: `fill` writes the next token's mask (the scheduler computes it while the device runs the step),
-`advance` consumes the sampled token, `stopped` says the grammar accepts and allows nothing more.
+state: `fill` writes the next token's mask, `allows` checks one token without a mask (the sampler needs a
+mask only when that check fails, or when it filters with top-k/p or min-p: core/sampling.py), `advance`
+consumes the sampled token, `stopped` says the grammar accepts and allows nothing more.
 """
 
 from __future__ import annotations
@@ -98,7 +99,7 @@ class Guide:
         if self.matcher.is_error():  # cannot happen for a grammar that compiled; end the sequence, never hang
             log.warning("constraint failed mid-sequence: %s", self.matcher.get_error())
             row[:] = 0
-            row[self.eos_id // 32] = np.int32(np.uint32(1 << (self.eos_id % 32)).view(np.int32))
+            row.view(np.uint32)[self.eos_id // 32] = 1 << (self.eos_id % 32)
 
     def allows(self, token: int) -> bool:
         """Whether the grammar takes `token` next (microseconds: no mask)."""

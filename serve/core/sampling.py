@@ -192,9 +192,8 @@ class Sampler:
         return self._draw(np.divide(adjusted, np.float32(self.params.temperature), out=scratch), None)
 
     def _masked(self, logits: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """`logits` with the tokens the mask forbids at -inf, in this sampler's own buffer: a fresh array per
-        token would be a fresh mapping (glibc maps allocations this size), and unmapping it interrupts every
-        thread of the process, the device's workers included."""
+        """`logits` with the tokens the mask forbids at -inf, in this sampler's own buffer (reused: no
+        vocabulary-sized allocation per token)."""
         if self._mask_buffer is None or self._mask_buffer.shape != logits.shape:
             self._mask_buffer = np.empty_like(logits)
         out = self._mask_buffer
