@@ -17,12 +17,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.core.engine import BadRequest, Engine, QueueFull
-from serve.core.sampling import MAX_TOKENS_LIMIT, SamplingParams
+from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event
 
+from . import chat
+from .chat import ChatInput
 from .chat_output import ChatOutput
-from .chat_template import RESERVED_VARIABLES, ChatTemplateError, encode_prompt, render_chat, resolve_template
-from .chat_tools import ChatTools, ToolRequestError
 from .common import Submission, collect, error_status, fan_in, sequence_events
 from .metrics import access_record
 from .openai_protocol import (
@@ -49,7 +49,6 @@ TOKENIZE_MIN_LIMIT = 65536
 
 def add_routes(app: FastAPI) -> None:
     started = int(time.time())
-    templates: dict[int, str] = {}  # id(engine) -> resolved chat template
 
     @app.exception_handler(OpenAIError)
     async def _openai_error(request: Request, exc: OpenAIError) -> JSONResponse:
@@ -70,20 +69,6 @@ def add_routes(app: FastAPI) -> None:
                 code="model_not_found",
             )
         return eng.cfg.model_name
-
-    def chat_template(request: Request, eng: Engine) -> str:
-        if id(eng) not in templates:
-            choice = server(request).chat_template
-            try:
-                templates[id(eng)] = resolve_template(choice, eng.tok_info.chat_template)
-            except (ValueError, OSError) as e:  # (its text names server files: for the log only)
-                log.error("the chat template could not be loaded: %s", e)
-                raise OpenAIError(
-                    500,
-                    "server misconfigured: its chat template could not be loaded (details in the server log)",
-                    type="server_error",
-                ) from e
-        return templates[id(eng)]
 
     def model_card(eng: Engine) -> dict[str, Any]:
         return {
@@ -138,64 +123,28 @@ def add_routes(app: FastAPI) -> None:
         model = check_model(eng, req.model)
         if req.top_logprobs and not req.logprobs:
             raise OpenAIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
-        info = eng.tok_info
-        variables = dict(req.chat_template_kwargs or {})
-        taken = sorted(variables.keys() & (RESERVED_VARIABLES | ({"tools"} if req.tools is not None else set())))
-        if taken:
-            raise OpenAIError(
-                400,
-                f"chat_template_kwargs may not set {', '.join(taken)}: the request's own fields set "
-                f"{'it' if len(taken) == 1 else 'them'}; hint: remove {'it' if len(taken) == 1 else 'them'} "
-                "from chat_template_kwargs",
-                param="chat_template_kwargs",
-            )
-        template, messages = chat_template(request, eng), [m.for_template() for m in req.messages]
-        try:
-            tools = ChatTools.of(
-                req.tools,
-                req.tool_choice,
-                req.parallel_tool_calls,
-                messages,
-                template,
-                server(request).tool_call_parser,
-                eng.tokenizer.token_to_id,
-            )
-            messages = tools.show(messages, variables)
-        except ToolRequestError as e:
-            raise OpenAIError(400, str(e), param=e.param) from e
-
-        def render_and_encode() -> list[int]:
-            text = render_chat(
-                template, messages, req.add_generation_prompt, info.bos_token, info.eos_token, **variables
-            )
-            return encode_prompt(eng.tokenizer, info, text, eng.abi.max_seq_len)
-
+        chat_input = ChatInput(
+            [m.for_template() for m in req.messages],
+            req.tools,
+            req.tool_choice,
+            req.parallel_tool_calls,
+            dict(req.chat_template_kwargs or {}),
+            req.add_generation_prompt,
+        )
+        state = server(request)
         try:  # (the body's size measures the work: messages, tools, extra variables)
-            ids = await off_loop(render_and_encode, len(await request.body()))
-        except (ChatTemplateError, BadRequest) as e:
-            raise OpenAIError(400, str(e), param="messages") from e
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
-        if max_tokens is None:  # the rest of the context, within the server's cap
-            max_tokens = max(1, min(eng.abi.max_seq_len - len(ids), eng.cfg.max_tokens_per_request or MAX_TOKENS_LIMIT))
-        params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
-        given = req.constraint()
-        if tools.forced is not None:
-            if given:
-                raise OpenAIError(
-                    400, f"{given[0]}: give it or a tool_choice that forces a call, not both", param=given[0]
-                )
-            given = "tool_choice", tools.forced
-        if given:
-            params.constraint = given[1]
-        if (
-            tools.active
-            and tools.parser is not None
-            and any(eng.tokenizer.token_to_id(m) is not None for m in tools.parser.markers)
-        ):
-            params.skip_special_tokens = False  # (a call marker that is one special token must reach the parser)
-        output = ChatOutput(tools.parser if tools.active else None, server(request).reasoning_parser)
+            prompt = await chat.render(state, eng, chat_input, len(await request.body()))
+            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            if max_tokens is None:
+                max_tokens = chat.default_max_tokens(eng, len(prompt.ids))
+            params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+            given = req.constraint()
+            output = chat.constrain(params, given, prompt.tools, state, eng)
+        except chat.ChatError as e:
+            raise _chat_error(e) from e
+        field = "tool_choice" if prompt.tools.forced is not None else given and given[0]
         return await _run(
-            request, eng, req, model, "chatcmpl", [ids], params, [], given and given[0], chat=True, output=output
+            request, eng, req, model, "chatcmpl", [prompt.ids], params, [], field, chat=True, output=output
         )
 
     @app.post("/v1/embeddings")
@@ -296,6 +245,12 @@ def add_routes(app: FastAPI) -> None:
         except BadRequest as e:
             raise OpenAIError(400, str(e), param="tokens") from e
         return {"content": text, "prompt": text}
+
+
+def _chat_error(e: chat.ChatError) -> OpenAIError:
+    return OpenAIError(
+        e.status, str(e), type="server_error" if e.status >= 500 else "invalid_request_error", param=e.param
+    )
 
 
 async def _encode(eng: Engine, prompts: list[str | list[int]], param: str) -> list[list[int]]:

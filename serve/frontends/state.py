@@ -29,6 +29,7 @@ class ServerState:
     chat_template: str | None = None  # --chat-template: a built-in name or a file; None: the model's own
     tool_call_parser: str | None = None  # --tool-call-parser: llama3, hermes, mistral; None: from the template
     reasoning_parser: str | None = None  # --reasoning-parser: deepseek_r1, qwen3; None: no reasoning_content
+    resolved_template: str | None = None  # the chat template's text, once loaded (frontends/chat.py)
     engine: Engine | None = None  # set once, when the model is loaded and its schedulers run
     status: str = "starting"  # while `engine` is None: what the server is doing, or why loading failed
     progress: float | None = None  # how far that is (0..1), when known
