@@ -278,7 +278,9 @@ def test_compiled_constraints_are_cached_and_slow_ones_time_out(monkeypatch):
 
 def _schemas() -> list[type]:
     """20 response formats as the openai client's `parse` takes them: nested objects, arrays, enums, bounded
-    numbers, optional fields, anyOf; strings and arrays bounded, so that a small model's answer ends."""
+    numbers, optional fields, anyOf. Strings, arrays and numbers are bounded so that a small model's answer
+    ends: JSON allows a float any number of digits, and greedy SmolLM2 writes them on; a multipleOf bounds
+    them (a power of two, which jsonschema checks exactly)."""
     from typing import Annotated, Literal
 
     from pydantic import BaseModel, Field
@@ -290,8 +292,8 @@ def _schemas() -> list[type]:
         age: int = Field(ge=0, le=120)
 
     class Point(BaseModel):
-        x: float
-        y: float
+        x: float = Field(ge=-1000, le=1000, multiple_of=0.25)
+        y: float = Field(ge=-1000, le=1000, multiple_of=0.25)
 
     class Pick(BaseModel):
         color: Literal["red", "green", "blue"]
@@ -313,8 +315,8 @@ def _schemas() -> list[type]:
 
     class Product(BaseModel):
         name: str = S
-        price: float = Field(ge=0)
-        discount: float | None
+        price: float = Field(ge=0, le=10**6, multiple_of=0.25)
+        discount: float | None = Field(ge=0, le=1, multiple_of=0.25)
 
     class Shape(BaseModel):
         kind: Literal["circle", "square"]
@@ -348,12 +350,12 @@ def _schemas() -> list[type]:
 
     class Movie(BaseModel):
         title: str = S
-        rating: float = Field(ge=0, le=10)
+        rating: float = Field(ge=0, le=10, multiple_of=0.5)
         genres: list[Literal["drama", "comedy", "action"]] = Field(max_length=3)
 
     class Place(BaseModel):
-        lat: float = Field(ge=-90, le=90)
-        lon: float = Field(ge=-180, le=180)
+        lat: float = Field(ge=-90, le=90, multiple_of=0.125)
+        lon: float = Field(ge=-180, le=180, multiple_of=0.125)
 
     class Contact(BaseModel):
         email: str = Field(pattern=r"^[a-z]{1,12}@[a-z]{1,12}\.com$")
@@ -369,7 +371,7 @@ def _schemas() -> list[type]:
 
     class Sentiment(BaseModel):
         label: Literal["positive", "negative", "neutral"]
-        score: float = Field(ge=0, le=1)
+        score: float = Field(ge=0, le=1, multiple_of=0.25)
 
     class Translation(BaseModel):
         source_language: str = S
