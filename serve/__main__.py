@@ -19,6 +19,7 @@ from .frontends.app import Report, create_app
 from .frontends.http_server import Server
 from .frontends.options import ServerOptions, uvicorn_config
 from .frontends.security import exposure_warnings
+from .frontends.state import RequestDefaults
 
 log = logging.getLogger("aotllm")
 
@@ -60,6 +61,8 @@ def engine_loader(args: argparse.Namespace) -> Callable[[Report], Engine]:
             prefix_caching=args.prefix_caching,
             max_tokens_per_request=args.max_tokens_per_request,
             pooling=args.pooling,
+            max_context=args.ctx_size,
+            threads=args.threads,
             model_name=args.model_name or (Path(source).stem if source else Path(model_config).parent.name),
         )
         report("loading the model", None)
@@ -89,8 +92,17 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     grpc_address = None if args.grpc_port is None else (args.host, args.grpc_port)
     options = server_options(args)
+    for warning in args.warnings:
+        log.warning(warning)
+    defaults = RequestDefaults(temperature=args.temp, seed=args.seed, max_tokens=args.n_predict)
     app = create_app(
-        engine_loader(args), args.chat_template, grpc_address, options, args.tool_call_parser, args.reasoning_parser
+        engine_loader(args),
+        args.chat_template,
+        grpc_address,
+        options,
+        args.tool_call_parser,
+        args.reasoning_parser,
+        defaults,
     )
     t0 = time.perf_counter()
     scheme = "https" if options.tls else "http"

@@ -113,7 +113,7 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
     )
     flag(
         "--pooling",
-        choices=("mean", "last"),
+        choices=("mean", "last", "cls", "none", "rank"),
         default="mean",
         help="/v1/embeddings: mean of the final hidden states, or the last one (then L2-normalised)",
     )
@@ -146,7 +146,39 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="on SIGTERM/SIGINT, seconds running requests get to finish before they end with an error",
     )
     flag("--log-level", default="info")
+    _llama_server_flags(p, suppress_defaults)
     return p
+
+
+def _llama_server_flags(p: argparse.ArgumentParser, suppress_defaults: bool) -> None:
+    """llama-server's common flags, with its meaning, so that its command lines work with the program's name
+    swapped. Those that change nothing here are accepted; parse_args warns where ours differs."""
+    g = p.add_argument_group("llama-server's flags")
+    default = (lambda v: argparse.SUPPRESS) if suppress_defaults else (lambda v: v)
+    g.add_argument("-m", "--model", dest="gguf_file", type=Path, default=argparse.SUPPRESS, help="= --gguf-file")
+    g.add_argument("--alias", "-a", dest="model_name", default=argparse.SUPPRESS, help="= --model-name")
+    g.add_argument("-np", "--parallel", dest="max_running", type=int, default=argparse.SUPPRESS, help="= --max-running")
+    g.add_argument("--chat-template-file", dest="chat_template", default=argparse.SUPPRESS, help="= --chat-template")
+    g.add_argument(
+        "-c", "--ctx-size", type=int, default=default(None), help="the context in tokens (at most the program's)"
+    )
+    g.add_argument("-n", "--n-predict", type=int, default=default(None), help="max tokens when a request gives none")
+    g.add_argument("--temp", type=float, default=default(None), help="temperature when a request gives none")
+    g.add_argument("--seed", type=int, default=default(None), help="seed when a request gives none (-1: random)")
+    g.add_argument("-t", "--threads", type=int, default=default(None), help="IREE CPU worker threads")
+    g.add_argument(
+        "--cors",
+        dest="cors_origins",
+        default=argparse.SUPPRESS,
+        type=lambda v: v.split(","),
+        help="= --cors-origins (comma-separated)",
+    )
+    for flags in (("--jinja",), ("--embeddings", "--embedding"), ("--metrics",), ("-cb", "--cont-batching")):
+        g.add_argument(*flags, action="store_true", default=default(False), help="accepted: always on here")
+    g.add_argument("--no-jinja", action="store_true", default=default(False), help="refused: templates are Jinja")
+    g.add_argument("-nocb", "--no-cont-batching", action="store_true", default=default(False), help="refused")
+    g.add_argument("-fa", "--flash-attn", nargs="?", const="on", default=default(None), help="accepted (on, auto)")
+    g.add_argument("-ngl", "--n-gpu-layers", "--gpu-layers", default=default(None), help="warned: see --device")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,7 +220,35 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for f in ("gguf_file", "hf_dir", "irpa_file"):
         if getattr(args, f) and not getattr(args, f).exists():
             p.error(f"--{f.replace('_', '-')} {getattr(args, f)}: no such file or directory")
+    args.warnings = _llama_server_meaning(p, args)
     return args
+
+
+def _llama_server_meaning(p: argparse.ArgumentParser, args: argparse.Namespace) -> list[str]:
+    """llama-server's flags checked: an error where we cannot honour one, the warnings where ours differs;
+    its "unset" values (0 context, -1 n_predict or seed) become None."""
+    if args.no_jinja:
+        p.error("--no-jinja: chat templates are always rendered as Jinja here; drop the flag")
+    if args.no_cont_batching:
+        p.error("--no-cont-batching: continuous batching is how this server schedules; drop the flag")
+    if args.pooling in ("cls", "none", "rank"):
+        p.error(f"--pooling {args.pooling}: only mean and last are supported (pooled, L2-normalised)")
+    for name in ("ctx_size", "threads"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            setattr(args, name, None)  # (llama-server: 0 / -1 = the model's or the machine's default)
+    if args.n_predict is not None and args.n_predict < 0:
+        args.n_predict = None
+    if args.seed is not None and args.seed < 0:
+        args.seed = None
+    warnings = []
+    if args.flash_attn in ("off", "0", "false"):
+        warnings.append("--flash-attn off: attention is always the fused paged kernel here (the flag changes nothing)")
+    if args.n_gpu_layers is not None:
+        warnings.append(
+            "-ngl / --n-gpu-layers: layers are not offloaded one by one here; the whole program runs on --device "
+            "(local-task: the CPU; hip / cuda: the GPU)"
+        )
+    return warnings
 
 
 def _check_security(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -212,7 +272,9 @@ def _merge_config(p: argparse.ArgumentParser, args: argparse.Namespace, given: d
         p.error(f"--config {args.config}: {e}")
     if not isinstance(conf, dict):
         p.error(f"--config {args.config}: expected a JSON object of flags")
-    actions = {a.dest: a for a in p._actions}
+    actions: dict[str, argparse.Action] = {}
+    for a in p._actions:  # (a dest's own flag first: llama-server's spellings of it come later)
+        actions.setdefault(a.dest, a)
     for key, value in conf.items():
         name = key.replace("-", "_")
         dest = ALIASES.get(name, name)

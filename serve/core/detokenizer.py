@@ -89,6 +89,7 @@ class StopMatcher:
             raise ValueError("stop strings must be non-empty")
         self.stops = list(stops)
         self.stopped = False
+        self.matched: str | None = None  # the stop string that stopped it
         self._held = ""
 
     def feed(self, text: str) -> tuple[str, bool]:
@@ -96,10 +97,11 @@ class StopMatcher:
         if self.stopped:
             return "", True
         buf = self._held + text
-        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        found = [(i, s) for s in self.stops if (i := buf.find(s)) >= 0]
         if found:
+            at, self.matched = min(found, key=lambda f: f[0])
             self.stopped, self._held = True, ""
-            return buf[: min(found)], True
+            return buf[:at], True
         keep = max((self._partial(buf, s) for s in self.stops), default=0)
         self._held = buf[len(buf) - keep :] if keep else ""
         return buf[: len(buf) - keep], False

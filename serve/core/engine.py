@@ -16,7 +16,7 @@ from models.tokenizer import load_tokenizer
 from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .guide import ConstraintError, Guides
 from .kv_pages import PagePool
-from .runner import Runner
+from .runner import Runner, set_cpu_threads
 from .sampling import ParamError, Sampler, SamplingParams
 from .scheduler import PREFILL_CHUNK, Scheduler, Sequence
 
@@ -36,6 +36,15 @@ class BadRequest(ValueError):
         self.field = field
 
 
+class ContextOverflow(BadRequest):
+    """A prompt that does not fit the context (llama.cpp's exceed_context_size_error): `n_prompt_tokens` (at
+    least that many, when it was refused by its length) and the context's `n_ctx`."""
+
+    def __init__(self, message: str, n_prompt_tokens: int, n_ctx: int) -> None:
+        super().__init__(message)
+        self.n_prompt_tokens, self.n_ctx = n_prompt_tokens, n_ctx
+
+
 @dataclass
 class EngineConfig:
     vmfb: Path
@@ -52,6 +61,8 @@ class EngineConfig:
     max_tokens_per_request: int | None = None
     model_name: str = "default"
     pooling: str = "mean"  # embeddings: mean or last hidden state, then L2-normalised
+    max_context: int | None = None  # tokens a sequence may reach, at most the program's (llama-server's -c)
+    threads: int | None = None  # CPU worker threads of IREE's local-task devices (llama-server's -t)
 
 
 class Engine:
@@ -59,12 +70,21 @@ class Engine:
         t0 = time.perf_counter()
         self.cfg = cfg
         self.abi = ModelABI.load(cfg.model_config)
+        if cfg.max_context is not None:
+            if cfg.max_context > self.abi.max_seq_len:
+                raise ValueError(
+                    f"a context of {cfg.max_context} tokens asked for; the program holds at most "
+                    f"{self.abi.max_seq_len}: ask for less, or re-export with a larger --max-seq-len"
+                )
+            self.abi.max_seq_len = cfg.max_context  # (the paged program takes any length up to its own)
         self.tokenizer, self.tok_info = load_tokenizer(cfg.tokenizer)
         eos = set(self.abi.eos_token_ids) | set(self.tok_info.eot_ids)
         if self.tok_info.eos_id is not None:
             eos.add(self.tok_info.eos_id)
         self.eos_ids = sorted(eos)
         self.guides = Guides(self.tokenizer, self.abi.vocab_size, self.eos_ids)
+        if cfg.threads is not None:
+            set_cpu_threads(cfg.threads)
         tp = self.abi.tensor_parallelism_size
         if len(cfg.device_ids) % tp:
             raise ValueError(
@@ -180,7 +200,11 @@ class Engine:
             raise BadRequest("the prompt is empty; give some text or input_ids")
         limit = self.abi.max_seq_len
         if len(prompt_ids) >= limit:
-            raise BadRequest(f"the prompt has {len(prompt_ids)} tokens; the context holds {limit}: shorten it")
+            raise ContextOverflow(
+                f"the prompt has {len(prompt_ids)} tokens; the context holds {limit}: shorten it",
+                len(prompt_ids),
+                limit,
+            )
         pool_tokens = (self.schedulers[0].pool.total) * self.abi.block_seq_stride
         if len(prompt_ids) + 1 > pool_tokens:
             raise BadRequest(

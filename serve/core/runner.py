@@ -127,6 +127,13 @@ class Runner:
 _DEVICES: dict[tuple[str, int], rt.HalDevice] = {}
 
 
+def set_cpu_threads(n: int) -> None:
+    """Worker threads of the local-task devices opened from now on (IREE's task topology flag)."""
+    if _DEVICES:
+        raise ValueError("set the CPU threads before the first device is opened")
+    rt.flags.parse_flags(f"--task_topology_max_group_count={n}")
+
+
 def _device(driver: str, index: int) -> rt.HalDevice:
     """One device per (driver, index) for the life of the process, as iree.runtime's own cache does:
     destroying a device while its buffers are still referenced crashes at exit.

@@ -51,6 +51,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     pages: list[int] = field(default_factory=list)
     computed: int = 0  # tokens whose K/V are in the cache
+    cached_tokens: int = 0  # prompt tokens the prefix cache held when the sequence was admitted
     finish_reason: str | None = None
     cancelled: bool = False
     pooling: str | None = None  # "mean" | "last": an embedding request (prefill only, no tokens out)
@@ -282,6 +283,8 @@ class Scheduler:
                 break
             self.waiting.pop(0)
             self.running.append(seq)
+            if not seq.output_ids:  # (first admission: what the prefix cache gave the prompt, for usage reports)
+                seq.cached_tokens = seq.computed
             if end > seq.computed:  # (a preempted sequence may find all it needs in the prefix cache)
                 plan.append((seq, end))
                 budget -= end - seq.computed

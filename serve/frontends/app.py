@@ -11,16 +11,18 @@ from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve.core.engine import Engine
 
-from . import generate, openai_api, triton_api
+from . import anthropic_api, generate, llama_cpp_api, openai_api, responses_api, triton_api
 from .body import add_body_limit
 from .metrics import AccessLog, Metrics
 from .options import ServerOptions
 from .security import add_security
-from .state import ServerState, public_message, server
+from .state import RequestDefaults, ServerState, public_message, server
 
 log = logging.getLogger("aotllm.app")
 
@@ -37,6 +39,7 @@ def create_app(
     options: ServerOptions | None = None,
     tool_call_parser: str | None = None,
     reasoning_parser: str | None = None,
+    defaults: RequestDefaults | None = None,
 ) -> FastAPI:
     options = options or ServerOptions()
 
@@ -47,6 +50,7 @@ def create_app(
             chat_template=chat_template,
             tool_call_parser=tool_call_parser,
             reasoning_parser=reasoning_parser,
+            defaults=defaults or RequestDefaults(),
         )
         loop = asyncio.get_running_loop()
         threading.Thread(target=_load, args=(load, state, loop), name="engine-loader", daemon=True).start()
@@ -73,12 +77,22 @@ def create_app(
     async def _bad_request(request: Request, exc: RequestValidationError) -> Response:
         return generate.error(400, generate.validation_message(exc))
 
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        """An unknown route or method: the JSON error object every other error uses, not FastAPI's detail."""
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        error = {"code": exc.status_code, "message": f"{exc.detail}: {request.method} {request.url.path}", "type": kind}
+        return JSONResponse({"error": error}, exc.status_code, headers=getattr(exc, "headers", None))
+
     @app.get("/metrics", include_in_schema=False)
     async def prometheus_metrics(request: Request) -> Response:
         return Response(server(request).metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
     generate.add_routes(app)
     openai_api.add_routes(app)
+    llama_cpp_api.add_routes(app)
+    anthropic_api.add_routes(app)
+    responses_api.add_routes(app)
     triton_api.add_routes(app)
     return app
 

@@ -84,6 +84,8 @@ def resolve_template(name_or_file: str | None, model_template: str | None) -> st
     if name_or_file:
         if name_or_file in BUILTIN_TEMPLATES:
             return BUILTIN_TEMPLATES[name_or_file]
+        if "{{" in name_or_file or "{%" in name_or_file:  # the template itself (llama-server's --chat-template)
+            return name_or_file
         path = Path(name_or_file).expanduser()
         if path.is_file():
             text = path.read_text(encoding="utf-8")

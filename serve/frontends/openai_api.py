@@ -9,7 +9,7 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -17,7 +17,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
 from serve.core.engine import BadRequest, Engine, QueueFull
-from serve.core.sampling import SamplingParams
+from serve.core.sampling import MAX_TOKENS_LIMIT, SamplingParams
 from serve.core.scheduler import Event
 
 from . import chat
@@ -38,8 +38,8 @@ from .openai_protocol import (
     finish_reason,
     parse_request,
 )
-from .state import NotReady, server
-from .tokenizing import decode_ids, encode_prompts, encode_text, off_loop
+from .state import NotReady, RequestDefaults, ServerState, server
+from .tokenizing import Prompt, decode_ids, encode_prompts, encode_text, off_loop
 
 log = logging.getLogger("aotllm.openai")
 # /tokenize takes texts of up to this many contexts (or this many tokens, if more).
@@ -61,13 +61,8 @@ def add_routes(app: FastAPI) -> None:
             raise OpenAIError(503, str(e), type="server_error", headers={"Retry-After": "5"}) from e
 
     def check_model(eng: Engine, name: str | None) -> str:
-        if name is not None and name != eng.cfg.model_name:
-            raise OpenAIError(
-                404,
-                f"The model `{name}` does not exist; this server serves `{eng.cfg.model_name}` (see GET /v1/models)",
-                param="model",
-                code="model_not_found",
-            )
+        """The served model's name, whatever name the request gives: one model is served, and clients send
+        the names they were written for (gpt-3.5-turbo, text-embedding-3-small), as llama-server allows."""
         return eng.cfg.model_name
 
     def model_card(eng: Engine) -> dict[str, Any]:
@@ -80,13 +75,20 @@ def add_routes(app: FastAPI) -> None:
         }
 
     @app.get("/v1/models")
+    @app.get("/models")  # (llama-server's spelling)
     async def list_models(request: Request) -> dict:
         return {"object": "list", "data": [model_card(engine(request))]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(request: Request, name: str) -> dict:
         eng = engine(request)
-        check_model(eng, name)
+        if name != eng.cfg.model_name:
+            raise OpenAIError(
+                404,
+                f"The model `{name}` does not exist; this server serves `{eng.cfg.model_name}` (see GET /v1/models)",
+                param="model",
+                code="model_not_found",
+            )
         return model_card(eng)
 
     @app.post("/v1/completions")
@@ -108,8 +110,16 @@ def add_routes(app: FastAPI) -> None:
         if not prompts:
             raise OpenAIError(400, "the prompt is empty", param="prompt")
         ids = await _encode(eng, prompts, "prompt")
-        default = min(16, eng.cfg.max_tokens_per_request or 16)  # (OpenAI's default, within the server's cap)
-        params = req.sampling(default if req.max_tokens is None else req.max_tokens, req.logprobs)
+        defaults = _apply_defaults(req, server(request))
+        if req.max_tokens is not None:
+            max_tokens = req.max_tokens
+        elif req.n_predict is not None and req.n_predict >= 0:
+            max_tokens = req.n_predict
+        elif req.n_predict is not None:  # (-1: llama.cpp's "until the end", within the server's cap)
+            max_tokens = chat.default_max_tokens(eng, max(len(x) for x in ids))
+        else:  # OpenAI's default (or -n's), within the server's cap
+            max_tokens = min(defaults.max_tokens or 16, eng.cfg.max_tokens_per_request or MAX_TOKENS_LIMIT)
+        params = req.sampling(max_tokens, req.logprobs)
         given = req.constraint()
         if given:
             params.constraint = given[1]
@@ -117,6 +127,7 @@ def add_routes(app: FastAPI) -> None:
         return await _run(request, eng, req, model, "cmpl", ids, params, echo, given and given[0])
 
     @app.post("/v1/chat/completions")
+    @app.post("/chat/completions")
     async def chat_completions(request: Request):
         eng = engine(request)
         req: ChatRequest = await parse_request(request, ChatRequest)
@@ -134,9 +145,13 @@ def add_routes(app: FastAPI) -> None:
         state = server(request)
         try:  # (the body's size measures the work: messages, tools, extra variables)
             prompt = await chat.render(state, eng, chat_input, len(await request.body()))
-            max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+            max_tokens = next(
+                (m for m in (req.max_completion_tokens, req.max_tokens, req.n_predict) if m is not None and m >= 0),
+                None,
+            )
             if max_tokens is None:
                 max_tokens = chat.default_max_tokens(eng, len(prompt.ids))
+                max_tokens = min(max_tokens, _apply_defaults(req, state).max_tokens or max_tokens)
             params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
             given = req.constraint()
             output = chat.constrain(params, given, prompt.tools, state, eng)
@@ -164,36 +179,7 @@ def add_routes(app: FastAPI) -> None:
         if not prompts:
             raise OpenAIError(400, "the input is empty", param="input")
         ids = await _encode(eng, prompts, "input")
-        rid = f"embd-{uuid.uuid4().hex}"
-        record = access_record()
-        record.id, record.model, record.user, record.inputs = rid, model, req.user, len(ids)
-        try:
-            with Submission(eng) as sub:
-                for x in ids:
-                    sub.add_embedding(x, f"{rid}-{len(sub.groups)}")
-        except QueueFull as e:
-            raise _queue_full(e) from e
-        except BadRequest as e:
-            raise OpenAIError(400, f"input {len(sub.groups)}: {e}", param="input") from e
-        seqs = sub.sequences
-        vecs: list[np.ndarray | None] = [None] * len(seqs)
-        errors: list[str | None] = [None] * len(seqs)
-
-        def on_event(i: int, ev: Event) -> None:
-            if ev.embedding is not None:
-                vecs[i] = ev.embedding
-            errors[i] = ev.error or errors[i]
-
-        await collect(seqs, request, on_event)
-        done: list[np.ndarray] = []
-        for i, v in enumerate(vecs):
-            if v is None:  # failed, or the client went away first
-                raise OpenAIError(
-                    error_status(errors[i]),
-                    f"embedding failed: {errors[i] or seqs[i].finish_reason}",
-                    type="server_error",
-                )
-            done.append(v)
+        done = await embed(request, eng, ids, model, req.user)
         n_tokens = sum(len(x) for x in ids)
         data = [
             {
@@ -227,7 +213,7 @@ def add_routes(app: FastAPI) -> None:
             ids = await off_loop(lambda: encode_text(eng.tokenizer, text, special, limit, what="text"), len(text))
         except BadRequest as e:
             raise OpenAIError(400, str(e), param="content") from e
-        piece = _piece_fn(eng)
+        piece = piece_fn(eng)
         tokens: list[Any] = [{"id": i, "piece": piece(i)} for i in ids] if req.with_pieces else ids
         return {"tokens": tokens, "count": len(ids), "max_model_len": eng.abi.max_seq_len}
 
@@ -247,17 +233,62 @@ def add_routes(app: FastAPI) -> None:
         return {"content": text, "prompt": text}
 
 
+def _apply_defaults(req: SamplingRequest, state: ServerState) -> RequestDefaults:
+    """The server's defaults (llama-server's --temp, --seed) for the fields the request leaves out."""
+    d = state.defaults
+    if req.temperature is None:
+        req.temperature = d.temperature
+    if req.seed is None:
+        req.seed = d.seed
+    return d
+
+
 def _chat_error(e: chat.ChatError) -> OpenAIError:
+    if isinstance(e.__cause__, BadRequest):
+        return OpenAIError.bad_request(e.__cause__, e.param)
     return OpenAIError(
         e.status, str(e), type="server_error" if e.status >= 500 else "invalid_request_error", param=e.param
     )
 
 
-async def _encode(eng: Engine, prompts: list[str | list[int]], param: str) -> list[list[int]]:
+async def _encode(eng: Engine, prompts: Sequence[Prompt], param: str) -> list[list[int]]:
     try:
         return await encode_prompts(eng, prompts)
     except BadRequest as e:
-        raise OpenAIError(400, str(e), param=param) from e
+        raise OpenAIError.bad_request(e, param) from e
+
+
+async def embed(request: Request, eng: Engine, ids: list[list[int]], model: str, user: str | None) -> list[np.ndarray]:
+    """Each prompt's pooled embedding (OpenAIError when one cannot be served or fails)."""
+    rid = f"embd-{uuid.uuid4().hex}"
+    record = access_record()
+    record.id, record.model, record.user, record.inputs = rid, model, user, len(ids)
+    try:
+        with Submission(eng) as sub:
+            for x in ids:
+                sub.add_embedding(x, f"{rid}-{len(sub.groups)}")
+    except QueueFull as e:
+        raise _queue_full(e) from e
+    except BadRequest as e:
+        raise OpenAIError(400, f"input {len(sub.groups)}: {e}", param="input") from e
+    seqs = sub.sequences
+    vecs: list[np.ndarray | None] = [None] * len(seqs)
+    errors: list[str | None] = [None] * len(seqs)
+
+    def on_event(i: int, ev: Event) -> None:
+        if ev.embedding is not None:
+            vecs[i] = ev.embedding
+        errors[i] = ev.error or errors[i]
+
+    await collect(seqs, request, on_event)
+    done: list[np.ndarray] = []
+    for i, v in enumerate(vecs):
+        if v is None:  # failed, or the client went away first
+            raise OpenAIError(
+                error_status(errors[i]), f"embedding failed: {errors[i] or seqs[i].finish_reason}", type="server_error"
+            )
+        done.append(v)
+    return done
 
 
 def _queue_full(e: QueueFull) -> OpenAIError:
@@ -288,12 +319,12 @@ async def _run(
         raise _queue_full(e) from e
     except BadRequest as e:
         field = constraint_field if e.field == "constraint" else e.field
-        raise OpenAIError(400, str(e), param=field or ("messages" if chat else "prompt")) from e
+        raise OpenAIError.bad_request(e, field or ("messages" if chat else "prompt")) from e
     record = access_record()
     record.id, record.model, record.user, record.stream, record.n = rid, model, req.user, bool(req.stream), params.n
     end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eng.eos_ids))
     seqs = sub.sequences
-    piece = _piece_fn(eng)
+    piece = piece_fn(eng)
     job = Job(
         chat=chat,
         rid=rid,
@@ -306,6 +337,7 @@ async def _run(
         piece=piece,
         echo=[e for e in echo for _ in range(params.n)],
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
+        prompts=len(prompts),
     )
     for c, text in zip(job.choices, job.echo):
         c.offset = len(text)
@@ -318,7 +350,7 @@ async def _run(
     return await _collect(job, request)
 
 
-def _piece_fn(eng: Engine) -> Any:
+def piece_fn(eng: Engine) -> Any:
     """token id -> its text inside a sequence: decode([t, t]) minus decode([t]) keeps the leading space that
     SentencePiece drops at the start of a text (" Paris", not "Paris")."""
     cache: dict[int, str] = {}

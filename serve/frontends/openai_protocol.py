@@ -7,12 +7,13 @@ import json
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from serve.core.engine import BadRequest, ContextOverflow
 from serve.core.guide import Constraint
 from serve.core.sampling import SamplingParams
 from serve.core.scheduler import Event, Sequence
@@ -20,8 +21,10 @@ from serve.core.scheduler import Event, Sequence
 from . import constraints
 from .body import BodyError, parse_body
 from .chat_output import ChatOutput, Parts
+from .tokenizing import Prompt, prompt_items
 
 LOGPROB_FLOOR = -9999.0  # JSON has no -inf
+SYSTEM_FINGERPRINT = "aotllm-0.1.0"  # the server's build; the same program gives the same answers
 
 
 class OpenAIError(Exception):
@@ -31,8 +34,9 @@ class OpenAIError(Exception):
         message: str,
         type: str = "invalid_request_error",
         param: str | None = None,
-        code: str | None = None,
+        code: str | int | None = None,
         headers: dict[str, str] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code, self.headers = (
@@ -43,10 +47,19 @@ class OpenAIError(Exception):
             code,
             headers,
         )
+        self.extra = extra or {}  # more fields of the error object (llama.cpp's n_prompt_tokens, n_ctx)
+
+    @staticmethod
+    def bad_request(e: BadRequest, param: str | None) -> OpenAIError:
+        """The engine's refusal; a prompt over the context is llama.cpp's exceed_context_size_error."""
+        if isinstance(e, ContextOverflow):
+            extra = {"n_prompt_tokens": e.n_prompt_tokens, "n_ctx": e.n_ctx}
+            return OpenAIError(400, str(e), "exceed_context_size_error", param, extra=extra)
+        return OpenAIError(400, str(e), param=param)
 
     def response(self) -> JSONResponse:
-        body = {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-        return JSONResponse(body, status_code=self.status, headers=self.headers)
+        error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}
+        return JSONResponse({"error": error}, status_code=self.status, headers=self.headers)
 
 
 # -- requests ------------------------------------------------------------------------------------------------
@@ -79,6 +92,7 @@ class SamplingRequest(BaseModel):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = False
     stop_token_ids: list[int] | None = None
+    n_predict: int | None = None  # llama.cpp's max_tokens (-1: the default)
     skip_special_tokens: bool | None = None
     # the output's constraint: OpenAI's, vLLM's, llama.cpp's spellings (serve/frontends/constraints.py)
     response_format: dict[str, Any] | None = None
@@ -190,17 +204,20 @@ class TokenizeRequest(BaseModel):
 
 class EmbeddingRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
-    input: str | list[str] | list[int] | list[list[int]]
+    # OpenAI's input, and llama-server's: lists mixing texts, ids, {"prompt_string"} and {"content"} items
+    input: Any = None
+    content: Any = None  # llama.cpp's /embedding name for it
     model: str | None = None
     encoding_format: str = "float"  # or "base64" (little-endian float32: what the openai client asks for)
     dimensions: int | None = None
     user: str | None = None
 
-    def prompts(self) -> list[str | list[int]]:
-        x = self.input
-        if isinstance(x, str) or (x and isinstance(x[0], int)):
-            return [cast(str | list[int], x)]
-        return list(cast(list[str] | list[list[int]], x))
+    def prompts(self) -> list[Prompt]:
+        field = "input" if self.input is not None else "content"
+        try:
+            return prompt_items(self.input if self.input is not None else self.content, field)
+        except ValueError as e:
+            raise OpenAIError(400, str(e), param=field) from e
 
 
 class DetokenizeRequest(BaseModel):
@@ -301,19 +318,29 @@ class Job:
     piece: Any  # token id -> its text alone (for top_logprobs alternatives)
     echo: list[str] = field(default_factory=list)  # per choice: the prompt text to echo (completions)
     include_usage: bool = False
+    prompts: int = 1  # (the choices are `n` per prompt)
     created: int = field(default_factory=lambda: int(time.time()))
 
-    def usage(self) -> dict[str, int]:
+    def usage(self) -> dict[str, Any]:
         done = sum(len(c.seq.output_ids) for c in self.choices)
+        cached = sum(c.seq.cached_tokens for c in self.choices[:: max(1, len(self.choices) // self.prompts)])
         return {
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": done,
             "total_tokens": self.prompt_tokens + done,
+            "prompt_tokens_details": {"cached_tokens": cached},
         }
 
     def envelope(self, choices: list[dict], stream: bool) -> dict[str, Any]:
         kind = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
-        return {"id": self.rid, "object": kind, "created": self.created, "model": self.model, "choices": choices}
+        return {
+            "id": self.rid,
+            "object": kind,
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        }
 
     def chunk(
         self,

@@ -4,7 +4,7 @@ front-end through `server(request)`."""
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import Request
 
@@ -16,6 +16,15 @@ from .metrics import Metrics
 SHUTDOWN_ERROR = "the server is shutting down; retry the request"
 # An absolute POSIX path (possibly quoted): shown to clients as its last component only.
 _PATH = re.compile(r"(?<![\w.])/(?:[^\s'\"/:,;()]+/)+([^\s'\"/:,;()]+)")
+
+
+@dataclass
+class RequestDefaults:
+    """What a request that omits them gets (llama-server's --temp, --seed, -n): None keeps each API's own."""
+
+    temperature: float | None = None
+    seed: int | None = None
+    max_tokens: int | None = None
 
 
 class NotReady(Exception):
@@ -30,6 +39,7 @@ class ServerState:
     tool_call_parser: str | None = None  # --tool-call-parser: llama3, hermes, mistral; None: from the template
     reasoning_parser: str | None = None  # --reasoning-parser: deepseek_r1, qwen3; None: no reasoning_content
     resolved_template: str | None = None  # the chat template's text, once loaded (frontends/chat.py)
+    defaults: RequestDefaults = field(default_factory=RequestDefaults)
     engine: Engine | None = None  # set once, when the model is loaded and its schedulers run
     status: str = "starting"  # while `engine` is None: what the server is doing, or why loading failed
     progress: float | None = None  # how far that is (0..1), when known

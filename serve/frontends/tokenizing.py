@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 
 from tokenizers import Tokenizer
 
-from serve.core.engine import BadRequest, Engine
+from serve.core.engine import ContextOverflow, Engine
 
 T = TypeVar("T")
 
@@ -99,26 +99,77 @@ def encode_text(
     per_token = max_chars_per_token(tokenizer) if len(text) >= limit else None
     if per_token is not None and len(text) > (limit - 1) * per_token:
         at_least = -(-len(text) // per_token)
-        raise BadRequest(
+        raise ContextOverflow(
             f"the {what} has {len(text)} characters, so at least {at_least} tokens; the context holds {limit}: "
-            "shorten it"
+            "shorten it",
+            at_least,
+            limit,
         )
     encoding = tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0]  # (releases the GIL)
     if len(encoding) >= limit:
-        raise BadRequest(f"the {what} has {len(encoding)} tokens; the context holds {limit}: shorten it")
+        raise ContextOverflow(
+            f"the {what} has {len(encoding)} tokens; the context holds {limit}: shorten it", len(encoding), limit
+        )
     return encoding.ids
 
 
-def prompt_ids(eng: Engine, prompt: str | list[int]) -> list[int]:
+Prompt = str | list[int] | list[int | str]  # text, token ids, or llama.cpp's mix of ids and texts
+
+
+def prompt_ids(eng: Engine, prompt: Prompt) -> list[int]:
     """A prompt as the engine takes it: text tokenized with the special tokens (refused early when it cannot
-    fit the context), ids checked against the vocabulary (`Engine.submit` checks their count). Blocking: see
+    fit the context), ids checked against the vocabulary (`Engine.submit` checks their count); in a mixed
+    list each text is tokenized alone, without special tokens, as llama-server does. Blocking: see
     `off_loop`."""
     if isinstance(prompt, str):
         return encode_text(eng.tokenizer, prompt, True, eng.abi.max_seq_len)
-    return eng.check_ids(prompt)
+    ids: list[int] = []
+    for part in prompt:
+        if isinstance(part, str):
+            ids += encode_text(eng.tokenizer, part, False, eng.abi.max_seq_len)
+        else:
+            ids.append(part)
+    return eng.check_ids(ids)
 
 
-async def encode_prompts(eng: Engine, prompts: Sequence[str | list[int]]) -> list[list[int]]:
+def prompt_items(value: Any, what: str) -> list[Prompt]:
+    """The prompts of a llama.cpp-style input: a text; token ids; a list mixing ids and texts (one prompt);
+    or a list of prompts, each a text, ids (possibly mixed), `{"prompt_string": text}` or `{"content": text
+    or text parts}`. ValueError names what is wrong."""
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, list) or not value:
+        raise ValueError(f"{what} must be a text, token ids or a non-empty list of them")
+    if any(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        return [_mixed(value, what)]
+    return [_item(v, f"{what}[{i}]") for i, v in enumerate(value)]
+
+
+def _mixed(value: list[Any], what: str) -> list[int | str]:
+    if not all(isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool)) for v in value):
+        raise ValueError(f"{what}: a list of token ids may mix in texts, nothing else")
+    return value
+
+
+def _item(value: Any, what: str) -> Prompt:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return _mixed(value, what)
+    if isinstance(value, dict):
+        text = value.get("prompt_string", value.get("content"))
+        if isinstance(text, list):  # text parts
+            if not all(
+                isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str) for p in text
+            ):
+                raise ValueError(f"{what}.content: only text parts are supported")
+            text = "".join(p["text"] for p in text)
+        if isinstance(text, str):
+            return text
+    raise ValueError(f'{what}: expected a text, token ids, {{"prompt_string": ...}} or {{"content": ...}}')
+
+
+async def encode_prompts(eng: Engine, prompts: Sequence[Prompt]) -> list[list[int]]:
     """Every prompt of a request, tokenized off the loop when they are long (`BadRequest` for the first one
     that cannot be served)."""
     return await off_loop(lambda: [prompt_ids(eng, p) for p in prompts], sum(len(p) for p in prompts))
