@@ -95,6 +95,11 @@ def openai_shape(body: dict) -> str:
     return body["error"]["message"]
 
 
+def anthropic_shape(body: dict) -> str:
+    assert body["type"] == "error" and set(body["error"]) == {"type", "message"}, body
+    return body["error"]["message"]
+
+
 def triton_shape(body: dict) -> str:
     assert set(body) == {"error"} and isinstance(body["error"], str), body
     return body["error"]
@@ -115,6 +120,10 @@ ROUTES: list[tuple[str, str, dict | None, Callable[[dict], str]]] = [
     ("POST", "/generate", {"text": "hi", "sampling_params": {"max_completion_tokens": 2}}, generate_shape),
     ("GET", "/metrics", None, generate_shape),
     ("GET", "/openapi.json", None, generate_shape),
+    ("POST", "/completion", {"prompt": "hi", "n_predict": 2}, openai_shape),  # (llama-server's own routes)
+    ("GET", "/props", None, openai_shape),
+    ("POST", "/v1/responses", {"input": "hi", "max_output_tokens": 2}, openai_shape),
+    ("POST", "/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}, anthropic_shape),
     ("GET", "/v2", None, triton_shape),
     ("GET", "/v2/models/ensemble/ready", None, triton_shape),
     ("POST", "/v2/models/ensemble/generate", {"text_input": "hi", "max_tokens": 2}, triton_shape),
@@ -144,6 +153,12 @@ def test_an_authorization_that_is_not_bearer_is_refused(secure, header):
     with httpx.Client(verify=secure.verify) as c:
         r = c.get(f"{secure.url}/v1/models", headers={"Authorization": header})
     assert r.status_code == 401 and "not 'Bearer KEY'" in openai_shape(r.json())
+
+
+def test_anthropic_clients_send_the_key_as_x_api_key(secure):
+    with httpx.Client(verify=secure.verify) as c:
+        assert c.get(f"{secure.url}/v1/models", headers={"x-api-key": KEY_FLAG}).status_code == 200
+        assert c.get(f"{secure.url}/v1/models", headers={"x-api-key": "wrong"}).status_code == 401
 
 
 def test_the_bearer_scheme_is_case_insensitive(secure):

@@ -21,13 +21,22 @@ ROOT = Path(__file__).resolve().parents[1]
 PROJ = ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]
 
 
-def _serve(gguf: Path, tokenizer: Path, cache: Path, timeout: float = 600) -> tuple[subprocess.Popen, str, list]:
-    """Start the server and poll /health until 200; -> (process, url, every loading answer's JSON)."""
+def _serve(
+    gguf: Path,
+    tokenizer: Path,
+    cache: Path,
+    timeout: float = 600,
+    cli: list[str] | None = None,
+    log: Path | None = None,
+) -> tuple[subprocess.Popen, str, list]:
+    """Start the server and poll /health until 200; -> (process, url, every loading answer's JSON). `cli`:
+    the model and its flags in another spelling (default: --gguf-file GGUF); `log`: stderr goes there."""
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "serve", "--gguf-file", str(gguf), "--tokenizer", str(tokenizer)]
+    cmd = [sys.executable, "-m", "serve", *(cli or ["--gguf-file", str(gguf)]), "--tokenizer", str(tokenizer)]
     env = {**os.environ, "AOTLLM_CACHE": str(cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env)
+    stderr = open(log, "w") if log else None  # noqa: SIM115 - (the child keeps it)
+    proc = subprocess.Popen([*cmd, "--port", str(port), "--log-level", "warning"], cwd=ROOT, env=env, stderr=stderr)
     seen, deadline = [], time.time() + timeout
     while True:
         assert proc.poll() is None, "the server exited"
@@ -85,6 +94,58 @@ def test_one_command_builds_reports_and_reuses(tiny_q8):
         assert time.time() - t0 < 60
     finally:
         _stop(proc)
+
+
+def test_a_llama_server_command_line(tiny_q8, tmp_path):
+    """llama-server's flags with their meaning: the command line of a llama-server user's script, with the
+    program's name swapped, serves the same way (the build is the cached one of the test above)."""
+    gguf, tok, cache = tiny_q8
+    flags = ["-m", str(gguf), "-c", "256", "-np", "2", "-n", "5", "--temp", "0", "--seed", "3", "-t", "1"]
+    flags += ["--alias", "my-model", "--host", "127.0.0.1", "--jinja", "--embeddings", "--metrics", "-cb"]
+    flags += ["--flash-attn", "on", "-ngl", "99", "--api-key", "sk-test-key", "--cors", "http://app.example"]
+    proc, url, _ = _serve(gguf, tok, cache, timeout=120, cli=flags, log=tmp_path / "stderr.log")
+    auth = {"Authorization": "Bearer sk-test-key"}
+    try:
+        props = httpx.get(f"{url}/props", headers=auth).json()
+        assert props["default_generation_settings"]["n_ctx"] == 256 and props["total_slots"] == 2  # -c, -np
+        assert httpx.get(f"{url}/v1/models", headers=auth).json()["data"][0]["id"] == "my-model"  # --alias
+        assert httpx.get(f"{url}/v1/models").status_code == 401  # --api-key
+        preflight = {"Origin": "http://app.example", "Access-Control-Request-Method": "POST"}
+        r = httpx.options(f"{url}/completion", headers=preflight)
+        assert r.headers["access-control-allow-origin"] == "http://app.example"  # --cors
+        first, again = (
+            httpx.post(f"{url}/completion", json={"prompt": "hello", "ignore_eos": True}, headers=auth).json()
+            for _ in range(2)
+        )
+        assert first["tokens_predicted"] == 5 and first["generation_settings"]["temperature"] == 0  # -n, --temp
+        assert again["content"] == first["content"] and first["generation_settings"]["seed"] == 3  # --seed
+        r = httpx.post(f"{url}/completion", json={"prompt": "x" * 300}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["n_ctx"] == 256  # -c
+        r = httpx.post(
+            f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth
+        )
+        assert r.json()["usage"]["completion_tokens"] == 5  # -n: the default cap of every route
+        workers = [
+            p for p in Path(f"/proc/{proc.pid}/task").iterdir() if (p / "comm").read_text().startswith("iree-worker")
+        ]
+        assert len(workers) == 1  # -t
+    finally:
+        _stop(proc)
+    log = (tmp_path / "stderr.log").read_text()
+    assert "-ngl / --n-gpu-layers" in log  # warned: not honoured as llama.cpp does
+
+
+@pytest.mark.parametrize(
+    "flags, words",
+    [
+        (["--no-jinja"], "always rendered as Jinja"),
+        (["--pooling", "cls"], "only mean and last"),
+        (["-nocb"], "continuous batching"),
+    ],
+)
+def test_llama_server_flags_we_cannot_honour_are_errors(flags, words):
+    r = subprocess.run([sys.executable, "-m", "serve", *flags], cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 2 and words in r.stderr
 
 
 def test_a_missing_model_file_is_a_flag_error(tmp_path):

@@ -25,6 +25,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from . import generate
+from .anthropic_api import AnthropicError
 from .openai_protocol import OpenAIError
 from .options import ServerOptions
 
@@ -104,9 +105,18 @@ def origin_problem(origin: str) -> str | None:
     return None
 
 
+# llama-server's routes outside /v1 (openai_api.py's and llama_cpp_api.py's): errors in the OpenAI object
+OPENAI_SHAPED = frozenset(
+    ["/tokenize", "/detokenize", "/completion", "/completions", "/infill", "/embedding", "/embeddings"]
+    + ["/props", "/slots", "/apply-template", "/chat/completions", "/models"]
+)
+
+
 def error_response(path: str, status: int, message: str, code: str | None, headers: dict[str, str]) -> Response:
     """An error in the shape of the protocol `path` belongs to (what its own routes answer)."""
-    if path.startswith("/v1/") or path in ("/tokenize", "/detokenize"):  # openai_api.py's routes
+    if path.startswith("/v1/messages"):  # anthropic_api.py's
+        return JSONResponse(AnthropicError(status, message).body(), status_code=status, headers=headers)
+    if path.startswith("/v1/") or path in OPENAI_SHAPED:  # openai_api.py's, responses_api.py's, llama_cpp_api.py's
         return OpenAIError(status, message, code=code, headers=headers).response()
     if path == "/v2" or path.startswith("/v2/"):  # triton_api.py's
         return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -114,8 +124,8 @@ def error_response(path: str, status: int, message: str, code: str | None, heade
 
 
 class ApiKeyAuth:
-    """ASGI middleware: every HTTP request but the health probes needs `Authorization: Bearer KEY`; else 401
-    with `WWW-Authenticate: Bearer`."""
+    """ASGI middleware: every HTTP request but the health probes needs `Authorization: Bearer KEY` (or
+    `x-api-key: KEY`); else 401 with `WWW-Authenticate: Bearer`."""
 
     def __init__(self, app: ASGIApp, keys: ApiKeys) -> None:
         self.app, self.keys = app, keys
@@ -123,7 +133,9 @@ class ApiKeyAuth:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["path"] in HEALTH_PATHS:  # (lifespan; the app has no websockets)
             return await self.app(scope, receive, send)
-        refusal = self.keys.check(Headers(scope=scope).get("authorization"))
+        headers = Headers(scope=scope)
+        api_key = headers.get("x-api-key")  # (Anthropic's clients send the key so; llama-server takes it too)
+        refusal = self.keys.check(headers.get("authorization") or (f"Bearer {api_key}" if api_key else None))
         if refusal is None:
             return await self.app(scope, receive, send)
         challenge = 'Bearer error="invalid_token"' if refusal is Refusal.WRONG else "Bearer"
