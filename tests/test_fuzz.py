@@ -31,8 +31,10 @@ from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.core.failures import FailureGroup
 
+from serve.frontends.anthropic_api import CountRequest, MessagesRequest
 from serve.frontends.app import create_app
 from serve.frontends.generate_protocol import GenerateRequest
+from serve.frontends.llama_cpp_api import CompletionRequest as LlamaCompletionRequest
 from serve.frontends.openai_protocol import (
     ChatRequest,
     CompletionRequest,
@@ -40,6 +42,7 @@ from serve.frontends.openai_protocol import (
     EmbeddingRequest,
     TokenizeRequest,
 )
+from serve.frontends.responses_api import ResponsesRequest
 from serve.frontends.triton_api import ALIASES, VERSION, TritonGenerateRequest
 from tests.server_util import ServerThread, tiny_config
 
@@ -54,6 +57,15 @@ BODIES: dict[str, type[BaseModel]] = {
     "/v1/embeddings": EmbeddingRequest,
     "/tokenize": TokenizeRequest,
     "/detokenize": DetokenizeRequest,
+    "/completion": LlamaCompletionRequest,  # llama-server's own routes
+    "/completions": LlamaCompletionRequest,
+    "/infill": LlamaCompletionRequest,
+    "/embedding": EmbeddingRequest,
+    "/embeddings": EmbeddingRequest,
+    "/apply-template": ChatRequest,
+    "/v1/messages": MessagesRequest,  # Anthropic's
+    "/v1/messages/count_tokens": CountRequest,
+    "/v1/responses": ResponsesRequest,  # OpenAI's Responses
     **{
         f"/v2/models/{{name}}{version}/{kind}": TritonGenerateRequest
         for version in ("", "/versions/{version}")
@@ -112,6 +124,8 @@ def valid_fields(vocab_size: int, model: str) -> dict[str, dict[str, dict[str, A
         "model": {"anyOf": [{"enum": [model]}, {"type": "null"}]},
         "max_tokens": length,
         "max_completion_tokens": length,
+        "max_output_tokens": length,
+        "n_predict": {"anyOf": [length, {"enum": [-1]}]},
         "min_length": {"type": "integer", "minimum": 0, "maximum": MAX_TOKENS},
         "temperature": {"type": "number", "minimum": 0, "maximum": 2},
         "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
@@ -251,6 +265,15 @@ TEXT_FIELDS: dict[str, list[dict[str, Any]]] = {
     "/v1/chat/completions": [{"messages": [{"role": "user", "content": LONE_SURROGATE}], "max_tokens": 2}],
     "/v1/embeddings": [{"input": LONE_SURROGATE}],
     "/tokenize": [{"content": LONE_SURROGATE}],
+    "/completion": [
+        {"prompt": LONE_SURROGATE},
+        {"prompt": [1, LONE_SURROGATE]},
+        {"prompt": "hi", "stop": LONE_SURROGATE},
+    ],
+    "/embedding": [{"content": LONE_SURROGATE}, {"input": [{"prompt_string": LONE_SURROGATE}]}],
+    "/apply-template": [{"messages": [{"role": "user", "content": LONE_SURROGATE}]}],
+    "/v1/messages": [{"messages": [{"role": "user", "content": LONE_SURROGATE}], "max_tokens": 2}],
+    "/v1/responses": [{"input": LONE_SURROGATE, "max_output_tokens": 2}],
     "/detokenize": [],
     "/v2/models/ensemble/generate": [
         {"text_input": LONE_SURROGATE, "max_tokens": 2},

@@ -30,7 +30,7 @@ from .chat import ChatInput
 from .common import Submission, collect, error_status, fan_in, sequence_events
 from .metrics import access_record
 from .openai_api import embed, piece_fn
-from .openai_protocol import ChatMessage, OpenAIError, parse_request
+from .openai_protocol import ChatRequest, OpenAIError, parse_request
 from .state import NotReady, ServerState, server
 from .tokenizing import Prompt, encode_prompts, prompt_items
 
@@ -382,19 +382,15 @@ def add_routes(app: FastAPI) -> None:
 
     @app.post("/apply-template")
     async def apply_template(request: Request) -> dict[str, str]:
+        """The chat rendered as /v1/chat/completions would render it, not run."""
         eng, state = _engine(request), server(request)
-        body = await request.json()
-        messages = body.get("messages") if isinstance(body, dict) else None
-        if not isinstance(messages, list) or not messages:
-            raise _err(400, "give the chat as 'messages'")
+        req: ChatRequest = await parse_request(request, ChatRequest)
+        messages = [m.for_template() for m in req.messages]
+        chat_input = ChatInput(messages, req.tools, req.tool_choice, req.parallel_tool_calls)
         try:
-            msgs = [ChatMessage.model_validate(m).for_template() for m in messages]
-            chat_input = ChatInput(msgs, body.get("tools"), body.get("tool_choice"), None)
             prompt = await chat.render(state, eng, chat_input, len(await request.body()), tokenize=False)
         except chat.ChatError as e:
             raise OpenAIError(e.status, str(e), param=e.param, code=e.status) from e
-        except ValueError as e:  # (pydantic's ValidationError)
-            raise _err(400, f"messages: {e}") from e
         return {"prompt": prompt.text}
 
 
