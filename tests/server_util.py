@@ -178,4 +178,5 @@ def tiny_config(out: Path, **kw) -> EngineConfig:
     kw.setdefault("model_name", TINY_MODEL_NAME)
     kw.setdefault("vmfb", out / "model.vmfb")
     kw.setdefault("parameters", [out / "model.irpa"])
-    return EngineConfig(model_config=out / "config.json", tokenizer=out, **kw)
+    kw.setdefault("tokenizer", out)
+    return EngineConfig(model_config=out / "config.json", **kw)

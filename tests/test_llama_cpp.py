@@ -198,3 +198,25 @@ def test_openai_routes_take_llama_cpp_spellings(server):
     t0 = time.time()
     r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]})
     assert r.status_code == 400 and r.json()["error"]["type"] == "exceed_context_size_error" and time.time() - t0 < 30
+
+
+def test_infill_lays_the_code_out_with_the_fim_tokens(tiny_program, tmp_path):
+    """/infill on a vocabulary with StarCoder's fill-in-the-middle tokens (the tiny char vocabulary plus
+    them, each one token): prefix, suffix and middle, and the repo-level layout for input_extra."""
+    from models.gguf_tokenizer import save_tokenizer
+    from tests.server_util import ServerThread, tiny_config
+
+    tok, info = char_tokenizer()
+    tok.add_special_tokens(["<fim_prefix>", "<fim_suffix>", "<fim_middle>", "<repo_name>", "<file_sep>"])
+    save_tokenizer(tok, info, tmp_path)
+    s = ServerThread(tiny_config(tiny_program, tokenizer=tmp_path))
+    try:
+        body = {"input_prefix": "def add(a, b): return ", "input_suffix": " # sum", "n_predict": 4, **GREEDY}
+        r = post(s, "/infill", body).json()
+        assert r["prompt"] == "<fim_prefix>def add(a, b): return <fim_suffix> # sum<fim_middle>"
+        assert r["tokens_evaluated"] == len(tok.encode(r["prompt"]).ids) == 3 + 22 + 6 and r["tokens_predicted"] == 4
+        extra = [{"filename": "u.py", "text": "X = 1"}]
+        r = post(s, "/infill", {**body, "input_extra": extra}).json()
+        assert r["prompt"].startswith("<repo_name>myproject\n<file_sep>u.py\nX = 1<fim_prefix>def add")
+    finally:
+        s.stop()
