@@ -196,8 +196,15 @@ def test_openai_routes_take_llama_cpp_spellings(server):
     r = post(server, "/v1/completions", {"prompt": PROMPT, "n_predict": 5, **GREEDY}).json()
     assert r["usage"]["completion_tokens"] == 5 and r["system_fingerprint"]
     t0 = time.time()
-    r = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]})
-    assert r.status_code == 400 and r.json()["error"]["type"] == "exceed_context_size_error" and time.time() - t0 < 30
+    for path, body in (
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 600}]}),
+        ("/v1/responses", {"input": "x" * 600}),
+        ("/v1/embeddings", {"input": "x" * 600}),
+    ):
+        r = post(server, path, body)
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["type"] == "exceed_context_size_error" and err["n_ctx"] == 512, (path, err)
+    assert time.time() - t0 < 30
 
 
 def test_infill_lays_the_code_out_with_the_fim_tokens(tiny_program, tmp_path):

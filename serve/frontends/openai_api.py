@@ -156,7 +156,7 @@ def add_routes(app: FastAPI) -> None:
             given = req.constraint()
             output = chat.constrain(params, given, prompt.tools, state, eng)
         except chat.ChatError as e:
-            raise _chat_error(e) from e
+            raise OpenAIError.from_chat(e, e.param) from e
         field = "tool_choice" if prompt.tools.forced is not None else given and given[0]
         return await _run(
             request, eng, req, model, "chatcmpl", [prompt.ids], params, [], field, chat=True, output=output
@@ -241,14 +241,6 @@ def _apply_defaults(req: SamplingRequest, state: ServerState) -> RequestDefaults
     if req.seed is None:
         req.seed = d.seed
     return d
-
-
-def _chat_error(e: chat.ChatError) -> OpenAIError:
-    if isinstance(e.__cause__, BadRequest):
-        return OpenAIError.bad_request(e.__cause__, e.param)
-    return OpenAIError(
-        e.status, str(e), type="server_error" if e.status >= 500 else "invalid_request_error", param=e.param
-    )
 
 
 async def _encode(eng: Engine, prompts: Sequence[Prompt], param: str) -> list[list[int]]:

@@ -20,6 +20,7 @@ from serve.core.scheduler import Event, Sequence
 
 from . import constraints
 from .body import BodyError, parse_body
+from .chat import ChatError
 from .chat_output import ChatOutput, Parts
 from .tokenizing import Prompt, prompt_items
 
@@ -56,6 +57,13 @@ class OpenAIError(Exception):
             extra = {"n_prompt_tokens": e.n_prompt_tokens, "n_ctx": e.n_ctx}
             return OpenAIError(400, str(e), "exceed_context_size_error", param, extra=extra)
         return OpenAIError(400, str(e), param=param)
+
+    @staticmethod
+    def from_chat(e: ChatError, param: str | None) -> OpenAIError:
+        """A chat that cannot be rendered or served (a prompt over the context: as `bad_request`)."""
+        if isinstance(e.__cause__, BadRequest):
+            return OpenAIError.bad_request(e.__cause__, param)
+        return OpenAIError(e.status, str(e), "server_error" if e.status >= 500 else "invalid_request_error", param)
 
     def response(self) -> JSONResponse:
         error = {"message": self.message, "type": self.type, "param": self.param, "code": self.code, **self.extra}

@@ -95,8 +95,7 @@ def add_routes(app: FastAPI) -> None:
             )
             output = chat.constrain(params, given, prompt.tools, state, eng)
         except chat.ChatError as e:
-            kind = "server_error" if e.status >= 500 else "invalid_request_error"
-            raise OpenAIError(e.status, str(e), type=kind, param=PARAMS.get(e.param or "", e.param)) from e
+            raise OpenAIError.from_chat(e, PARAMS.get(e.param or "", e.param)) from e
         constraint_field = "tool_choice" if prompt.tools.forced is not None else given and given[0]
         rid = f"resp_{uuid.uuid4().hex}"
         try:
@@ -107,7 +106,8 @@ def add_routes(app: FastAPI) -> None:
             raise OpenAIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from e
         except BadRequest as e:
             param = constraint_field if e.field == "constraint" else PARAMS.get(e.field or "messages", e.field)
-            raise OpenAIError(400, field_message(e, PARAMS), param=param) from e
+            overflow = OpenAIError.bad_request(e, param)  # (a prompt over the context: llama.cpp's error type)
+            raise OpenAIError(400, field_message(e, PARAMS), overflow.type, param, extra=overflow.extra) from e
         record = access_record()
         record.id, record.model, record.user, record.stream, record.n = rid, eng.cfg.model_name, req.user, req.stream, 1
         turn = Turn(rid, eng.cfg.model_name, req, seq, output)
