@@ -30,7 +30,7 @@ from .chat import ChatInput
 from .common import Submission, collect, error_status, fan_in, sequence_events
 from .metrics import access_record
 from .openai_api import embed, piece_fn
-from .openai_protocol import ChatRequest, OpenAIError, parse_request
+from .openai_protocol import ChatRequest, EmbeddingRequest, OpenAIError, parse_request
 from .state import NotReady, ServerState, server
 from .tokenizing import Prompt, encode_prompts, prompt_items
 
@@ -312,9 +312,8 @@ def add_routes(app: FastAPI) -> None:
     @app.post("/embedding")
     @app.post("/embeddings")
     async def embedding(request: Request) -> JSONResponse:
-        """llama-server's non-OpenAI embeddings: [{"index", "embedding": [[pooled vector]]}, ...]."""
-        from .openai_protocol import EmbeddingRequest  # (the same input shapes as /v1/embeddings)
-
+        """llama-server's non-OpenAI embeddings: [{"index", "embedding": [[pooled vector]]}, ...] (the input
+        shapes of /v1/embeddings)."""
         eng = _engine(request)
         req: EmbeddingRequest = await parse_request(request, EmbeddingRequest)
         try:
