@@ -125,6 +125,13 @@ def test_a_llama_server_command_line(tiny_q8, tmp_path):
             f"{url}/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]}, headers=auth
         )
         assert r.json()["usage"]["completion_tokens"] == 5  # -n: the default cap of every route
+        chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6, "ignore_eos": True}
+
+        def text(extra: dict) -> str:
+            r = httpx.post(f"{url}/v1/chat/completions", json={**chat, **extra}, headers=auth)
+            return r.json()["choices"][0]["message"]["content"]
+
+        assert text({}) == text({"temperature": 0})  # --temp 0 on the OpenAI routes too (OpenAI's default: 1)
         workers = [
             p for p in Path(f"/proc/{proc.pid}/task").iterdir() if (p / "comm").read_text().startswith("iree-worker")
         ]

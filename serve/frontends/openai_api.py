@@ -145,13 +145,14 @@ def add_routes(app: FastAPI) -> None:
         state = server(request)
         try:  # (the body's size measures the work: messages, tools, extra variables)
             prompt = await chat.render(state, eng, chat_input, len(await request.body()))
+            defaults = _apply_defaults(req, state)
             max_tokens = next(
                 (m for m in (req.max_completion_tokens, req.max_tokens, req.n_predict) if m is not None and m >= 0),
                 None,
             )
-            if max_tokens is None:
-                max_tokens = chat.default_max_tokens(eng, len(prompt.ids))
-                max_tokens = min(max_tokens, _apply_defaults(req, state).max_tokens or max_tokens)
+            if max_tokens is None:  # the rest of the context (or -n's default), within the server's cap
+                rest = chat.default_max_tokens(eng, len(prompt.ids))
+                max_tokens = min(rest, defaults.max_tokens or rest)
             params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
             given = req.constraint()
             output = chat.constrain(params, given, prompt.tools, state, eng)
