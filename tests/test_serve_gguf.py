@@ -132,6 +132,14 @@ def test_a_llama_server_command_line(tiny_q8, tmp_path):
             return r.json()["choices"][0]["message"]["content"]
 
         assert text({}) == text({"temperature": 0})  # --temp 0 on the OpenAI routes too (OpenAI's default: 1)
+        r = httpx.post(f"{url}/v1/responses", json={"input": "hi"}, headers=auth).json()
+        assert r["usage"]["output_tokens"] <= 5  # -n on the Responses route (EOS may end it sooner)
+        messages = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 6}
+        answers = [
+            httpx.post(f"{url}/v1/messages", json={**messages, **extra}, headers=auth).json()["content"]
+            for extra in ({}, {"temperature": 0})
+        ]
+        assert answers[0] == answers[1]  # --temp on Anthropic's route
         workers = [
             p for p in Path(f"/proc/{proc.pid}/task").iterdir() if (p / "comm").read_text().startswith("iree-worker")
         ]

@@ -33,7 +33,7 @@ from .chat import ChatInput
 from .chat_output import ChatOutput, Parts
 from .common import Submission, collect, error_status, fan_in, field_message, sequence_events
 from .metrics import access_record
-from .state import NotReady, server
+from .state import NotReady, RequestDefaults, server
 from .tool_calls import ToolCall
 
 log = logging.getLogger("aotllm.anthropic")
@@ -170,10 +170,13 @@ class MessagesRequest(CountRequest):
     stream: bool = False
     metadata: dict[str, Any] | None = None
 
-    def sampling(self) -> SamplingParams:
+    def sampling(self, defaults: RequestDefaults) -> SamplingParams:
+        """`defaults`: the server's (--temp, --seed) for what the request leaves out."""
+        temperature = next((t for t in (self.temperature, defaults.temperature) if t is not None), 1.0)
         return SamplingParams(
             max_tokens=self.max_tokens,
-            temperature=1.0 if self.temperature is None else self.temperature,
+            temperature=temperature,
+            seed=defaults.seed,
             top_p=1.0 if self.top_p is None else self.top_p,
             top_k=self.top_k or 0,
             stop=list(self.stop_sequences or []),
@@ -431,7 +434,7 @@ def add_routes(app: FastAPI) -> None:
         state = server(request)
         try:
             prompt = await chat.render(state, eng, chat_input(req), len(await request.body()))
-            params = req.sampling()
+            params = req.sampling(state.defaults)
             given = req.output_config.constraint() if req.output_config else None
             output = chat.constrain(params, given, prompt.tools, state, eng)
         except chat.ChatError as e:

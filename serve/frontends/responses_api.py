@@ -86,12 +86,15 @@ def add_routes(app: FastAPI) -> None:
         state = server(request)
         try:  # (the body's size measures the work of rendering)
             prompt = await chat.render(state, eng, chat_input, len(await request.body()))
-            max_tokens = req.max_output_tokens
+            d, max_tokens = state.defaults, req.max_output_tokens  # (d: the server's --temp, --seed, -n)
+            if max_tokens is None:
+                rest = chat.default_max_tokens(eng, len(prompt.ids))
+                max_tokens = min(rest, d.max_tokens or rest)
             params = SamplingParams(
-                max_tokens=chat.default_max_tokens(eng, len(prompt.ids)) if max_tokens is None else max_tokens,
-                temperature=1.0 if req.temperature is None else req.temperature,
+                max_tokens=max_tokens,
+                temperature=next((t for t in (req.temperature, d.temperature) if t is not None), 1.0),
                 top_p=1.0 if req.top_p is None else req.top_p,
-                seed=req.seed,
+                seed=req.seed if req.seed is not None else d.seed,
             )
             output = chat.constrain(params, given, prompt.tools, state, eng)
         except chat.ChatError as e:
