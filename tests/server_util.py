@@ -180,3 +180,38 @@ def tiny_config(out: Path, **kw) -> EngineConfig:
     kw.setdefault("parameters", [out / "model.irpa"])
     kw.setdefault("tokenizer", out)
     return EngineConfig(model_config=out / "config.json", **kw)
+
+
+# A tiny-model server for the chat APIs' tool tests: its template shows the tools briefly (their names) and
+# the calls of earlier turns not at all (the server writes them into the content in the parser's format),
+# since the tiny model's context is 512 characters. The two tools' argument schemas: each API's tests wrap
+# them in its own tool shape.
+TOOLS_TEMPLATE = (
+    "{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
+)
+TOOL_PARAMETERS: dict[str, dict] = {
+    "get_weather": {
+        "type": "object",
+        "properties": {
+            "city": {"type": "string", "maxLength": 12},
+            "days": {"type": "integer", "minimum": 1, "maximum": 14},
+        },
+        "required": ["city", "days"],
+        "additionalProperties": False,  # (else any other key may come too: JSON schema's default)
+    },
+    "get_time": {
+        "type": "object",
+        "properties": {"zone": {"enum": ["UTC", "CET"]}},
+        "required": ["zone"],
+        "additionalProperties": False,
+    },
+}
+TOOL_DESCRIPTIONS = {"get_weather": "The weather in a city."}
+
+
+def tools_server(program: Path, template_dir: Path, **app_options) -> ServerThread:
+    """A server over the tiny program with TOOLS_TEMPLATE (`app_options`: the parsers)."""
+    template = template_dir / "tools.jinja"
+    template.write_text(TOOLS_TEMPLATE)
+    return ServerThread(tiny_config(program), chat_template=str(template), **app_options)

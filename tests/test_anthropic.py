@@ -15,78 +15,27 @@ import jsonschema
 import pytest
 
 from serve.core.detokenizer import StopMatcher
-from serve.frontends import anthropic_api
 from serve.frontends.anthropic_api import BlockStream, content_blocks
 from serve.frontends.chat_output import Parts
 from serve.frontends.tool_calls import ToolCall
 from tests import server_util
-from tests.server_util import ServerThread, tiny_config
+from tests.server_util import TOOL_DESCRIPTIONS, TOOL_PARAMETERS, tools_server
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "input_schema": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 12},
-            "days": {"type": "integer", "minimum": 1, "maximum": 14},
-        },
-        "required": ["city", "days"],
-        "additionalProperties": False,
-    },
-}
-TIME = {
-    "name": "get_time",
-    "input_schema": {
-        "type": "object",
-        "properties": {"zone": {"enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-}
-TOOLS = [WEATHER, TIME]
-SCHEMAS = {t["name"]: t["input_schema"] for t in TOOLS}
+TOOLS = [
+    {"name": name, **({"description": d} if (d := TOOL_DESCRIPTIONS.get(name)) else {}), "input_schema": schema}
+    for name, schema in TOOL_PARAMETERS.items()
+]
+SCHEMAS = TOOL_PARAMETERS
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 MODEL = "claude-any"  # (any name: the server serves one model)
 # (the SDK has no sampling parameters any more; the server takes Anthropic's former temperature, top_p, top_k)
 GREEDY = {"extra_body": {"temperature": 0}}
 
-# The tools shown briefly, the calls of earlier turns not at all (the server writes them into the content in
-# the parser's format): the tiny model's context is 512 characters. As tests/test_tool_calling.py's.
-TEMPLATE = (
-    "{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
-    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-)
-
-
-@contextlib.contextmanager
-def with_anthropic_routes() -> Iterator[None]:
-    """Apps made by tests/server_util.py get the Messages routes (as they will once app.py adds them: then
-    this adds nothing)."""
-    create_app = server_util.create_app
-
-    def create_app_with_routes(*args, **kwargs):
-        app = create_app(*args, **kwargs)
-        if not any(getattr(r, "path", None) == "/v1/messages" for r in app.routes):
-            anthropic_api.add_routes(app)
-        return app
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server_util, "create_app", create_app_with_routes)
-        yield
-
-
-def start_server(tiny_program, template_dir, **options) -> ServerThread:
-    template = template_dir / "tools.jinja"
-    template.write_text(TEMPLATE)
-    with with_anthropic_routes():
-        return ServerThread(tiny_config(tiny_program), chat_template=str(template), **options)
-
 
 @pytest.fixture(scope="module")
 def srv(tiny_program, tmp_path_factory):
     # (the tiny char vocabulary has no newline, which hermes' format needs: llama3's JSON calls do without)
-    s = start_server(tiny_program, tmp_path_factory.mktemp("template"), tool_call_parser="llama3")
+    s = tools_server(tiny_program, tmp_path_factory.mktemp("template"), tool_call_parser="llama3")
     yield s
     s.stop()
 
@@ -347,7 +296,7 @@ def test_tool_round_trip(client):
 def test_thinking_blocks(tiny_program, tmp_path_factory, client):
     """With --reasoning-parser deepseek_r1 an output that never closes </think> is all thinking."""
     plain = greedy(client)
-    s = start_server(tiny_program, tmp_path_factory.mktemp("template"), reasoning_parser="deepseek_r1")
+    s = tools_server(tiny_program, tmp_path_factory.mktemp("template"), reasoning_parser="deepseek_r1")
     try:
         c = anthropic.Anthropic(base_url=s.url, api_key="x", max_retries=0, timeout=120)
         kw = {
@@ -467,7 +416,7 @@ def test_bad_count_request(client):
 
 
 def test_not_ready_is_overloaded():
-    with with_anthropic_routes(), server_util.loading_client() as c:
+    with server_util.loading_client() as c:
         r = c.post("/v1/messages", json={"model": MODEL, "messages": ASK, "max_tokens": 4})
     assert r.status_code == 503 and r.headers["retry-after"]
     assert r.json() == {"type": "error", "error": {"type": "overloaded_error", "message": "loading the model"}}

@@ -12,48 +12,23 @@ import jsonschema
 import openai
 import pytest
 
-import tests.server_util as server_util
 from serve.core.scheduler import Event
-from serve.frontends import responses_api
 from serve.frontends.chat_output import ChatOutput
 from serve.frontends.responses_api import ResponsesRequest, Turn
 from serve.frontends.tool_calls import pick_parser
-from tests.server_util import ServerThread, tiny_config
+from tests.server_util import TOOL_DESCRIPTIONS, TOOL_PARAMETERS, tools_server
 
-# The tools render briefly (the tiny model's context is 512 characters) and earlier calls not at all (the
-# server writes them into the content in the llama3 parser's format).
-TEMPLATE = (
-    "{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
-    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-)
-WEATHER = {
-    "type": "function",
-    "name": "get_weather",
-    "description": "The weather in a city.",
-    "parameters": {
-        "type": "object",
-        "properties": {
-            "city": {"type": "string", "maxLength": 12},
-            "days": {"type": "integer", "minimum": 1, "maximum": 14},
-        },
-        "required": ["city", "days"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-TIME = {
-    "type": "function",
-    "name": "get_time",
-    "parameters": {
-        "type": "object",
-        "properties": {"zone": {"enum": ["UTC", "CET"]}},
-        "required": ["zone"],
-        "additionalProperties": False,
-    },
-    "strict": True,
-}
-TOOLS = [WEATHER, TIME]
-SCHEMAS = {t["name"]: t["parameters"] for t in TOOLS}
+TOOLS = [
+    {
+        "type": "function",
+        "name": name,
+        **({"description": d} if (d := TOOL_DESCRIPTIONS.get(name)) else {}),
+        "parameters": schema,
+        "strict": True,
+    }
+    for name, schema in TOOL_PARAMETERS.items()
+]
+SCHEMAS = TOOL_PARAMETERS
 ASK = "What is the weather in Paris?"
 PERSON = {
     "type": "object",
@@ -67,27 +42,9 @@ PERSON = {
 JSON_SCHEMA = {"format": {"type": "json_schema", "name": "person", "schema": PERSON, "strict": True}}
 
 
-def start_server(program, template_dir, **app_options) -> ServerThread:
-    """A server with the Responses routes: create_app does not add them yet (serve/frontends/app.py will),
-    so ServerThread's create_app is wrapped to add them when they are missing."""
-    template = template_dir / "short.jinja"
-    template.write_text(TEMPLATE)
-    create_app = server_util.create_app
-
-    def with_responses(*args, **kwargs):
-        app = create_app(*args, **kwargs)
-        if not any(getattr(r, "path", None) == "/v1/responses" for r in app.routes):
-            responses_api.add_routes(app)
-        return app
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(server_util, "create_app", with_responses)
-        return ServerThread(tiny_config(program), chat_template=str(template), **app_options)
-
-
 @pytest.fixture(scope="module")
 def server(tiny_program, tmp_path_factory):
-    s = start_server(tiny_program, tmp_path_factory.mktemp("template"), tool_call_parser="llama3")
+    s = tools_server(tiny_program, tmp_path_factory.mktemp("template"), tool_call_parser="llama3")
     yield s
     s.stop()
 
@@ -301,7 +258,7 @@ def test_refusals_are_400s_naming_the_field(client, kw, param):
 
 def test_reasoning_item_whole_and_streamed(tiny_program, tmp_path_factory):
     """With deepseek_r1, an output that never closes </think> is all reasoning (the random model's is)."""
-    s = start_server(tiny_program, tmp_path_factory.mktemp("template"), reasoning_parser="deepseek_r1")
+    s = tools_server(tiny_program, tmp_path_factory.mktemp("template"), reasoning_parser="deepseek_r1")
     try:
         c = openai.OpenAI(base_url=s.url + "/v1", api_key="x", max_retries=0, timeout=120)
         kw = {"model": "x", "input": "Think", "max_output_tokens": 6, "temperature": 0}

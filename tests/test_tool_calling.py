@@ -11,55 +11,27 @@ import jsonschema
 import openai
 import pytest
 
-from tests.server_util import ServerThread, tiny_config
+from tests.server_util import TOOL_DESCRIPTIONS, TOOL_PARAMETERS, ServerThread, tiny_config, tools_server
 
-WEATHER = {
-    "type": "function",
-    "function": {
-        "name": "get_weather",
-        "description": "The weather in a city.",
-        "parameters": {
-            "type": "object",
-            "properties": {
-                "city": {"type": "string", "maxLength": 12},
-                "days": {"type": "integer", "minimum": 1, "maximum": 14},
-            },
-            "required": ["city", "days"],
-            "additionalProperties": False,  # (else any other key may come too: JSON schema's default)
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": name,
+            **({"description": d} if (d := TOOL_DESCRIPTIONS.get(name)) else {}),
+            "parameters": schema,
         },
-    },
-}
-TIME = {
-    "type": "function",
-    "function": {
-        "name": "get_time",
-        "parameters": {
-            "type": "object",
-            "properties": {"zone": {"enum": ["UTC", "CET"]}},
-            "required": ["zone"],
-            "additionalProperties": False,
-        },
-    },
-}
-TOOLS = [WEATHER, TIME]
-SCHEMAS = {t["function"]["name"]: t["function"]["parameters"] for t in TOOLS}
+    }
+    for name, schema in TOOL_PARAMETERS.items()
+]
+SCHEMAS = TOOL_PARAMETERS
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
-
-
-# A template that renders the tools itself, briefly (the tiny model's context is 512 characters), and the
-# calls of earlier turns not at all (the server writes them into the content in the parser's format).
-TEMPLATE = (
-    "{% if tools %}[{{ tools | map(attribute='function.name') | join(',') }}]{% endif %}"
-    "{% for m in messages %}<{{ m.role }}>{{ m.content }}{% endfor %}<assistant>"
-)
 
 
 @pytest.fixture(scope="module")
 def llama3_server(tiny_program, tmp_path_factory):
-    template = tmp_path_factory.mktemp("template") / "tools.jinja"
-    template.write_text(TEMPLATE)
     # (the tiny char vocabulary has no newline, which hermes' format needs: llama3's JSON calls do without)
-    s = ServerThread(tiny_config(tiny_program), tool_call_parser="llama3", chat_template=str(template))
+    s = tools_server(tiny_program, tmp_path_factory.mktemp("template"), tool_call_parser="llama3")
     yield s
     s.stop()
 
