@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Annotated, Any, Literal
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
 from serve.core.engine import BadRequest, Engine, QueueFull
@@ -31,7 +31,7 @@ from . import chat, constraints
 from .body import BodyError, parse_body
 from .chat import ChatInput
 from .chat_output import ChatOutput, Parts
-from .common import Submission, collect, error_status, fan_in, field_message, sequence_events
+from .common import collect, error_status, event_stream, fan_in, field_message, sequence_events, submit
 from .metrics import access_record
 from .state import NotReady, RequestDefaults, server
 from .tool_calls import ToolCall
@@ -441,9 +441,7 @@ def add_routes(app: FastAPI) -> None:
             raise AnthropicError(e.status, str(e)) from e
         rid = f"msg_{uuid.uuid4().hex}"
         try:
-            await eng.prepare(params)  # (compiles a forced call's grammar off the loop)
-            with Submission(eng) as sub:
-                sub.add(prompt.ids, params, rid)
+            [seq] = await submit(eng, [prompt.ids], params, rid)  # (compiles a forced call's grammar off the loop)
         except QueueFull as e:
             raise AnthropicError(503, str(e), {"Retry-After": "1"}) from e
         except BadRequest as e:
@@ -451,13 +449,9 @@ def add_routes(app: FastAPI) -> None:
             raise AnthropicError(400, field_message(e, {**FIELD_NAMES, "constraint": constraint})) from e
         record = access_record()
         record.id, record.model, record.stream, record.n = rid, eng.cfg.model_name, req.stream, 1
-        job = Job(rid, req.model or eng.cfg.model_name, eng, sub.sequences[0], len(prompt.ids), output)
+        job = Job(rid, req.model or eng.cfg.model_name, eng, seq, len(prompt.ids), output)
         if req.stream:
-            return StreamingResponse(
-                _stream(job, request),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return event_stream(_stream(job, request))
         return await _collect(job, request)
 
     @app.post("/v1/messages/count_tokens")

@@ -12,6 +12,7 @@ from dataclasses import replace
 from types import TracebackType
 
 from fastapi import Request
+from fastapi.responses import StreamingResponse
 
 from serve.core.engine import BadRequest, Engine
 from serve.core.sampling import SamplingParams
@@ -20,6 +21,14 @@ from serve.core.scheduler import Event, Sequence
 from .state import SHUTDOWN_ERROR, public_message, server
 
 EventSource = Callable[[Sequence], AsyncIterator[Event]]
+
+
+# An SSE response's headers: no cache, and no buffering in a proxy (nginx), so tokens reach the client as made.
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def event_stream(events: AsyncIterator[str]) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream", headers=SSE_HEADERS)
 
 
 def cancel(seqs: Iterable[Sequence]) -> None:
@@ -80,6 +89,16 @@ class Submission:
     def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         if kind is not None:
             cancel(self.sequences)
+
+
+async def submit(engine: Engine, prompts: list[list[int]], params: SamplingParams, rid: str) -> list[Sequence]:
+    """Compile the request's constraint (off the loop: `Engine.prepare`), then queue every prompt's
+    sequences, all or none (several prompts are `rid-0`, `rid-1`, ...). BadRequest, QueueFull."""
+    await engine.prepare(params)
+    with Submission(engine) as sub:
+        for i, ids in enumerate(prompts):
+            sub.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}")
+    return sub.sequences
 
 
 async def sequence_events(seq: Sequence, request: Request) -> AsyncIterator[Event]:

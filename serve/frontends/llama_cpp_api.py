@@ -27,7 +27,7 @@ from serve.core.scheduler import Event, Sequence
 
 from . import chat, constraints
 from .chat import ChatInput
-from .common import Submission, collect, error_status, fan_in, sequence_events
+from .common import collect, error_status, fan_in, sequence_events, submit
 from .metrics import access_record
 from .openai_api import embed, piece_fn
 from .openai_protocol import ChatRequest, EmbeddingRequest, OpenAIError, parse_request
@@ -271,10 +271,7 @@ def add_routes(app: FastAPI) -> None:
         params = req.sampling(eng, state, max(len(x) for x in ids))
         rid = f"cmpl-{uuid.uuid4().hex}"
         try:
-            await eng.prepare(params)
-            with Submission(eng) as sub:
-                for i, x in enumerate(ids):
-                    sub.add(x, params, rid if len(ids) == 1 else f"{rid}-{i}")
+            seqs = await submit(eng, ids, params, rid)
         except QueueFull as e:
             raise OpenAIError(503, str(e), "unavailable_error", code=503, headers={"Retry-After": "1"}) from e
         except BadRequest as e:
@@ -283,7 +280,7 @@ def add_routes(app: FastAPI) -> None:
         record.id, record.model, record.stream = rid, eng.cfg.model_name, req.stream
         now = time.perf_counter()
         texts = [p if isinstance(p, str) else eng.tokenizer.decode(x) for p, x in zip(prompts, ids)]
-        runs = [Run(i, s, t, now) for i, (s, t) in enumerate(zip(sub.sequences, texts))]
+        runs = [Run(i, s, t, now) for i, (s, t) in enumerate(zip(seqs, texts))]
         if req.stream:
             return StreamingResponse(_stream(runs, req, params, eng, request), media_type="text/event-stream")
         piece = piece_fn(eng)

@@ -14,7 +14,7 @@ from typing import Any, cast
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 
 from serve.core.engine import BadRequest, Engine, QueueFull
 from serve.core.sampling import MAX_TOKENS_LIMIT, SamplingParams
@@ -23,7 +23,7 @@ from serve.core.scheduler import Event
 from . import chat
 from .chat import ChatInput
 from .chat_output import ChatOutput
-from .common import Submission, collect, error_status, fan_in, sequence_events
+from .common import Submission, collect, error_status, event_stream, fan_in, sequence_events, submit
 from .metrics import access_record
 from .openai_protocol import (
     ChatRequest,
@@ -304,10 +304,7 @@ async def _run(
     """`constraint_field`: the request field that gave `params.constraint` (errors name it)."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
     try:
-        await eng.prepare(params)
-        with Submission(eng) as sub:
-            for i, ids in enumerate(prompts):
-                sub.add(ids, params, rid if len(prompts) == 1 else f"{rid}-{i}")
+        seqs = await submit(eng, prompts, params, rid)
     except QueueFull as e:
         raise _queue_full(e) from e
     except BadRequest as e:
@@ -316,7 +313,6 @@ async def _run(
     record = access_record()
     record.id, record.model, record.user, record.stream, record.n = rid, model, req.user, bool(req.stream), params.n
     end_ids = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eng.eos_ids))
-    seqs = sub.sequences
     piece = piece_fn(eng)
     job = Job(
         chat=chat,
@@ -335,11 +331,7 @@ async def _run(
     for c, text in zip(job.choices, job.echo):
         c.offset = len(text)
     if req.stream:
-        return StreamingResponse(
-            _stream(job, request),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_stream(_stream(job, request))
     return await _collect(job, request)
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
 from serve.core.engine import BadRequest, QueueFull
@@ -29,7 +29,7 @@ from serve.core.scheduler import Event, Sequence
 from . import chat, constraints
 from .chat import ChatInput
 from .chat_output import ChatOutput, Parts
-from .common import Submission, collect, error_status, fan_in, field_message, sequence_events
+from .common import collect, error_status, event_stream, fan_in, field_message, sequence_events, submit
 from .metrics import access_record
 from .openai_protocol import OpenAIError, parse_request
 from .state import NotReady, server
@@ -102,9 +102,7 @@ def add_routes(app: FastAPI) -> None:
         constraint_field = "tool_choice" if prompt.tools.forced is not None else given and given[0]
         rid = f"resp_{uuid.uuid4().hex}"
         try:
-            await eng.prepare(params)
-            with Submission(eng) as sub:
-                seq = sub.add(prompt.ids, params, rid)[0]
+            [seq] = await submit(eng, [prompt.ids], params, rid)
         except QueueFull as e:
             raise OpenAIError(503, str(e), type="server_error", code="queue_full", headers={"Retry-After": "1"}) from e
         except BadRequest as e:
@@ -115,11 +113,7 @@ def add_routes(app: FastAPI) -> None:
         record.id, record.model, record.user, record.stream, record.n = rid, eng.cfg.model_name, req.user, req.stream, 1
         turn = Turn(rid, eng.cfg.model_name, req, seq, output)
         if req.stream:
-            return StreamingResponse(
-                _stream(turn, request),
-                media_type="text/event-stream",
-                headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-            )
+            return event_stream(_stream(turn, request))
         return await _collect(turn, request)
 
 

@@ -37,7 +37,7 @@ from serve.core.scheduler import Event, Sequence
 
 from . import constraints
 from .body import BodyError, parse_body
-from .common import Submission, cancel, collect, error_status, field_message, sequence_events
+from .common import cancel, collect, error_status, event_stream, field_message, sequence_events, submit
 from .generate import validation_message
 from .metrics import access_record
 from .state import NotReady, server
@@ -244,9 +244,7 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
     size = len(req.text_input) + sum(len(w) for w in _words(req.bad_words))
     try:
         params, ids = await off_loop(lambda: (req.sampling(eng), prompt_ids(eng, req.text_input)), size)
-        await eng.prepare(params)
-        with Submission(eng) as sub:
-            seq = sub.add(ids, params, rid)[0]
+        [seq] = await submit(eng, [ids], params, rid)
     except QueueFull as e:
         raise TritonError(503, str(e), {"Retry-After": "1"}) from e
     except BadRequest as e:
@@ -262,11 +260,7 @@ async def _generate(request: Request, eng: Engine, name: str, version: str | Non
         "sequence_start": False,
     }
     if streaming:
-        return StreamingResponse(
-            _stream(seq, request, head, req),
-            media_type="text/event-stream",
-            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
-        )
+        return event_stream(_stream(seq, request, head, req))
     body = await _collect(seq, request, head, req)
     if sse:
         return StreamingResponse(iter([_data(body)]), media_type="text/event-stream")
