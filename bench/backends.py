@@ -1,6 +1,6 @@
 """One streamed request per backend, timed the way vLLM's and SGLang's serving benchmarks time them.
 
-Backends (always streaming, greedy):
+Backends (always streaming; greedy unless `temperature` is given):
 - generate: POST /generate {"text", "sampling_params": {"max_completion_tokens", "temperature": 0,
   "ignore_eos"}, "stream": true}. Our server answers `data: {"text": <new text>, "meta_info":
   {"completion_tokens", "prompt_tokens", ...}}` events (exact counts); shortfin answers
@@ -68,9 +68,10 @@ class Backend:
 
     name = ""
 
-    def __init__(self, base_url: str, model: str | None = None) -> None:
+    def __init__(self, base_url: str, model: str | None = None, temperature: float = 0.0) -> None:
         self.base_url = base_url.rstrip("/")
         self.model = model
+        self.temperature = temperature  # 0: greedy
 
     async def prepare(self, client: httpx.AsyncClient) -> None:
         """Once before the run (the OpenAI backend asks /v1/models for the model name)."""
@@ -122,7 +123,7 @@ class GenerateBackend(Backend):
         return f"{self.base_url}/generate"
 
     def payload(self, prompt: str, max_tokens: int, ignore_eos: bool, schema: dict | None = None) -> dict[str, Any]:
-        params = {"max_completion_tokens": max_tokens, "temperature": 0, "ignore_eos": ignore_eos}
+        params = {"max_completion_tokens": max_tokens, "temperature": self.temperature, "ignore_eos": ignore_eos}
         if schema is not None:
             params["json_schema"] = json.dumps(schema)
         return {"text": prompt, "stream": True, "sampling_params": params}
@@ -168,7 +169,7 @@ class OpenAIBackend(Backend):
             "model": self.model,
             "prompt": prompt,
             "max_tokens": max_tokens,
-            "temperature": 0,
+            "temperature": self.temperature,
             "stream": True,
             "stream_options": {"include_usage": True},
         }
@@ -212,7 +213,7 @@ class TritonBackend(Backend):
         body: dict[str, Any] = {
             "text_input": prompt,
             "max_tokens": max_tokens,
-            "temperature": 0.0,
+            "temperature": float(self.temperature),
             "stream": True,
             "bad_words": "",
             "stop_words": "",

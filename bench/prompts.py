@@ -1,11 +1,23 @@
-"""The benchmark's prompts: synthetic ones of `input_len` tokens (random words from a fixed seed, cut to
-length with a token counter when there is one), or a file (JSON lines with "prompt", else one per line)."""
+"""The benchmark's prompts, by workload (`--workload`), or a file (JSON lines with "prompt", else one per line):
+
+- synthetic: random words (from a fixed seed) cut to `input_len` tokens with a token counter when there is one;
+- grounded: a real document (a source file of this repository) and the request to copy it, as raw completion
+  text, about `input_len` tokens in all: the output is in the input (what prompt-lookup speculation wins on);
+- chat: one of CHAT_QUESTIONS (open questions and writing tasks) in a plain "User: ... / Assistant:" exchange
+  after one of CHAT_SYSTEMS: the output is not in the input. Their own lengths (`input_len` is not used).
+
+Each request's `input_len` is drawn from a list of lengths (`length_mix`), seeded, so that two runs of a
+comparison get the same sequence."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import random
+import re
+from collections import Counter
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,17 +78,220 @@ async def synthetic_prompt(rng: random.Random, input_len: int, counter: TokenCou
     return best
 
 
-async def synthetic_prompts(n: int, input_len: int, seed: int | str, counter: TokenCounter | None) -> list[Prompt]:
-    """n distinct prompts (they differ from their first word, so prefix caching does not hide prefill);
-    the same seed gives the same prompts."""
-    rngs = [random.Random(f"{seed}-{i}") for i in range(n)]
+async def synthetic_prompts(
+    n: int, input_len: int | Sequence[int], seed: int | str, counter: TokenCounter | None
+) -> list[Prompt]:
+    """n distinct prompts (they differ from their first word, so prefix caching does not hide prefill) of
+    `input_len` tokens, or of `input_len[i]` tokens for the i-th; the same seed gives the same prompts."""
+    lengths = [input_len] * n if isinstance(input_len, int) else list(input_len)
+    if len(lengths) != n:
+        raise ValueError(f"{n} prompts, {len(lengths)} lengths")
+    return await _gather(
+        [lambda i=i: synthetic_prompt(random.Random(f"{seed}-{i}"), lengths[i], counter) for i in range(n)]
+    )
+
+
+async def _gather(makers: list[Callable[[], Awaitable[Prompt]]]) -> list[Prompt]:
+    """Run the prompt makers (each may ask the server's /tokenize) at most 16 at once, in order."""
     limit = asyncio.Semaphore(16)
 
-    async def one(rng: random.Random) -> Prompt:
+    async def one(make: Callable[[], Awaitable[Prompt]]) -> Prompt:
         async with limit:
-            return await synthetic_prompt(rng, input_len, counter)
+            return await make()
 
-    return list(await asyncio.gather(*(one(r) for r in rngs)))
+    return list(await asyncio.gather(*(one(m) for m in makers)))
+
+
+def parse_lengths(spec: str) -> list[int]:
+    """`--input-len`: one length, or a comma-separated list to draw each request's from ("32,1024"; a length
+    listed twice is drawn twice as often)."""
+    try:
+        lengths = [int(part) for part in spec.split(",")]
+    except ValueError:
+        raise ValueError(f"{spec!r}: expected a length in tokens, or a comma-separated list of them") from None
+    if not lengths or min(lengths) < 1:
+        raise ValueError(f"{spec!r}: lengths must be positive")
+    return lengths
+
+
+def length_mix(lengths: Sequence[int], n: int, seed: int | str) -> list[int]:
+    """The n requests' lengths: the list repeated to n and shuffled (seeded), so that every listed length is
+    used as often as the others (give or take one) when n is at least the list's length."""
+    if len(set(lengths)) == 1:
+        return [lengths[0]] * n
+    pool = list(lengths) * math.ceil(n / len(lengths))
+    random.Random(f"lengths-{seed}").shuffle(pool)
+    return pool[:n]
+
+
+def describe_lengths(lengths: Sequence[int]) -> str:
+    """ "32 x32, 1024 x32": each length and how many requests have it."""
+    return ", ".join(f"{length} x{k}" for length, k in sorted(Counter(lengths).items()))
+
+
+WORKLOADS = ("synthetic", "grounded", "chat")
+
+
+async def workload_prompts(
+    workload: str, lengths: Sequence[int], seed: int | str, counter: TokenCounter | None
+) -> list[Prompt]:
+    """One prompt per entry of `lengths` (each request's length in tokens; chat: only their number counts)."""
+    if workload == "synthetic":
+        return await synthetic_prompts(len(lengths), lengths, seed, counter)
+    if workload == "grounded":
+        return await grounded_prompts(lengths, seed, counter)
+    if workload == "chat":
+        return await chat_prompts(len(lengths), seed, counter)
+    raise ValueError(f"unknown workload {workload!r} (one of {', '.join(WORKLOADS)})")
+
+
+async def _count(text: str, counter: TokenCounter | None) -> int:
+    """Tokens in `text`: the counter's, else an estimate of CHARS_PER_TOKEN characters a token."""
+    if counter is None:
+        return math.ceil(len(text) / CHARS_PER_TOKEN)
+    return len(await counter.encode(text))
+
+
+# grounded: the documents are this repository's Python sources (sorted, so that a seed picks the same ones on
+# every machine with the same tree; they change with the code, so compare runs made on one tree)
+ROOT = Path(__file__).resolve().parents[1]
+DOCUMENT_GLOBS = ("models/*.py", "serve/**/*.py", "export/*.py", "compile/*.py", "sharding/*.py", "bench/*.py")
+CHARS_PER_TOKEN = 4  # without a token counter
+MIN_DOCUMENT_CHARS = 2000
+
+
+def documents(root: Path = ROOT) -> list[tuple[str, str]]:
+    """(path relative to `root`, text) of the grounded workload's documents: Python sources of at least
+    MIN_DOCUMENT_CHARS characters, none generated (protobuf stubs) and none holding a Markdown fence (which
+    would end the prompt's own)."""
+    paths = sorted({p for pattern in DOCUMENT_GLOBS for p in root.glob(pattern) if "_pb2" not in p.name})
+    docs = []
+    for p in paths:
+        text = p.read_text(encoding="utf-8", errors="replace")
+        if len(text) >= MIN_DOCUMENT_CHARS and "```" not in text:
+            docs.append((p.relative_to(root).as_posix(), text))
+    return docs
+
+
+def grounded_text(path: str, body: str) -> str:
+    """The grounded prompt: the document in a fence, then the start of its copy, as raw completion text (a base
+    or instruct model alike continues by copying)."""
+    return f"Here is the file {path}.\n```python\n{body}\n```\nThe same file, copied exactly:\n```python\n"
+
+
+async def grounded_prompt(
+    rng: random.Random, path: str, text: str, input_len: int, counter: TokenCounter | None
+) -> Prompt:
+    """The document from a line drawn at random (one that leaves enough of it when it is long), cut at a line
+    end to the most whole lines whose prompt is at most `input_len` tokens (at least one line)."""
+    need = CHARS_PER_TOKEN * input_len
+    starts = [0] + [m.end() for m in re.finditer("\n", text) if len(text) - m.end() >= need]
+    start = rng.choice(starts)
+    lines = text[start : start + 3 * need].splitlines()[: 2 * input_len] or [""]  # enough: a line is a token or more
+
+    async def size(k: int) -> int:
+        return await _count(grounded_text(path, "\n".join(lines[:k])), counter)
+
+    lo, hi = 1, len(lines)  # the largest k with size(k) <= input_len (sizes grow with k), 1 if none
+    if await size(hi) <= input_len:
+        lo = hi
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if await size(mid) <= input_len:
+            lo = mid
+        else:
+            hi = mid - 1
+    prompt = grounded_text(path, "\n".join(lines[:lo]))
+    return Prompt(prompt, None if counter is None else await _count(prompt, counter))
+
+
+async def grounded_prompts(
+    lengths: Sequence[int], seed: int | str, counter: TokenCounter | None, root: Path = ROOT
+) -> list[Prompt]:
+    """One grounded prompt per length: each request takes, of the documents long enough for its length (about
+    CHARS_PER_TOKEN characters a token; all when none is), the least used so far, the first in a seeded order
+    of ties; each from its own seeded start (a document met again starts at another line)."""
+    docs = documents(root)
+    if not docs:
+        raise ValueError(f"grounded workload: no documents under {root} ({', '.join(DOCUMENT_GLOBS)})")
+    order = random.Random(f"grounded-{seed}").sample(docs, len(docs))
+    uses: Counter[str] = Counter()
+    picks = []
+    for length in lengths:
+        path, text = min([d for d in order if len(d[1]) >= CHARS_PER_TOKEN * length] or order, key=lambda d: uses[d[0]])
+        uses[path] += 1
+        picks.append((path, text))
+
+    def maker(i: int) -> Callable[[], Awaitable[Prompt]]:
+        path, text = picks[i]
+        return lambda: grounded_prompt(random.Random(f"grounded-{seed}-{i}"), path, text, lengths[i], counter)
+
+    return await _gather([maker(i) for i in range(len(lengths))])
+
+
+# chat: free-form requests whose answer is not in the prompt
+CHAT_SYSTEMS = [
+    "A conversation between a curious user and a helpful assistant.",
+    "The assistant answers clearly and in some detail.",
+    "A chat with a friendly, knowledgeable assistant.",
+    "The following is a conversation with an AI assistant that explains things well.",
+    "A user asks questions; the assistant gives thoughtful, complete answers.",
+    "Transcript of a helpful assistant talking with a user.",
+]
+CHAT_QUESTIONS = [
+    "Why is the sky blue?",
+    "Write a short story about a lighthouse keeper who finds a message in a bottle.",
+    "What are the main causes of inflation, and how do central banks respond to it?",
+    "Explain how a bicycle stays upright when it moves.",
+    "Give me some tips for learning a new language as an adult.",
+    "Write a poem about the first snow of winter.",
+    "What was life like in ancient Rome for an ordinary family?",
+    "How do vaccines train the immune system?",
+    "Describe a perfect weekend in the mountains.",
+    "What is the difference between weather and climate?",
+    "Write a letter to a friend you have not seen in ten years.",
+    "How does a refrigerator keep food cold?",
+    "What should I think about before adopting a dog?",
+    "Explain the rules of chess to a beginner.",
+    "Why do we dream, according to current research?",
+    "Plan a three-day trip to Kyoto for someone who loves food and gardens.",
+    "What makes a good leader?",
+    "Describe how bread rises and why kneading matters.",
+    "Write a dialogue between a cat and a robot vacuum.",
+    "How did the printing press change Europe?",
+    "What are black holes, and how do we know they exist?",
+    "Give advice to someone starting their first job.",
+    "Explain why the seasons change during the year.",
+    "Write a product description for a solar-powered backpack.",
+    "What are the pros and cons of working from home?",
+    "How do bees make honey?",
+    "Tell me about the history of the Olympic Games.",
+    "Describe the water cycle in simple terms.",
+    "What would a city designed for pedestrians look like?",
+    "Write a speech for the opening of a small town library.",
+]
+
+
+def chat_text(system: str, question: str) -> str:
+    return f"{system}\n\nUser: {question}\nAssistant:"
+
+
+async def chat_prompts(n: int, seed: int | str, counter: TokenCounter | None) -> list[Prompt]:
+    """n chat prompts: the questions in a seeded order, each time after another system line, so that the first
+    len(CHAT_SYSTEMS) * len(CHAT_QUESTIONS) (180) are distinct; later ones repeat them."""
+    questions = list(CHAT_QUESTIONS)
+    random.Random(f"chat-{seed}").shuffle(questions)
+    texts = []
+    for i in range(n):
+        rnd, k = divmod(i % (len(CHAT_SYSTEMS) * len(questions)), len(questions))
+        texts.append(chat_text(CHAT_SYSTEMS[(rnd + k) % len(CHAT_SYSTEMS)], questions[k]))
+    if counter is None:
+        return [Prompt(t, None) for t in texts]
+
+    async def counted(t: str) -> Prompt:
+        return Prompt(t, await _count(t, counter))
+
+    return await _gather([lambda t=t: counted(t) for t in texts])
 
 
 def read_prompts_file(path: str | Path) -> list[str]:

@@ -1,11 +1,16 @@
 """`python -m bench.serving`: the online serving benchmark, `vllm bench serve` / `sglang.bench_serving` style.
 
     python -m bench.serving --url http://127.0.0.1:8000 --backend generate|openai|triton \\
-        --num-prompts 100 [--concurrency 8] [--request-rate 4] --input-len 512 --output-len 128 \\
-        [--prompts-file prompts.jsonl] [--ignore-eos] [--json out.json]
+        --num-prompts 100 [--concurrency 8] [--request-rate 4] --input-len 512[,1024,...] --output-len 128 \\
+        [--workload synthetic|grounded|chat | --prompts-file prompts.jsonl] [--ignore-eos] [--temperature 0] \\
+        [--json out.json]
     python -m bench.serving --compare ours.json llama-cpp.json shortfin.json    # one table of several runs
 
-Requests are streamed (SSE) and greedy. They are sent all at once (the default, `--request-rate inf`)
+Workloads (bench/prompts.py): synthetic (random words, the default), grounded (copy a source file given in
+the prompt: the output is in the input) and chat (open questions: it is not). `--input-len 32,1024` draws
+each request's length from the list (seeded by --seed: both runs of a comparison get the same sequence).
+
+Requests are streamed (SSE) and greedy (`--temperature`). They are sent all at once (the default, `--request-rate inf`)
 or as a Poisson process of rate R (exponential gaps of mean 1/R, seeded); `--concurrency C` caps the
 requests in flight (a request waiting for a slot is not yet timed). One warm-up request goes first,
 outside the measurement; if it fails the run stops there (a wrong URL, backend or model). Later
@@ -38,7 +43,17 @@ import httpx
 from tqdm import tqdm
 
 from .backends import BACKENDS, Backend, RequestResult, send
-from .prompts import Prompt, file_prompts, json_schemas, synthetic_prompts
+from .prompts import (
+    WORKLOADS,
+    Prompt,
+    describe_lengths,
+    file_prompts,
+    json_schemas,
+    length_mix,
+    parse_lengths,
+    synthetic_prompts,
+    workload_prompts,
+)
 from .report import format_cell, print_table, write_json
 from .serving_metrics import TABLE_ROWS, Summary, summarize, tpot
 from .tokens import TokenCounter, find_counter
@@ -53,7 +68,7 @@ class RunConfig:
     num_prompts: int
     concurrency: int | None  # None: no cap
     request_rate: float | None  # requests/s; None: all at once ("inf")
-    input_len: int
+    input_len: list[int]  # each request's prompt length is drawn from these (one: every request's)
     output_len: int
     prompts_file: str | None
     ignore_eos: bool
@@ -61,6 +76,8 @@ class RunConfig:
     warmup: int
     tokenizer: str | None
     json_schemas: int = 0  # > 0: each request's output constrained to one of this many generated schemas
+    workload: str = "synthetic"  # bench/prompts.py WORKLOADS (unused with prompts_file)
+    temperature: float = 0.0  # 0: greedy
 
 
 @dataclass
@@ -84,10 +101,23 @@ def _client(timeout_s: float) -> httpx.AsyncClient:
     )
 
 
+def input_lengths(cfg: RunConfig) -> list[int]:
+    """Each request's prompt length (tokens), drawn from cfg.input_len, seeded."""
+    return length_mix(cfg.input_len, cfg.num_prompts, cfg.seed)
+
+
+def describe_inputs(cfg: RunConfig, prompts: list[Prompt]) -> str:
+    """The summary's input lengths: those asked for ("32 x32, 1024 x32"), or the prompts' own (file, chat)."""
+    if not cfg.prompts_file and cfg.workload != "chat":
+        return describe_lengths(input_lengths(cfg))
+    counts = [p.tokens for p in prompts if p.tokens is not None]
+    return f"{min(counts)}-{max(counts)} ({'file' if cfg.prompts_file else cfg.workload})" if counts else "-"
+
+
 async def _prompts(cfg: RunConfig, counter: TokenCounter | None) -> list[Prompt]:
     if cfg.prompts_file:
         return await file_prompts(cfg.prompts_file, cfg.num_prompts, counter)
-    return await synthetic_prompts(cfg.num_prompts, cfg.input_len, cfg.seed, counter)
+    return await workload_prompts(cfg.workload, input_lengths(cfg), cfg.seed, counter)
 
 
 async def _timed(
@@ -134,17 +164,18 @@ async def _count_tokens(results: list[RequestResult], prompts: list[Prompt], cou
 
 async def run(cfg: RunConfig, timeout_s: float = 6 * 3600, progress: bool = True) -> BenchResult:
     async with _client(timeout_s) as client:
-        backend: Backend = BACKENDS[cfg.backend](cfg.url, cfg.model)
+        backend: Backend = BACKENDS[cfg.backend](cfg.url, cfg.model, cfg.temperature)
         try:
             await backend.prepare(client)
             counter = await find_counter(client, cfg.url, cfg.tokenizer)
             prompts = await _prompts(cfg, counter)
+            # the warm-up prompt is none of the measured ones: it must not put them in the prefix cache (random
+            # words of the longest length, cut to it by the counter: uncut, a word is a token or more)
+            warm = (await synthetic_prompts(1, max(cfg.input_len), f"{cfg.seed}-warmup", counter))[0].text
         except httpx.HTTPError as e:
             raise BenchError(f"{cfg.url}: {type(e).__name__}: {e}") from e
         except (OSError, ValueError, KeyError) as e:
             raise BenchError(str(e)) from e
-        # the warm-up prompt is none of the measured ones: it must not put them in the prefix cache
-        warm = (await synthetic_prompts(1, cfg.input_len, f"{cfg.seed}-warmup", None))[0].text
         # (constrained: a schema none of the measured requests uses, so that theirs still compile in the run)
         warm_schema = json_schemas(1, f"{cfg.seed}-warmup")[0] if cfg.json_schemas else None
         for _ in range(cfg.warmup):
@@ -154,7 +185,9 @@ async def run(cfg: RunConfig, timeout_s: float = 6 * 3600, progress: bool = True
         date = datetime.now(timezone.utc).isoformat(timespec="seconds")
         results, duration = await _timed(client, backend, cfg, prompts, progress)
         await _count_tokens(results, prompts, counter)
-    return BenchResult(date=date, config=cfg, summary=summarize(results, duration), requests=results)
+    summary = summarize(results, duration)
+    summary.workload, summary.input_lens = "file" if cfg.prompts_file else cfg.workload, describe_inputs(cfg, prompts)
+    return BenchResult(date=date, config=cfg, summary=summary, requests=results)
 
 
 def table_rows(runs: list[tuple[str, Summary]]) -> list[dict[str, Any]]:
@@ -179,6 +212,13 @@ def load_run(path: str | Path) -> tuple[str, Summary]:
     known = {f.name for f in fields(Summary)}
     summary = Summary(**{k: v for k, v in d["summary"].items() if k in known})
     return d["config"].get("label") or Path(path).stem, summary
+
+
+def _lengths(spec: str) -> list[int]:
+    try:
+        return parse_lengths(spec)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -210,10 +250,24 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--request-rate", type=float, default=math.inf, help="requests/s, Poisson arrivals (default: inf, all at once)"
     )
-    p.add_argument("--input-len", type=int, default=512, help="synthetic prompts' length in tokens")
+    p.add_argument(
+        "--input-len",
+        type=_lengths,
+        default=[512],
+        help="prompts' length in tokens (synthetic, grounded), or a comma-separated list to draw each request's "
+        "from (32,1024; seeded, every listed length alike often)",
+    )
+    p.add_argument(
+        "--workload",
+        choices=WORKLOADS,
+        default="synthetic",
+        help="synthetic: random words; grounded: copy a source file given in the prompt (the output is in the "
+        "input); chat: open questions in a User/Assistant exchange (their own lengths)",
+    )
     p.add_argument("--output-len", type=int, default=128, help="max tokens to generate per request")
     p.add_argument("--prompts-file", help='JSON lines with "prompt", or one prompt per line (cycled to --num-prompts)')
     p.add_argument("--ignore-eos", action="store_true", help="generate --output-len tokens whatever the model says")
+    p.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0: greedy)")
     p.add_argument(
         "--json-schemas",
         type=int,
@@ -227,7 +281,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="tokenizer.json (or its folder) for token counts the server does not give "
         "(default: the server's POST /tokenize when it has one)",
     )
-    p.add_argument("--seed", type=int, default=0, help="seeds the synthetic prompts and the arrival times")
+    p.add_argument("--seed", type=int, default=0, help="seeds the prompts, their lengths' order and the arrival times")
     p.add_argument("--warmup", type=int, default=1, help="untimed requests first (0: none)")
     p.add_argument("--timeout", type=float, default=6 * 3600, help="seconds per request")
     p.add_argument("--label", help="this run's name in tables (default: backend and host)")
@@ -236,8 +290,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--compare", nargs="+", metavar="JSON", help="print one table of earlier runs' JSON files and exit")
     args = p.parse_args(argv)
     if args.compare is None:
-        if args.num_prompts < 1 or args.output_len < 1 or args.input_len < 1:
-            p.error("--num-prompts, --input-len and --output-len must be positive")
+        if args.num_prompts < 1 or args.output_len < 1:
+            p.error("--num-prompts and --output-len must be positive")
+        if args.prompts_file and args.workload != "synthetic":
+            p.error("--prompts-file and --workload: one or the other")
+        if args.temperature < 0:
+            p.error("--temperature must be 0 (greedy) or more")
         if args.concurrency is not None and args.concurrency < 1:
             p.error("--concurrency must be positive")
         if not args.request_rate > 0:
@@ -262,6 +320,8 @@ def config_from(args: argparse.Namespace) -> RunConfig:
         warmup=args.warmup,
         tokenizer=args.tokenizer,
         json_schemas=args.json_schemas,
+        workload=args.workload,
+        temperature=args.temperature,
     )
 
 
@@ -274,8 +334,11 @@ def main(argv: list[str] | None = None) -> int:
     rate = "inf" if cfg.request_rate is None else format_cell(cfg.request_rate)
     print(
         f"{cfg.backend} at {cfg.url}: {cfg.num_prompts} prompts, request rate {rate}/s, "
-        f"concurrency {cfg.concurrency or 'uncapped'}, output {cfg.output_len} tokens"
-        f"{' (EOS ignored)' if cfg.ignore_eos else ''}",
+        f"concurrency {cfg.concurrency or 'uncapped'}, "
+        + (f"prompts from {cfg.prompts_file}" if cfg.prompts_file else f"{cfg.workload} prompts")
+        + ("" if cfg.prompts_file or cfg.workload == "chat" else f" of {describe_lengths(input_lengths(cfg))} tokens")
+        + f", output {cfg.output_len} tokens{' (EOS ignored)' if cfg.ignore_eos else ''}"
+        + (f", temperature {format_cell(cfg.temperature)}" if cfg.temperature else ", greedy"),
         file=sys.stderr,
     )
     try:

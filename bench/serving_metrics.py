@@ -48,6 +48,8 @@ class Summary:
     output_tokens_from: str  # how output tokens were counted ("usage", "meta_info", ..., joined with "+")
     prompt_tokens_from: str  # "server", "tokenizer", "tokenize_endpoint", "unknown" (joined with "+")
     errors: dict[str, int] = field(default_factory=dict)  # error kind ("HTTP 503", "ReadTimeout", ...) -> count
+    workload: str | None = None  # the prompts: "synthetic", "grounded", "chat" or "file" (bench.serving sets it)
+    input_lens: str | None = None  # the prompt lengths asked for, "32 x32, 1024 x32" (file, chat: measured range)
 
 
 def tpot(r: RequestResult) -> float | None:
@@ -118,4 +120,6 @@ TABLE_ROWS: list[tuple[str, str]] = [
     ],
     ("Output tokens counted by", "output_tokens_from"),
     ("Prompt tokens counted by", "prompt_tokens_from"),
+    ("Workload", "workload"),
+    ("Input lengths (tokens)", "input_lens"),
 ]

@@ -1,4 +1,5 @@
-"""bench/serving.py (`python -m bench.serving`) against the tiny model's server, one run per backend."""
+"""bench/serving.py (`python -m bench.serving`) against the tiny model's server, one run per backend; its workloads
+and input-length mix also against a fake server (httpx.MockTransport)."""
 
 import asyncio
 import json
@@ -254,3 +255,196 @@ def test_table_format():
         "| TTFT (ms) | 1.23 |     - |",
         "| n         |    2 |     3 |",
     ]
+
+
+# --- workloads and the input-length mix (no model: a fake server over httpx.MockTransport) ---
+
+
+class ChunkTokenizer:
+    """A fake tokenizer: a token is 4 characters (the last may be fewer), each distinct chunk its own id."""
+
+    name = "tokenize_endpoint"
+
+    def __init__(self) -> None:
+        self.ids: dict[str, int] = {}
+        self.chunks: list[str] = []
+
+    def encode_now(self, text: str) -> list[int]:
+        out = []
+        for i in range(0, len(text), 4):
+            piece = text[i : i + 4]
+            if piece not in self.ids:
+                self.ids[piece] = len(self.chunks)
+                self.chunks.append(piece)
+            out.append(self.ids[piece])
+        return out
+
+    async def encode(self, text: str) -> list[int]:
+        return self.encode_now(text)
+
+    async def decode(self, ids: list[int]) -> str:
+        return "".join(self.chunks[i] for i in ids)
+
+
+class FakeOpenAI:
+    """/v1/models, /tokenize, /detokenize and a streamed /v1/completions of `max_tokens` one-letter chunks."""
+
+    def __init__(self) -> None:
+        self.tok, self.bodies = ChunkTokenizer(), []
+
+    def __call__(self, request):
+        import httpx
+
+        path = request.url.path
+        if path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "fake"}]})
+        body = json.loads(request.content)
+        if path == "/tokenize":
+            return httpx.Response(200, json={"tokens": self.tok.encode_now(body["content"])})
+        if path == "/detokenize":
+            return httpx.Response(200, json={"content": "".join(self.tok.chunks[i] for i in body["tokens"])})
+        assert path == "/v1/completions"
+        self.bodies.append(body)
+        usage = {"prompt_tokens": len(self.tok.encode_now(body["prompt"])), "completion_tokens": body["max_tokens"]}
+        events = [{"choices": [{"text": "x"}]}] * body["max_tokens"] + [{"choices": [], "usage": usage}]
+        sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+
+
+def fake_bench(monkeypatch, tmp_path, *args: str) -> tuple[FakeOpenAI, dict]:
+    import httpx
+
+    fake = FakeOpenAI()
+    monkeypatch.setattr(serving, "_client", lambda timeout_s: httpx.AsyncClient(transport=httpx.MockTransport(fake)))
+    out = tmp_path / "fake.json"
+    argv = ["--url", "http://fake", "--backend", "openai", "--disable-tqdm", "--json", str(out), *args]
+    assert serving.main(argv) == 0
+    return fake, json.loads(out.read_text())
+
+
+def lengths_of(*args: str) -> list[int]:
+    return serving.input_lengths(serving.config_from(serving.parse_args(list(args))))
+
+
+def test_input_length_mix_is_seeded():
+    mix = lengths_of("--input-len", "32,1024", "--num-prompts", "64", "--seed", "5")
+    assert mix == lengths_of("--input-len", "32,1024", "--num-prompts", "64", "--seed", "5")  # the same sequence
+    assert mix.count(32) == mix.count(1024) == 32  # each listed length, alike often
+    assert mix != lengths_of("--input-len", "32,1024", "--num-prompts", "64", "--seed", "6")
+    assert mix != sorted(mix) and mix != sorted(mix, reverse=True)  # mixed, not in blocks
+    three = lengths_of("--input-len", "8,16,16", "--num-prompts", "7")  # a length listed twice: twice as often
+    assert sorted(set(three)) == [8, 16] and three.count(16) >= 4
+    assert lengths_of("--input-len", "100", "--num-prompts", "3") == [100, 100, 100]  # one value, as before
+    for bad in ("32,", "0", "32,x"):
+        with pytest.raises(SystemExit):
+            serving.parse_args(["--input-len", bad])
+
+
+def test_input_length_mix_through_a_server(monkeypatch, tmp_path, capsys):
+    """Each request's synthetic prompt has its drawn length (calibrated with /tokenize); the summary says which."""
+    fake, result = fake_bench(
+        monkeypatch, tmp_path, "--input-len", "24,96", "--num-prompts", "8", "--output-len", "5", "--seed", "3"
+    )
+    want = lengths_of("--input-len", "24,96", "--num-prompts", "8", "--seed", "3")
+    got = [r["prompt_tokens"] for r in sorted(result["requests"], key=lambda r: r["index"])]
+    assert got == want and sorted(set(got)) == [24, 96]
+    assert result["config"]["input_len"] == [24, 96] and result["config"]["workload"] == "synthetic"
+    assert result["summary"]["input_lens"] == "24 x4, 96 x4" and result["summary"]["workload"] == "synthetic"
+    assert all(b["temperature"] == 0 for b in fake.bodies)  # greedy by default (warm-up included)
+    assert "| Input lengths (tokens)" in capsys.readouterr().out
+    _, again = fake_bench(
+        monkeypatch, tmp_path, "--input-len", "24,96", "--num-prompts", "8", "--output-len", "5", "--seed", "3"
+    )
+    assert [r["prompt_tokens"] for r in sorted(again["requests"], key=lambda r: r["index"])] == want
+
+
+@pytest.mark.parametrize("backend", ["generate", "openai", "triton"])
+def test_temperature_in_each_backend(backend):
+    from bench.backends import BACKENDS
+
+    greedy = BACKENDS[backend]("http://x", "m").payload("hi", 4, True)
+    warm = BACKENDS[backend]("http://x", "m", 0.7).payload("hi", 4, True)
+
+    def temperature(p):
+        return p["sampling_params"]["temperature"] if backend == "generate" else p["temperature"]
+
+    assert (temperature(greedy), temperature(warm)) == (0, 0.7)
+    assert serving.parse_args(["--temperature", "0.7"]).temperature == 0.7
+    assert serving.parse_args([]).temperature == 0
+
+
+def test_grounded_prompts():
+    """Each prompt: a piece of a real source file, of about the asked length, and the start of its copy."""
+    from bench.prompts import documents, workload_prompts
+
+    tok = ChunkTokenizer()
+    lengths = [256, 1024] * 6
+    prompts = asyncio.run(workload_prompts("grounded", lengths, 0, tok))
+    assert prompts == asyncio.run(workload_prompts("grounded", lengths, 0, tok))  # seeded
+    assert len({p.text for p in prompts}) == len(prompts)
+    sources = dict(documents())
+    assert len(sources) >= 12
+    paths = set()
+    for want, p in zip(lengths, prompts):
+        assert 0.9 * want <= p.tokens <= want and p.tokens == len(tok.encode_now(p.text))
+        head, rest = p.text.split("\n```python\n", 1)
+        body, tail = rest.split("\n```\n", 1)
+        assert head.startswith("Here is the file ") and tail == "The same file, copied exactly:\n```python\n"
+        path = head.removeprefix("Here is the file ").removesuffix(".")
+        assert body in sources[path] and body.strip()  # the document itself, whole lines
+        paths.add(path)
+    assert len(paths) == len(prompts)  # different files
+    other = asyncio.run(workload_prompts("grounded", lengths, 1, tok))
+    assert {p.text for p in other}.isdisjoint(p.text for p in prompts)
+    # without a token counter: cut by characters (4 a token)
+    plain = asyncio.run(workload_prompts("grounded", [512], 0, None))[0]
+    assert plain.tokens is None and 0.9 * 512 * 4 <= len(plain.text) <= 512 * 4
+
+
+def test_chat_prompts():
+    from bench.prompts import CHAT_QUESTIONS, CHAT_SYSTEMS, workload_prompts
+
+    tok = ChunkTokenizer()
+    n = len(CHAT_SYSTEMS) * len(CHAT_QUESTIONS)
+    prompts = asyncio.run(workload_prompts("chat", [512] * n, 0, tok))
+    assert len(CHAT_QUESTIONS) >= 30 and len({p.text for p in prompts}) == n  # distinct
+    assert len({p.text.split("\nUser: ")[1] for p in prompts[: len(CHAT_QUESTIONS)]}) == len(CHAT_QUESTIONS)
+    assert all(p.text.endswith("\nAssistant:") and p.tokens == len(tok.encode_now(p.text)) for p in prompts)
+    assert all(p.tokens < 64 for p in prompts)  # their own lengths: --input-len is not used
+    assert prompts == asyncio.run(workload_prompts("chat", [512] * n, 0, tok))
+    assert [p.text for p in prompts[:5]] != [p.text for p in asyncio.run(workload_prompts("chat", [1] * 5, 1, tok))]
+
+
+@pytest.mark.parametrize("workload", ["grounded", "chat"])
+def test_workload_through_a_server(monkeypatch, tmp_path, workload):
+    fake, result = fake_bench(
+        monkeypatch,
+        tmp_path,
+        *("--workload", workload, "--input-len", "200", "--num-prompts", "4", "--output-len", "3"),
+        *("--ignore-eos", "--temperature", "0"),
+    )
+    s = result["summary"]
+    assert (s["completed"], s["total_output_tokens"], s["workload"]) == (4, 12, workload)
+    measured = fake.bodies[1:]  # (the first: the warm-up)
+    assert len({b["prompt"] for b in measured}) == 4 and all(b["ignore_eos"] for b in measured)
+    if workload == "grounded":
+        assert all("copied exactly" in b["prompt"] for b in measured) and s["input_lens"] == "200 x4"
+        assert all(180 <= r["prompt_tokens"] <= 200 for r in result["requests"])
+    else:
+        assert all(b["prompt"].endswith("Assistant:") for b in measured) and s["input_lens"].endswith("(chat)")
+    with pytest.raises(SystemExit):
+        serving.parse_args(["--workload", workload, "--prompts-file", "p.txt"])
+
+
+@pytest.mark.parametrize("workload", ["grounded", "chat"])
+@pytest.mark.parametrize("backend", ["generate", "openai", "triton"])
+def test_workloads_each_backend(server, tmp_path, backend, workload):
+    """The grounded and chat prompts through the tiny model's server, every backend, EOS ignored."""
+    rc, result = bench(
+        server, tmp_path, "--backend", backend, "--workload", workload, "--input-len", "200", "--disable-tqdm"
+    )
+    s = result["summary"]
+    assert rc == 0 and (s["completed"], s["failed"], s["workload"]) == (N, 0, workload)
+    assert s["total_output_tokens"] == N * OUTPUT_LEN
+    sizes = [r["prompt_tokens"] for r in result["requests"]]
+    assert all(0 < n <= 200 for n in sizes) and (workload == "chat" or min(sizes) >= 120)  # (whole lines)
