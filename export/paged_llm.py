@@ -209,6 +209,14 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
     def _forward(m, tokens, start_positions, seq_lens, page_ids, *caches):
         return m.forward(tokens, start_positions, seq_lens, page_ids, *caches)
 
+    def _mixed(m, dec_tokens, dec_seq_lens, dec_page_ids, tokens, start_positions, seq_lens, page_ids, *caches):
+        return m.forward_mixed(
+            dec_tokens, dec_seq_lens, dec_page_ids, tokens, start_positions, seq_lens, page_ids, *caches
+        )
+
+    def _score(m, tokens, start_positions, seq_lens, page_ids, *caches):
+        return m.forward_score(tokens, start_positions, seq_lens, page_ids, *caches)
+
     def args(b: int, s: int):
         return (
             torch.zeros(b, s, dtype=i64),
@@ -236,6 +244,35 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
                 strict=False,
                 dynamic_shapes=(None, None, None, {1: cols}, cache_dims),
             )
+        # The mixed step (decode rows and one prefill chunk in one call) and all-position scoring: one dynamic
+        # trace each. The chunk's batch is static 1: the projections run over the rows of both groups flattened
+        # into one dimension, and splitting a dynamic dimension into two (batch x chunk length) back, IREE
+        # 3.13's torch lowering assumed the batch to be 1 (a runtime shape assertion). (Example sizes all
+        # differ: equal example sizes would be traced as one symbol.)
+        dbatch, dcols = Dim("dbatch", min=1, max=1024), Dim("dcols", min=1, max=1 << 14)
+        fxb.export_program(
+            _mixed,
+            name="forward_mixed",
+            args=(torch.zeros(5, 1, dtype=i64), torch.ones(5, dtype=i64), torch.ones(5, 4, dtype=i64), *args(1, 3)),
+            strict=False,
+            dynamic_shapes=(
+                {0: dbatch},
+                {0: dbatch},
+                {0: dbatch, 1: dcols},
+                {1: seq},
+                None,
+                None,
+                {1: cols},
+                cache_dims,
+            ),
+        )
+        fxb.export_program(
+            _score,
+            name="forward_score",
+            args=args(2, 3),
+            strict=False,
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, cache_dims),
+        )
         for b in static_prefill:
             fxb.export_program(
                 _forward,
@@ -267,22 +304,33 @@ _TRACED_RE = re.compile(r"^(\s*)func\.func @(forward\w*)\((.*)\) -> \((.*)\) (at
 
 @dataclass
 class _Traced:
-    """One traced forward's signature: its argument and result types."""
+    """One traced forward's signature: its argument and result types (the KV caches last in both)."""
 
     name: str
-    tokens: str
-    start: str
-    lens: str
-    pages: str
-    logits: str
-    hidden: str
-    caches: list[str]
+    args: list[str]
+    results: list[str]
+
+
+# Each entry point's parameters in its own order: (name, index of the traced function's argument it feeds).
+# decode takes shortfin's order, seq_lens before start_positions.
+_PREFILL_PARAMS = [("tokens", 0), ("start_positions", 1), ("seq_lens", 2), ("page_ids", 3)]
+_DECODE_PARAMS = [("tokens", 0), ("seq_lens", 2), ("start_positions", 1), ("page_ids", 3)]
+_MIXED_PARAMS = [
+    ("dec_tokens", 0),
+    ("dec_seq_lens", 1),
+    ("dec_page_ids", 2),
+    ("tokens", 3),
+    ("start_positions", 4),
+    ("seq_lens", 5),
+    ("page_ids", 6),
+]
 
 
 def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: int | None, pages: int) -> str:
-    """Add public prefill_bs{N} / decode_bs{N} / embed_bs{N} (the ABI in models/abi.py) around the traced
-    `forward` (and `forward_prefill_bs{N}` / `forward_decode_bs{N}` where traced); embed_bs{N} is prefill
-    returning every position's hidden states instead of the logits.
+    """Add the public entry points (the ABI in models/abi.py) around the traced functions: prefill_bs{N} /
+    decode_bs{N} / embed_bs{N} around `forward` (or `forward_prefill_bs{N}` / `forward_decode_bs{N}` where
+    traced; embed_bs{N} is prefill returning every position's hidden states instead of the logits), and
+    `mixed` / `score` around `forward_mixed` / `forward_score` where traced.
 
     The KV cache lives in the module, a mutable global of `pages` pages: each entry point loads it, calls
     the traced function and stores the new cache. IREE updates a global in place; a cache passed as a
@@ -294,56 +342,48 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
     for m in _TRACED_RE.finditer(mlir):
         ind = m.group(1)
         args = [a.split(": ", 1)[1] for a in re.split(r", (?=%arg)", m.group(3))]
-        logits, hidden, *caches = [t.strip() for t in re.split(r", (?=!torch)", m.group(4))]
-        traced[m.group(2)] = _Traced(m.group(2), *args[:4], logits, hidden, caches)
+        results = [t.strip() for t in re.split(r", (?=!torch)", m.group(4))]
+        traced[m.group(2)] = _Traced(m.group(2), args, results)
     if "forward" not in traced:
         raise RuntimeError("traced module has no @forward function")
-    t_vcache = traced["forward"].caches[0]
-    tp = len(traced["forward"].caches)  # one KV-cache slab per device, each device's the same shape
+    # one KV-cache slab per device, each device's the same shape: what `forward` returns after logits, hidden
+    tp = len(traced["forward"].results) - 2
+    t_vcache = traced["forward"].results[2]
     elems, dtype = re.fullmatch(r"!torch\.vtensor<\[\?,(\d+)\],(\w+)>", t_vcache).groups()
     dtype = dtype.removeprefix("s")  # torch's si32 is the builtin i32 (a packed 16-bit cache)
     zero = "0" if dtype.startswith("i") else "0.0"
     t_global, t_dyn = f"tensor<{pages}x{elems}x{dtype}>", f"tensor<?x{elems}x{dtype}>"
     cache_args = ", ".join(f"%c{r}" for r in range(tp))
 
-    def body(name: str, fn: _Traced) -> list[str]:
-        caches = ", ".join(fn.caches)
-        call_types = (
-            f"({fn.tokens}, {fn.start}, {fn.lens}, {fn.pages}, {caches}) -> ({fn.logits}, {fn.hidden}, {caches})"
-        )
-        if name.startswith("decode"):  # shortfin's order: seq_lens before start_positions
-            params = f"%tokens: {fn.tokens}, %seq_lens: {fn.lens}, %start_positions: {fn.start}, "
-        else:
-            params = f"%tokens: {fn.tokens}, %start_positions: {fn.start}, %seq_lens: {fn.lens}, "
-        params += f"%page_ids: {fn.pages}"
-        ret_types, tail = fn.logits, [f"{ind}  return %r#0 : {fn.logits}"]
-        if name.startswith("embed"):
-            ret_types, tail = fn.hidden, [f"{ind}  return %r#1 : {fn.hidden}"]
+    def body(name: str, fn: _Traced, params: list[tuple[str, int]], result: int) -> list[str]:
+        n_in, n_out = len(fn.args) - tp, len(fn.results) - tp
+        call_types = f"({', '.join(fn.args)}) -> ({', '.join(fn.results)})"
+        ret_types, tail = fn.results[result], [f"{ind}  return %r#{result} : {fn.results[result]}"]
         if name.startswith("decode") and top_k:
-            rows = re.match(r"!torch\.vtensor<\[(\?|\d+),", fn.logits).group(1)
+            rows = re.match(r"!torch\.vtensor<\[(\?|\d+),", fn.results[0]).group(1)
             ret_types = f"!torch.vtensor<[{rows},{top_k}],f32>, !torch.vtensor<[{rows},{top_k}],si64>"
             tail = [
                 f"{ind}  %k = torch.constant.int {top_k}",
                 f"{ind}  %dim = torch.constant.int -1",
                 f"{ind}  %true = torch.constant.bool true",
-                f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {fn.logits}, !torch.int, "
+                f"{ind}  %v, %i = torch.aten.topk %r#0, %k, %dim, %true, %true : {fn.results[0]}, !torch.int, "
                 f"!torch.int, !torch.bool, !torch.bool -> {ret_types}",
                 f"{ind}  return %v, %i : {ret_types}",
             ]
-        lines = [f"{ind}func.func @{name}({params}) -> ({ret_types}) {{"]
+        signature = ", ".join(f"%{p}: {fn.args[i]}" for p, i in params)
+        lines = [f"{ind}func.func @{name}({signature}) -> ({ret_types}) {{"]
         for r in range(tp):
             lines += [
                 f"{ind}  %g{r} = util.global.load @{_cache_global(r)} : {t_global}",
                 f"{ind}  %gd{r} = tensor.cast %g{r} : {t_global} to {t_dyn}",
                 f"{ind}  %c{r} = torch_c.from_builtin_tensor %gd{r} : {t_dyn} -> {t_vcache}",
             ]
-        lines.append(
-            f"{ind}  %r:{2 + tp} = func.call @{fn.name}(%tokens, %start_positions, %seq_lens, "
-            f"%page_ids, {cache_args}) : {call_types}"
-        )
+        inputs = ", ".join(f"%{p}" for p, _ in sorted(params, key=lambda p: p[1]))
+        assert len(params) == n_in
+        lines.append(f"{ind}  %r:{n_out + tp} = func.call @{fn.name}({inputs}, {cache_args}) : {call_types}")
         for r in range(tp):
             lines += [
-                f"{ind}  %n{r} = torch_c.to_builtin_tensor %r#{2 + r} : {t_vcache} -> {t_dyn}",
+                f"{ind}  %n{r} = torch_c.to_builtin_tensor %r#{n_out + r} : {t_vcache} -> {t_dyn}",
                 f"{ind}  %ns{r} = tensor.cast %n{r} : {t_dyn} to {t_global}",
                 f"{ind}  util.global.store %ns{r}, @{_cache_global(r)} : {t_global}",
             ]
@@ -360,10 +400,14 @@ def entry_points(mlir: str, prefill_bs: list[int], decode_bs: list[int], top_k: 
             f"{ind}}}",
         ]
     for bs in prefill_bs:
-        out += body(f"prefill_bs{bs}", traced.get(f"forward_prefill_bs{bs}", traced["forward"]))
-        out += body(f"embed_bs{bs}", traced["forward"])
+        out += body(f"prefill_bs{bs}", traced.get(f"forward_prefill_bs{bs}", traced["forward"]), _PREFILL_PARAMS, 0)
+        out += body(f"embed_bs{bs}", traced["forward"], _PREFILL_PARAMS, 1)
     for bs in decode_bs:
-        out += body(f"decode_bs{bs}", traced.get(f"forward_decode_bs{bs}", traced["forward"]))
+        out += body(f"decode_bs{bs}", traced.get(f"forward_decode_bs{bs}", traced["forward"]), _DECODE_PARAMS, 0)
+    if "forward_mixed" in traced:
+        out += body("mixed", traced["forward_mixed"], _MIXED_PARAMS, 0)
+    if "forward_score" in traced:
+        out += body("score", traced["forward_score"], _PREFILL_PARAMS, 0)
     for name in traced:
         mlir = re.sub(rf"func\.func @{name}\(", f"func.func private @{name}(", mlir, count=1)
     end = [x.start() for x in re.finditer(r"^}$", mlir, re.M)][-1]  # the module's closing brace
@@ -514,6 +558,8 @@ def main(argv=None) -> int:
         attention_head_count=c.num_heads,
         hidden_size=c.hidden_size,
         has_embed=True,
+        has_mixed=True,
+        has_score=True,
         tensor_parallelism_size=tp,
         parameter_files=[p.name for p in param_files],
         bos_token_id=tok_info.bos_id if tok_info else None,

@@ -7,6 +7,13 @@ Entry points, for each exported batch size N (all integer tensors are int64):
      or, exported with top_k=K: (values[N,K] f32, indices[N,K] i64)
   embed_bs{N}(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P]) -> hidden[N,S,H]
      prefill (it fills the cache too) returning every position's final-normed hidden states
+  mixed(dec_tokens[Bd,1], dec_seq_lens[Bd], dec_page_ids[Bd,Pd], tokens[1,S], start_positions[1],
+        seq_lens[1], page_ids[1,P]) -> logits[Bd+1,V]
+     one step of decode (one token per row, at dec_seq_lens - 1) and one prefill chunk (as prefill's) in one
+     call: each decode row's logits, then the chunk's last position's (full rows even with top_k); Bd, Pd,
+     S and P dynamic
+  score(tokens[N,S], start_positions[N], seq_lens[N], page_ids[N,P]) -> logits[N,S,V]
+     prefill returning every position's logits (speculative verification, prompt logprobs); dynamic
   read_kv_cache() -> [device_block_count, E] (a copy, for tests and debugging; with tensor parallelism
      also read_kv_cache_{r}() for device r's slab)
 (shortfin's argument order, less the cache.) Positions start_positions[b] .. seq_lens[b]-1 are new; in
@@ -60,6 +67,8 @@ class ModelABI:
     add_bos_token: bool = False
     hidden_size: int = 0
     has_embed: bool = False  # embed_bs{N} exported for each prefill batch size
+    has_mixed: bool = False  # mixed exported (one call for a step's decode and prefill)
+    has_score: bool = False  # score exported (every position's logits)
     tensor_parallelism_size: int = 1  # > 1: one program over that many devices (one KV slab on each)
     parameter_files: list[str] = field(default_factory=list)  # next to config.json: model.irpa [+ rank files]
     tokenizer_files: list[str] = field(default_factory=list)

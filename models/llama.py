@@ -57,6 +57,17 @@ def _to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+def _cat(ts: list[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """torch.cat, but one tensor is itself (no copy op in the traced graph)."""
+    return ts[0] if len(ts) == 1 else torch.cat(ts, dim)
+
+
+def _last(h: torch.Tensor, start_positions: torch.Tensor, seq_lens: torch.Tensor) -> torch.Tensor:
+    """Each sequence's last position in this call: h [B, S, hidden] -> [B, hidden]."""
+    last = torch.clamp(seq_lens - start_positions - 1, 0, h.shape[1] - 1)
+    return torch.gather(h, 1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
+
+
 def _f32(t: torch.Tensor) -> torch.Tensor:
     return _to(t, torch.float32)
 
@@ -143,20 +154,32 @@ class Block(nn.Module):
         self.attn_output = linear("attn_output", c.num_heads * c.head_dim, c.hidden_size)
         self.ffn_down = linear("ffn_down", c.intermediate_size, c.hidden_size)
 
-    def attention(self, x, layer: int, cache, cos, sin, write_rows, read_pages, mask, last_visible):
+    def attention(self, x, layer: int, cache, lays: list[tuple]):
         """-> (the attention sublayer's output (before the residual add), the cache with this call's K/V).
-        With a head-sharded config (models.tp.shard_config) this is one rank's partial sum."""
+        With a head-sharded config (models.tp.shard_config) this is one rank's partial sum.
+
+        `lays`: one layout (PagedLlama._layout) per group of sequences. One group: x is [B, S, hidden]. Several
+        (a mixed step): x is [1, N, hidden], the groups' rows one after another, each group's [B, S] rows
+        flattened; the projections run once over all N rows and attention per group over its own pages."""
         c = self.c
-        B, S, _ = x.shape
         h = self.attn_norm(x)
         if self.fused:
             q, k, v = self.attn_qkv(h).split(self.qkv_split, -1)
         else:
             hq = quantized_input(h, self.attn_q, self.attn_k, self.attn_v)
             q, k, v = (_project(p, h, hq) for p in (self.attn_q, self.attn_k, self.attn_v))
-        q = apply_rope(q.view(B, S, c.num_heads, c.head_dim), cos, sin)
-        k = apply_rope(k.view(B, S, c.num_kv_heads, c.head_dim), cos, sin)
-        v = v.view(B, S, c.num_kv_heads, c.head_dim)
+        shapes = [tuple(x.shape[:2])] if len(lays) == 1 else [tuple(lay[2].shape) for lay in lays]
+        groups, at = [], 0
+        for (B, S), (cos, sin, *_) in zip(shapes, lays):
+            qg, kg, vg = (q, k, v) if len(lays) == 1 else (t[:, at : at + B * S] for t in (q, k, v))
+            at = at + B * S
+            groups.append(
+                (
+                    apply_rope(qg.reshape(B, S, c.num_heads, c.head_dim), cos, sin),
+                    apply_rope(kg.reshape(B, S, c.num_kv_heads, c.head_dim), cos, sin),
+                    vg.reshape(B, S, c.num_kv_heads, c.head_dim),
+                )
+            )
 
         # Write this call's K and V through the page table, then read the whole context back.
         # A bfloat16 or float16 cache is stored as int32 words of two values (PagedLlama.cache_dtype): the
@@ -169,19 +192,34 @@ class Block(nn.Module):
         #  width as -1, and the rows reshaped before any cast or bitcast: with an explicit width, or packed
         #  with integer ops before the reshape, IREE 3.13 scattered a dynamic-batch prefill's bfloat16 rows
         #  wrongly (tests/test_export.py bfloat16 test). Two scatters: IREE 3.13 miscompiled one scatter of
-        #  the concatenated K and V rows.)
-        k_rows = write_rows.reshape(B * S) + (2 * layer) * stride
+        #  the concatenated K and V rows. All groups' rows go in the same two scatters.)
+        k_rows = _cat([lay[2].reshape(B * S) for (B, S), lay in zip(shapes, lays)]) + (2 * layer) * stride
         shape = cache.shape
-        k_new, v_new = (_to(t.reshape(B * S, -1), self.kv_dtype) for t in (k, v))
+        k_new, v_new = (
+            _cat([_to(g[i].reshape(B * S, -1), self.kv_dtype) for (B, S), g in zip(shapes, groups)]) for i in (1, 2)
+        )
         if packed:
             k_new, v_new = k_new.view(torch.int32), v_new.view(torch.int32)
         cache = cache.view(-1, kv_width).index_put((k_rows,), k_new)
         cache = cache.index_put((k_rows + stride,), v_new).view(shape)
+        outs = [self._attend(g[0], layer, cache, lay, x.dtype) for g, lay in zip(groups, lays)]
+        attn = outs[0] if len(outs) == 1 else torch.cat([o.reshape(1, -1, o.shape[-1]) for o in outs], 1)
+        return self.attn_output(attn), cache
+
+    def _attend(self, q, layer: int, cache, lay: tuple, dtype: torch.dtype):
+        """One group's attention output [B, S, heads * head_dim] in `dtype`: queries q [B, S, H, D] (roped)
+        over the pages of each sequence, this call's K/V already written."""
+        c = self.c
+        B, S = q.shape[:2]
+        _, _, _, read_pages, mask, last_visible = lay
+        packed = cache.dtype == torch.int32
+        kv_width = c.num_kv_heads * c.head_dim // (2 if packed else 1)
+        stride = cache.shape[1] // (c.num_layers * 2 * kv_width)
         k_pages = read_pages + 2 * layer
         if self.cpu_attention:  # (models.paged_attention: reads the pages where they are)
             rows = cache.view(-1, stride * kv_width)
             attn = paged_attention.attend(q, rows, k_pages, last_visible, c, self.kv_dtype, self.cpu_attention)
-            return self.attn_output(_to(attn.reshape(B, S, c.num_heads * c.head_dim), x.dtype)), cache
+            return _to(attn.reshape(B, S, c.num_heads * c.head_dim), dtype)
         # Whole pages as rows of a 2-D view (models.page_gather: contiguous row copies; in the full model
         # they stay dispatches of their own). With a unit head dimension in the probs x V sum (one KV head;
         # or one query head a KV head at batch 1) IREE 3.13 fails to compile the V gather, or a 16-bit
@@ -209,10 +247,17 @@ class Block(nn.Module):
             # element may be statically non-positive" at B * KV = 16 or 48.)
             qh = _f32(q).view(B, KV, rep, 1, D)
             scores = (qh * _f32(keys).permute(0, 2, 1, 3).unsqueeze(2)).sum(-1).unsqueeze(3) * (D**-0.5)
-            scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
+            if isinstance(B, int):
+                scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
+            else:
+                # A dynamic batch (the mixed step's decode rows): with an i1 mask in this dispatch IREE 3.13's
+                # data tiling fails to compile (MQA: "'linalg.pack' op expected padding_value has 'i8' but got:
+                # 'i1'"). An additive bias from integer arithmetic has no i1: 0 where visible, -1e30 past it.
+                past = torch.clamp(torch.arange(T).view(1, -1) - last_visible.view(-1, 1), 0, 1)
+                scores = scores + (past.float() * -1e30).view(B, 1, 1, 1, T)
             probs = _softmax(scores).view(B, KV, rep, T, 1)
             attn = (probs * _f32(vals).permute(0, 2, 1, 3).unsqueeze(2)).sum(3).view(B, KV, rep, 1, D)
-            if not self.fused and B > 1:
+            if not self.fused and (not isinstance(B, int) or B > 1):
                 # With data tiling IREE 3.13 fuses the output projection's input packing (set_encoding)
                 # into this sum, which then runs many times slower. An identity gather of the rows keeps
                 # them apart. (W8A8 quantises the input first: no such fusion.)
@@ -226,8 +271,7 @@ class Block(nn.Module):
             scores = scores.masked_fill(mask, torch.finfo(torch.float32).min)
             probs = _softmax(scores).view(B * KV, rep * S, T)
             attn = torch.bmm(probs, vg).view(B, KV, rep, S, D)
-        attn = _to(attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * D), x.dtype)
-        return self.attn_output(attn), cache
+        return _to(attn.permute(0, 3, 1, 2, 4).reshape(B, S, c.num_heads * D), dtype)
 
     def feed_forward(self, x):
         """The FFN sublayer's output (before the residual add); a rank's partial sum when sharded."""
@@ -412,35 +456,61 @@ class PagedLlama(nn.Module):
         Functional (the cache is threaded through the blocks and returned); the exported entry points
         store the new cache in the program's KV-cache global(s) and return the output they need.
         """
-        h, caches = self._blocks(tokens, start_positions, seq_lens, page_ids, list(caches))
-        last = torch.clamp(seq_lens - start_positions - 1, 0, tokens.shape[1] - 1)
-        h_last = torch.gather(h, 1, last.view(-1, 1, 1).expand(-1, 1, h.shape[-1])).squeeze(1)
-        return self.logits(h_last), h, *caches
+        h, caches = self._blocks([(tokens, start_positions, seq_lens, page_ids)], list(caches))
+        return self.logits(_last(h, start_positions, seq_lens)), h, *caches
 
-    def _blocks(self, tokens, start_positions, seq_lens, page_ids, caches: list):
-        """-> (final-normed hidden states [B, S, hidden], the updated caches).
+    def forward_mixed(
+        self, dec_tokens, dec_seq_lens, dec_page_ids, tokens, start_positions, seq_lens, page_ids, *caches
+    ):
+        """One step of decode and prefill together: dec_tokens [Bd, 1] at positions dec_seq_lens - 1, and the
+        chunks tokens [Bp, S] as `forward` takes them (the exported program: Bp = 1, export.paged_llm). ->
+        (logits [Bd + Bp, V]: each decode token's, then each chunk's last position's, the updated cache(s)).
+
+        The weight layers run once over the Bd + Bp * S rows; attention runs per group (decode's one-token
+        path, prefill's chunk path), so a prefill chunk no longer stops the decoding sequences for a call
+        of its own."""
+        groups = [
+            (dec_tokens, dec_seq_lens - 1, dec_seq_lens, dec_page_ids),
+            (tokens, start_positions, seq_lens, page_ids),
+        ]
+        h, caches = self._blocks(groups, list(caches))
+        rows = dec_tokens.shape[0]
+        h_dec = h[0, :rows]
+        h_pre = h[0, rows:].reshape(tokens.shape[0], tokens.shape[1], -1)
+        return self.logits(torch.cat([h_dec, _last(h_pre, start_positions, seq_lens)])), *caches
+
+    def forward_score(self, tokens, start_positions, seq_lens, page_ids, *caches):
+        """`forward` returning every position's logits [B, S, V] (speculative verification, prompt
+        logprobs), and the updated cache(s)."""
+        h, caches = self._blocks([(tokens, start_positions, seq_lens, page_ids)], list(caches))
+        return self.logits(h), *caches
+
+    def _blocks(self, groups: list[tuple], caches: list):
+        """-> (final-normed hidden states, the updated caches). `groups`: (tokens [B, S], start_positions,
+        seq_lens, page_ids) each; one group gives [B, S, hidden], several [1, N, hidden]: every group's
+        rows, flattened, one group after another (Block.attention).
 
         With tp > 1 every rank keeps a replica of the residual stream on its device; each sublayer's
         partial outputs are all-reduced (models.tp.all_reduce) before the residual add."""
+        tokens = _cat([g[0].reshape(1, -1) for g in groups], 1) if len(groups) > 1 else groups[0][0]
         if isinstance(self.token_embd, QLinear):
             x = _to(self.token_embd.lookup(tokens), self.dtype)
         else:
             x = self.token_embd(tokens)
-        inputs = (tokens, start_positions, seq_lens, page_ids)
         if self.tp == 1:
-            ranks, lays, xs = [self], [self._layout(*inputs)], [x]
+            ranks, lays, xs = [self], [[self._layout(*g) for g in groups]], [x]
         else:
             from .tp import all_reduce, to_device
 
             ranks = list(self.rank)
             # Each device derives the layout from its own copy of the inputs: IREE 3.13 mis-sized the
             # transfer of a derived index tensor (only its first row arrived).
-            lays = [self._layout(*[to_device(r, t) for t in inputs]) for r in range(self.tp)]
+            lays = [[self._layout(*[to_device(r, t) for t in g]) for g in groups] for r in range(self.tp)]
             xs = [to_device(r, x) for r in range(self.tp)]
         for i in range(self.config.num_layers):
             parts = []
             for r, rank in enumerate(ranks):
-                out, caches[r] = rank.blk[i].attention(xs[r], i, caches[r], *lays[r])
+                out, caches[r] = rank.blk[i].attention(xs[r], i, caches[r], lays[r])
                 parts.append(out)
             xs = [x + p for x, p in zip(xs, parts if self.tp == 1 else all_reduce(parts))]
             parts = [rank.blk[i].feed_forward(x) for rank, x in zip(ranks, xs)]
@@ -476,16 +546,17 @@ class PagedLlama(nn.Module):
 
     # Eager entry points with the exported programs' in-place cache semantics (`cache`: a tensor, or with
     # tp > 1 the list of slabs from allocate_cache).
-    def _run(self, tokens, start_positions, seq_lens, page_ids, cache):
+    def _run(self, fn, inputs: tuple, cache):
+        """fn(*inputs, *caches) -> (*outputs, *new caches); copies the new caches into `cache`."""
         caches = cache if isinstance(cache, list) else [cache]
-        logits, h, *new = self.forward(tokens, start_positions, seq_lens, page_ids, *caches)
-        for c, n in zip(caches, new):
+        (*out,) = fn(*inputs, *caches)
+        for c, n in zip(caches, out[len(out) - len(caches) :]):
             c.copy_(n)
-        return logits, h
+        return out[: len(out) - len(caches)]
 
     def hidden_states(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Final-normed hidden states [B, S, hidden] of every position (updates `cache`)."""
-        return self._run(tokens, start_positions, seq_lens, page_ids, cache)[1]
+        return self._run(self.forward, (tokens, start_positions, seq_lens, page_ids), cache)[1]
 
     def logits(self, h: torch.Tensor) -> torch.Tensor:
         if self.output is not None:
@@ -496,8 +567,17 @@ class PagedLlama(nn.Module):
 
     def prefill(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
         """Logits [B, vocab] of each sequence's last position in this chunk (updates `cache`)."""
-        return self._run(tokens, start_positions, seq_lens, page_ids, cache)[0]
+        return self._run(self.forward, (tokens, start_positions, seq_lens, page_ids), cache)[0]
 
     def decode(self, tokens, seq_lens, page_ids, cache) -> torch.Tensor:
         """One new token per sequence (at position seq_lens - 1): logits [B, vocab] (updates `cache`)."""
         return self.prefill(tokens, seq_lens - 1, seq_lens, page_ids, cache)
+
+    def score(self, tokens, start_positions, seq_lens, page_ids, cache) -> torch.Tensor:
+        """prefill returning every position's logits [B, S, vocab] (updates `cache`)."""
+        return self._run(self.forward_score, (tokens, start_positions, seq_lens, page_ids), cache)[0]
+
+    def mixed(self, dec_tokens, dec_seq_lens, dec_page_ids, tokens, start_positions, seq_lens, page_ids, cache):
+        """decode and prefill in one call (forward_mixed): logits [Bd + Bp, vocab] (updates `cache`)."""
+        inputs = (dec_tokens, dec_seq_lens, dec_page_ids, tokens, start_positions, seq_lens, page_ids)
+        return self._run(self.forward_mixed, inputs, cache)[0]

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from .core.engine import Engine, EngineConfig
+from .core.speculative import SpecConfig
 from .flags import parse_args
 from .frontends.app import Report, create_app
 from .frontends.http_server import Server
@@ -63,6 +64,8 @@ def engine_loader(args: argparse.Namespace) -> Callable[[Report], Engine]:
             pooling=args.pooling,
             max_context=args.ctx_size,
             threads=args.threads,
+            mixed_step=args.mixed_step,
+            speculative=SpecConfig(num_tokens=args.num_speculative_tokens) if args.speculative == "ngram" else None,
             model_name=args.model_name or (Path(source).stem if source else Path(model_config).parent.name),
         )
         report("loading the model", None)

@@ -10,6 +10,7 @@ from typing import Any
 from models.abi import QUANTIZATIONS
 
 from .core.scheduler import PREFILL_CHUNK
+from .core.speculative import SpecConfig
 
 # Other servers' spellings of our flags -> our flag's name (its argparse dest). Each is accepted on the
 # command line (--ALIAS) and as a --config key: shortfin's flags and ppl.llm.serving's config keys.
@@ -91,6 +92,26 @@ def _parser(suppress_defaults: bool = False) -> argparse.ArgumentParser:
         help="refuse requests asking for more completion tokens (default: the context length)",
     )
     flag("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    flag(
+        "--mixed-step",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="run a step's decode tokens and prefill chunks in one program call (--no-mixed-step: separate "
+        "calls, every prefill chunk then stalls the decoding streams)",
+    )
+    flag(
+        "--speculative",
+        choices=["ngram", "off"],
+        default="ngram",
+        help="speculative decoding with prompt-lookup drafts (n-grams of the prompt and output so far), "
+        f"verified in one call; only in steps that decode at most {SpecConfig.max_batch} sequences and prefill none",
+    )
+    flag(
+        "--num-speculative-tokens",
+        type=int,
+        default=SpecConfig.num_tokens,
+        help="drafted tokens per step at most (--speculative ngram)",
+    )
     flag("--model-name", default=None, help="the name /v1/models lists (default: the export folder's)")
     flag(
         "--chat-template",
@@ -199,6 +220,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("give --vmfb, --parameters and --model-config together (or none of them for the default model)")
     if bool(args.ssl_keyfile) != bool(args.ssl_certfile):
         p.error("give --ssl-keyfile and --ssl-certfile together")
+    if not 1 <= args.num_speculative_tokens <= 16:
+        p.error(f"--num-speculative-tokens must be in [1, 16], got {args.num_speculative_tokens}")
     if args.api_key_file:
         try:
             from_file = [k.strip() for k in args.api_key_file.read_text().splitlines() if k.strip()]

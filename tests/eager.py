@@ -54,7 +54,9 @@ def program_vs_eager(
 ) -> tuple[float, float]:
     """Two prompts of `lens` tokens (random ids < 128) prefilled as one ragged batch in two chunks (split at
     `split`) over the page rows `pages` [2, P], then `steps` decode steps at batch 4 (two padding rows) and
-    one at batch 1, through a serve.core.runner.Runner and the eager model (`cache`, its pages) ->
+    one at batch 1, through a serve.core.runner.Runner and the eager model (`cache`, its pages); then two mixed
+    steps (`mixed`: both sequences' next token, a padding row between, and a third prompt's two chunks over
+    pages no row uses, the second step with one decode row) and a `score` of three positions at once ->
     (largest |program - eager| logit difference, largest |eager logit|)."""
     g = torch.Generator().manual_seed(seed)
     prompts = [torch.randint(0, 128, (n,), generator=g).tolist() for n in lens]
@@ -82,4 +84,27 @@ def program_vs_eager(
         toks, dlens = np.array([9]), np.array([lens[1] + steps + 1])
         got = runner.decode(toks, dlens, pages[1:]).logits
         compare(got, model.decode(torch.tensor(toks).view(-1, 1), torch.tensor(dlens), torch.tensor(pages[1:]), cache))
+
+        stride = runner.abi.block_seq_stride
+        third = torch.randint(0, 128, (2 * stride + 3,), generator=g).tolist()
+        free = sorted(set(range(1, runner.page_count)) - set(pages.flatten().tolist()))
+        assert len(free) >= 3, "the mixed step's prompt needs 3 pages that no row uses"
+        tpages = np.array([free[-3:][::-1]])  # (scattered: descending)
+        seq_lens = [lens[0] + steps + 1, lens[1] + steps + 2]
+        for dec_rows, (first, last) in [([0, None, 1], (0, stride + 1)), ([1], (stride + 1, len(third)))]:
+            dtoks = np.array([0 if r is None else 30 + r for r in dec_rows])
+            dl = np.array([0 if r is None else seq_lens[r] for r in dec_rows])
+            dp = np.stack([zeros if r is None else pages[r] for r in dec_rows])
+            args = (dtoks, dl, dp, np.array([third[first:last]]), np.array([first]), np.array([last]), tpages)
+            got = runner.mixed(*args)
+            want = model.mixed(torch.tensor(dtoks).view(-1, 1), *(torch.tensor(a) for a in args[1:]), cache)
+            live = [i for i, r in enumerate(dec_rows) if r is not None] + [len(dec_rows)]
+            compare(got[live], want[live])
+            for r in dec_rows:
+                if r is not None:
+                    seq_lens[r] += 1
+        # three positions of sequence 0 at once, as a speculative step verifies a draft
+        start = seq_lens[0] - 1
+        args = (np.array([[7, 8, 9]]), np.array([start]), np.array([start + 3]), pages[:1])
+        compare(runner.score(*args)[0], model.score(*(torch.tensor(a) for a in args), cache)[0])
     return worst, scale

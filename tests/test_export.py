@@ -12,7 +12,7 @@ from models.abi import ModelABI
 from models.llama import DTYPES, PagedLlama
 from models.weights import load_weights
 from serve.core.runner import Runner
-from tests.eager import compiled_greedy, padded
+from tests.eager import compiled_greedy, padded, program_vs_eager
 
 STRIDE = 8
 
@@ -188,6 +188,17 @@ def test_embed_returns_every_position_hidden_state_and_fills_the_cache(f32_progr
     _check_cache(runner, cache, 1e-4)
 
 
+def test_mixed_step_and_score_equal_eager(f32_program):
+    """Ragged prefill, decode at batch 4 and 1, then two mixed steps (decode rows with a padding row and a new
+    prompt's chunks in one call) and a three-position score (tests.eager.program_vs_eager) equal the eager
+    model. (Other variants: the kernel, kept-quantization and W8A8 program tests run the same comparison.)"""
+    runner, model, cache = _pair(f32_program, pages=24)
+    pages = np.array([[5, 9, 2, 11], [12, 3, 7, 14]])
+    worst, scale = program_vs_eager(runner, model, cache, [13, 22], pages, split=8, steps=2)
+    assert worst <= 1e-4, (worst, scale)
+    _check_cache(runner, cache, 1e-4)
+
+
 @pytest.mark.parametrize(
     "variant,kv", [("gqa", "bfloat16"), ("mqa", "bfloat16"), ("gqa", "float16"), ("mha", "float16"), ("mqa", "float16")]
 )
@@ -247,6 +258,12 @@ def test_f16_with_on_device_top_k(f16_topk_program):
     # the i-th index is eager's i-th token, or one whose eager logit ties with it (within 2e-3)
     eager_at_idx = ref[0].float().numpy()[idx]
     assert np.all((idx == ref_idx) | (np.abs(eager_at_idx - ref_vals) <= 2e-3))
+    # mixed and score return full logits rows with on-device top-k too
+    mixed = runner.mixed(np.array([nxt]), np.array([len(prompt) + 1]), np.array([[3, 6, 1]]), *args)
+    scored = runner.score(*args)
+    assert mixed.shape == (2, 128) and scored.shape == (1, len(padded(prompt, STRIDE)), 128)
+    assert np.abs(mixed[0] - ref[0].float().numpy()).max() <= 2e-2
+    assert np.abs(mixed[1] - want[0]).max() <= 2e-2 and np.abs(scored[0, len(prompt) - 1] - want[0]).max() <= 2e-2
     _check_cache(runner, cache, 2e-2)
 
 

@@ -235,3 +235,43 @@ def test_validate_names_the_field_and_range(field, value, words):
     with pytest.raises(ValueError) as err:
         SamplingParams(**{field: value}).validate(V)
     assert field in str(err.value) and words in str(err.value)
+
+
+# chi-square critical values at p = 0.001 by degrees of freedom
+CHI2_999 = {2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 7: 24.32}
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.0),
+        SamplingParams(temperature=0.7, top_k=4),
+        SamplingParams(temperature=1.3, top_p=0.8),
+        SamplingParams(temperature=1.0, min_p=0.1, repetition_penalty=1.3),
+    ],
+    ids=["plain", "top_k", "top_p", "min_p+penalty"],
+)
+@pytest.mark.parametrize("draft", [0, 3, 7])  # the likeliest token, a middling one, one the filters may drop
+def test_speculative_sampling_keeps_the_distribution(params, draft):
+    """sample_draft's accept-or-resample rule gives each token the probability `sample` gives it (chi-square
+    over 8 tokens, 6000 draws each), whichever token is drafted; and it accepts the draft at rate p(draft)."""
+    logits = np.log(np.array([0.3, 0.2, 0.15, 0.12, 0.1, 0.06, 0.04, 0.03], np.float32))
+    plain = draws(params, logits, 6000, seed=1)
+    s = Sampler(params, [2, 5], seed=2)
+    spec, accepted = zip(*((t.token_id, ok) for t, ok in (s.sample_draft(logits, draft) for _ in range(6000))))
+    want = np.bincount(plain, minlength=8) / 6000
+    got = np.bincount(spec, minlength=8)
+    ok = want > 0
+    assert set(np.flatnonzero(got)) <= set(np.flatnonzero(ok))  # nothing the filters drop
+    expected = want[ok] * 6000
+    chi2 = float((((got[ok] - expected) ** 2) / expected).sum())
+    assert chi2 < CHI2_999[int(ok.sum()) - 1] * 2  # (both sides are samples: twice the one-sample bound)
+    assert abs(np.mean(accepted) - want[draft]) < 0.03
+
+
+def test_greedy_draft_is_the_argmax():
+    logits = np.array([0.1, 2.0, 0.5], np.float32)
+    s = Sampler(SamplingParams(temperature=0.0), [])
+    assert s.sample_draft(logits, 1) == (s.sample(logits), True)
+    t, ok = s.sample_draft(logits, 2)
+    assert (t.token_id, ok) == (1, False)

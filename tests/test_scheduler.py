@@ -22,6 +22,7 @@ from serve.core.kv_pages import PagePool
 from serve.core.runner import DecodeOut
 from serve.core.sampling import Sampler, SamplingParams
 from serve.core.scheduler import Scheduler, Sequence
+from serve.core.speculative import SpecConfig
 from tests.tiny import char_tokenizer
 
 VOCAB = 24  # ids 3.. are characters of the char tokenizer; 2 is EOS (about one token in 24)
@@ -39,6 +40,9 @@ class FakeABI:
     max_seq_len: int
     prefill_batch_sizes: list[int]
     decode_batch_sizes: list[int]
+    has_mixed: bool = True
+    has_score: bool = True
+    top_k: int | None = None
 
 
 class FakeModel:
@@ -76,6 +80,21 @@ class FakeModel:
             out[j] = self._logits(pages[j], lens[j])
         return DecodeOut(logits=out)
 
+    def mixed(self, dec_tokens, dec_lens, dec_pages, tokens, start, lens, pages) -> np.ndarray:
+        assert len(tokens) == 1, "the mixed program takes one prefill chunk"
+        return np.concatenate(
+            [self.decode(dec_tokens, dec_lens, dec_pages).logits, self.prefill(tokens, start, lens, pages)]
+        )
+
+    def score(self, tokens: np.ndarray, start: np.ndarray, lens: np.ndarray, pages: np.ndarray) -> np.ndarray:
+        out = np.zeros((*tokens.shape, VOCAB), np.float32)
+        for j in np.flatnonzero(lens):
+            for pos in range(start[j], lens[j]):
+                self.cache[self._slot(pages[j], pos)] = tokens[j, pos - start[j]]
+            for pos in range(start[j], lens[j]):
+                out[j, pos - start[j]] = self._logits(pages[j], pos + 1)
+        return out
+
 
 @dataclass
 class Request:
@@ -99,6 +118,8 @@ class World:
     decode_batch_sizes: list[int]
     max_seq_len: int
     requests: list[Request]
+    mixed_step: bool = True
+    speculative: SpecConfig | None = None
 
 
 @st.composite
@@ -126,6 +147,10 @@ def worlds(draw) -> World:
         prefill_batch_sizes=draw(st.sampled_from([[1], [1, 4]])),
         decode_batch_sizes=draw(st.sampled_from([[1], [1, 2], [1, 4, 8]])),
         max_seq_len=draw(st.sampled_from([32, 256])),
+        mixed_step=draw(st.booleans()),
+        speculative=draw(
+            st.sampled_from([None, SpecConfig(num_tokens=4, min_ngram=1), SpecConfig(num_tokens=2, max_batch=8)])
+        ),
         requests=requests,
     )
 
@@ -141,7 +166,8 @@ def step_bound(w: World) -> int:
 async def simulate(w: World) -> tuple[Scheduler, int]:
     pool = PagePool(w.pages + 1, w.page_size, w.prefix_caching)
     abi = FakeABI(w.page_size, w.max_seq_len, w.prefill_batch_sizes, w.decode_batch_sizes)
-    sched = Scheduler(FakeModel(w.pages + 1, w.page_size), pool, abi, [EOS], w.max_running, w.max_tokens_per_step)
+    model = FakeModel(w.pages + 1, w.page_size)
+    sched = Scheduler(model, pool, abi, [EOS], w.max_running, w.max_tokens_per_step, 0, w.mixed_step, w.speculative)
     bound, tick, steps = step_bound(w), 0, 0
     while tick <= max(r.arrival for r in w.requests) or sched.load:
         for r in w.requests:
@@ -222,6 +248,30 @@ def test_livelock_under_pressure_with_prefix_caching():
     check(w, sched)
     assert all(len(r.seq.output_ids) == 400 for r in w.requests if r.seq)
     assert sched.counters.preemptions > 0  # the pool was short: the test exercised preemption
+
+
+def test_speculation_and_mixed_steps_under_pressure():
+    """Drafts verified under a pool short enough to preempt, beside arrivals that prefill in mixed steps: the
+    tokens are still the context's (a rejected draft's cache slots are overwritten before they are read), some
+    drafts were kept, and every page comes back (a verification's spare pages included)."""
+    rng = np.random.default_rng(1)
+    # prompts that repeat themselves: the fake model's tokens (a hash of the context) rarely do
+    w = World(
+        page_size=4,
+        pages=60,
+        prefix_caching=True,
+        max_running=4,
+        max_tokens_per_step=16,
+        prefill_batch_sizes=[1, 4],
+        decode_batch_sizes=[1, 4],
+        max_seq_len=512,
+        requests=[Request(3 * i, np.tile(rng.integers(3, VOCAB, 6), 5).tolist(), 120, True, None) for i in range(6)],
+        speculative=SpecConfig(num_tokens=4, min_ngram=1, max_batch=4),
+    )
+    sched, _ = asyncio.run(simulate(w))
+    check(w, sched)
+    c = sched.counters
+    assert c.draft_tokens > 100 and c.accepted_tokens > 0 and c.mixed_steps > 0 and c.preemptions > 0, c
 
 
 def test_a_generation_longer_than_the_pool_ends_with_length():

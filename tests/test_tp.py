@@ -148,8 +148,8 @@ def test_sharded_files_round_trip(programs, mha, tmp_path):
 
 
 def _same_outputs(one: Runner, many: Runner, tol: float = 1e-5) -> None:
-    """A ragged batch-2 prefill into pages 3 7 1 / 9 2 5, its embeddings and three batch-4 decode steps give
-    the same numbers on both runners, up to `tol` (16-page caches; the callers compare those)."""
+    """A ragged batch-2 prefill into pages 3 7 1 / 9 2 5, its embeddings, three batch-4 decode steps, a mixed step
+    and a score give the same numbers on both runners, up to `tol` (16-page caches; the callers compare those)."""
     prompts = [list(range(5, 18)), list(range(40, 62))]
     pages = np.array([[3, 7, 1], [9, 2, 5]])
     toks = np.array([padded(p, STRIDE) + [0] * (24 - len(padded(p, STRIDE))) for p in prompts])
@@ -162,6 +162,12 @@ def _same_outputs(one: Runner, many: Runner, tol: float = 1e-5) -> None:
         got, want = many.decode(np.array([7, 8, 0, 0]), lens, dpages), one.decode(np.array([7, 8, 0, 0]), lens, dpages)
         assert np.abs(got.logits[:2] - want.logits[:2]).max() <= tol
         lens[:2] += 1
+    # a mixed step (both decode rows and a new prompt into pages 11 12) and a two-position score
+    new = (np.array([list(range(70, 79))]), np.zeros(1), np.array([9]), np.array([[11, 12]]))
+    mixed = (np.array([7, 8]), lens[:2], pages, *new)
+    assert np.abs(many.mixed(*mixed) - one.mixed(*mixed)).max() <= tol
+    score = (np.array([[3, 4]]), lens[:1], lens[:1] + 2, pages[:1])
+    assert np.abs(many.score(*score) - one.score(*score)).max() <= tol
 
 
 @pytest.mark.parametrize("tp", [2, 4])

@@ -19,6 +19,7 @@ from .kv_pages import PagePool
 from .runner import Runner, set_cpu_threads
 from .sampling import ParamError, Sampler, SamplingParams
 from .scheduler import PREFILL_CHUNK, Scheduler, Sequence
+from .speculative import SpecConfig
 
 log = logging.getLogger("aotllm.engine")
 
@@ -63,6 +64,8 @@ class EngineConfig:
     pooling: str = "mean"  # embeddings: mean or last hidden state, then L2-normalised
     max_context: int | None = None  # tokens a sequence may reach, at most the program's (llama-server's -c)
     threads: int | None = None  # CPU worker threads of IREE's local-task devices (llama-server's -t)
+    mixed_step: bool = True  # a step's decode and prefill in one program call (False: separate calls)
+    speculative: SpecConfig | None = field(default_factory=SpecConfig)  # prompt-lookup drafts; None: off
 
 
 class Engine:
@@ -97,7 +100,17 @@ class Engine:
             runner = Runner(cfg.vmfb, cfg.parameters, self.abi, cfg.kv_pages, cfg.device, ids)
             pool = PagePool(runner.page_count, self.abi.block_seq_stride, cfg.prefix_caching)
             self.schedulers.append(
-                Scheduler(runner, pool, self.abi, self.eos_ids, cfg.max_running, cfg.max_tokens_per_step, ids[0])
+                Scheduler(
+                    runner,
+                    pool,
+                    self.abi,
+                    self.eos_ids,
+                    cfg.max_running,
+                    cfg.max_tokens_per_step,
+                    ids[0],
+                    cfg.mixed_step,
+                    cfg.speculative,
+                )
             )
         self._tasks: list[asyncio.Task] = []
         self.load_seconds = time.perf_counter() - t0
@@ -134,6 +147,12 @@ class Engine:
                 f"max tokens {params.max_tokens} is above this server's limit of {cap} per request", "max_tokens"
             )
         self._check_prompt(prompt_ids, params.n)
+        if params.prompt_logprobs is not None and not self.abi.has_score:
+            raise BadRequest(
+                "this model's export has no score entry point, which prompt logprobs need; re-export it with "
+                "this version of export.paged_llm",
+                "prompt_logprobs",
+            )
         constraint = params.constraint
         if constraint is not None:
             if self.abi.top_k:

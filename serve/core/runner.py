@@ -108,6 +108,39 @@ class Runner:
         )
         return _host(out).astype(np.float32, copy=False)
 
+    def mixed(
+        self,
+        dec_tokens: np.ndarray,
+        dec_seq_lens: np.ndarray,
+        dec_page_ids: np.ndarray,
+        tokens: np.ndarray,
+        start_positions: np.ndarray,
+        seq_lens: np.ndarray,
+        page_ids: np.ndarray,
+    ) -> np.ndarray:
+        """decode (one token per row) and one prefill chunk (tokens [1, S]) in one call -> logits [Bd + 1, V]: the
+        decode rows', then the chunk's last position's."""
+        if not self.abi.has_mixed:
+            raise ValueError("this export has no mixed entry point; re-export it with this version of export.paged_llm")
+        out = self._fn("mixed")(
+            _i64(dec_tokens).reshape(-1, 1),
+            _i64(dec_seq_lens),
+            _i64(dec_page_ids),
+            _i64(tokens),
+            _i64(start_positions),
+            _i64(seq_lens),
+            _i64(page_ids),
+        )
+        return _host(out)
+
+    def score(
+        self, tokens: np.ndarray, start_positions: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray
+    ) -> np.ndarray:
+        """prefill that returns every position's logits [N, S, V]."""
+        if not self.abi.has_score:
+            raise ValueError("this export has no score entry point; re-export it with this version of export.paged_llm")
+        return _host(self._fn("score")(_i64(tokens), _i64(start_positions), _i64(seq_lens), _i64(page_ids)))
+
     def decode(self, tokens: np.ndarray, seq_lens: np.ndarray, page_ids: np.ndarray) -> DecodeOut:
         """One token per sequence at position seq_lens - 1 (seq_len 0: an unused, padding slot)."""
         seq_lens = _i64(seq_lens)

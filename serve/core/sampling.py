@@ -54,6 +54,7 @@ class SamplingParams:
     ignore_eos: bool = False
     n: int = 1
     logprobs: int | None = None  # top logprobs per token (0 => only the chosen token's)
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo, vLLM's)
     constraint: Constraint | None = None  # the output must match it (core/guide.py)
     skip_special_tokens: bool = True  # special tokens add no text (vLLM's); tool-call markers may be special
 
@@ -106,6 +107,12 @@ class SamplingParams:
             self.logprobs is None or (_is_int(self.logprobs) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.logprobs!r}",
+        )
+        _check(
+            self.prompt_logprobs is None
+            or (_is_int(self.prompt_logprobs) and 0 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
+            f"prompt_logprobs must be null or an integer in [0, {MAX_LOGPROBS}], got {self.prompt_logprobs!r}",
         )
 
 
@@ -183,6 +190,35 @@ class Sampler:
         if self.guide is not None and mask is None and not self.guide.allows(pos):
             pos = self._pick(self._masked(self.apply_penalties(logits), self.guide.mask(len(logits))), logits)
         return self._finish(pos, logits, None)
+
+    def sample_draft(self, logits: np.ndarray, draft: int) -> tuple[Sampled, bool]:
+        """Verify a drafted token against the next-token logits `[V]`: -> (the token this position gets, whether
+        it is the draft). Greedy: `sample`'s token, accepted when it is the draft. Otherwise speculative
+        sampling's rule for a draft that is one token with certainty (prompt lookup): keep the draft d with
+        probability p(d) under this sampler's distribution p (penalties, constraint, temperature, top-k/p,
+        min-p applied), else draw from p without d, renormalised. Each token t then comes out with
+        probability p(d) [t = d] + (1 - p(d)) p(t) / (1 - p(d)) [t != d] = p(t): the sampled distribution is
+        unchanged (Leviathan et al. 2023). Two uniform draws where `sample` takes one: a seeded sequence is
+        reproducible, but not the same tokens as without speculation."""
+        if self.greedy:
+            sampled = self.sample(logits)
+            return sampled, sampled.token_id == draft
+        logits = np.asarray(logits, dtype=np.float32)
+        adjusted = self.apply_penalties(logits)
+        if self.guide is not None:
+            adjusted = self._masked(adjusted, self.guide.mask(len(logits)))
+        x = np.divide(adjusted, np.float32(self.params.temperature))
+        cand = self._candidates(x)
+        ids = np.arange(len(x)) if cand is None else np.sort(cand)
+        v = x[ids].astype(np.float64)
+        weights = np.exp(v - v.max())
+        at = int(np.searchsorted(ids, draft))
+        p_draft = weights[at] / weights.sum() if at < len(ids) and ids[at] == draft else 0.0
+        if self._rng.random() < p_draft:
+            return self._finish(draft, logits, None), True
+        if p_draft > 0.0:
+            weights[at] = 0.0
+        return self._finish(int(ids[_inverse_cdf(weights, self._rng.random())]), logits, None), False
 
     def _pick(self, adjusted: np.ndarray, logits: np.ndarray) -> int:
         """Greedy, or one draw (in place on `adjusted` when it is not the caller's `logits`)."""
@@ -302,15 +338,22 @@ class Sampler:
             self._seen_arr = None
         if self.params.logprobs is None:
             return Sampled(token)
-        m = float(raw.max())
-        lse = m + math.log(float(np.exp(raw - m).sum(dtype=np.float64)))
-        top: list[tuple[int, float]] = []
-        k = min(self.params.logprobs, raw.shape[0])
-        if k > 0:
-            best = _head(raw, k)
-            ids = best if token_ids is None else token_ids[best]
-            top = sorted(((int(t), float(raw[b]) - lse) for t, b in zip(ids, best)), key=lambda e: (-e[1], e[0]))[:k]
-        return Sampled(token, float(raw[pos]) - lse, top)
+        return scored(raw, pos, self.params.logprobs, token_ids)
+
+
+def scored(raw: np.ndarray, pos: int, k: int, token_ids: np.ndarray | None = None) -> Sampled:
+    """The token at `pos` of the raw logits `raw` with its logprob and the k most likely (log_softmax of `raw`;
+    `token_ids[i]` is the token of raw[i], None: i itself)."""
+    m = float(raw.max())
+    lse = m + math.log(float(np.exp(raw - m).sum(dtype=np.float64)))
+    top: list[tuple[int, float]] = []
+    k = min(k, raw.shape[0])
+    if k > 0:
+        best = _head(raw, k)
+        ids = best if token_ids is None else token_ids[best]
+        top = sorted(((int(t), float(raw[b]) - lse) for t, b in zip(ids, best)), key=lambda e: (-e[1], e[0]))[:k]
+    token = pos if token_ids is None else int(token_ids[pos])
+    return Sampled(token, float(raw[pos]) - lse, top)
 
 
 def _head(x: np.ndarray, m: int) -> np.ndarray:

@@ -1,8 +1,11 @@
 """Continuous batching on one device: page tables over a fixed pool, chunked prefill, preemption.
 
 One asyncio task per device runs `step()` in a loop. Each step decodes one token for every running
-sequence (bucketed to the compiled batch sizes) and spends a token budget on prefill for new or
-partially prefilled sequences. The device calls run in a worker thread, so HTTP keeps flowing.
+sequence and spends a token budget on prefill for new or partially prefilled sequences, in one `mixed`
+program call when both are there (the decoding sequences wait for no prefill call of its own), else in
+`decode_bs{N}` (bucketed to the compiled batch sizes) or `prefill_bs{N}`. With speculation on, a step that
+decodes few sequences and prefills none verifies prompt-lookup drafts (core.speculative) in one `score`
+call and may give a sequence several tokens. The device calls run in a worker thread, so HTTP keeps flowing.
 """
 
 from __future__ import annotations
@@ -22,7 +25,8 @@ from .detokenizer import IncrementalDetokenizer, StopMatcher
 from .guide import mask_words
 from .kv_pages import PagePool
 from .runner import Runner
-from .sampling import Sampled, Sampler, SamplingParams
+from .sampling import Sampled, Sampler, SamplingParams, scored
+from .speculative import SpecConfig, propose
 
 log = logging.getLogger("aotllm.scheduler")
 
@@ -37,6 +41,8 @@ class Event:
     finish_reason: str | None = None  # "stop" | "length" | "cancelled" | "error"
     error: str | None = None
     embedding: np.ndarray | None = None  # an embedding request's pooled, L2-normalised vector
+    # with the first token, when asked (SamplingParams.prompt_logprobs): one entry per prompt token, None for the first
+    prompt_logprobs: list[Sampled | None] | None = None
 
 
 @dataclass
@@ -58,6 +64,8 @@ class Sequence:
     pooled: np.ndarray | None = None  # running sum (mean) or last hidden state of what is prefilled
     arrival: float = field(default_factory=time.monotonic)
     order: int = field(default_factory=itertools.count().__next__)
+    draft: list[int] = field(default_factory=list)  # this step's speculative tokens (after the pending one)
+    prompt_logprobs: list[Sampled | None] = field(default_factory=lambda: [None])  # when asked: per prompt token
 
     @property
     def tokens(self) -> list[int]:
@@ -80,6 +88,9 @@ class Counters:
     steps: int = 0
     step_seconds: float = 0.0  # wall time of the steps that ran the program
     device_seconds: float = 0.0  # of which inside the program's calls (the rest is host work)
+    mixed_steps: int = 0  # steps that decoded and prefilled in one call
+    draft_tokens: int = 0  # speculative tokens verified
+    accepted_tokens: int = 0  # of which kept
 
 
 # Prefill tokens per step while sequences decode: long prompts go in chunks this size, so a decoding
@@ -103,6 +114,8 @@ class Scheduler:
         max_running: int = 16,
         max_tokens_per_step: int = PREFILL_CHUNK,
         device_index: int = 0,
+        mixed_step: bool = True,
+        speculative: SpecConfig | None = None,
     ):
         self.runner, self.pool, self.abi = runner, pool, abi
         self.page_size = abi.block_seq_stride
@@ -110,6 +123,9 @@ class Scheduler:
         self.max_running = max_running
         self.max_tokens_per_step = max(max_tokens_per_step, self.page_size)
         self.device_index = device_index
+        self.mixed_step = mixed_step and abi.has_mixed
+        # (a --top-k program's decode sampling differs from a full row's; such programs do not speculate)
+        self.speculative = speculative if abi.has_score and not abi.top_k else None
         self.waiting: list[Sequence] = []
         self.running: list[Sequence] = []
         self.counters = Counters()
@@ -156,17 +172,29 @@ class Scheduler:
             await asyncio.sleep(0)
             return
         t0 = time.perf_counter()
-        decode_out, (prefill_out, prefill_masks) = await asyncio.to_thread(self._execute, decode, prefill)
-        for seq, sampled in zip(decode, decode_out):
-            seq.computed += 1
-            self._emit(seq, sampled)
-        for (seq, end), out in zip(prefill, prefill_out):
+        decode_out, prefill_out = await asyncio.to_thread(self._execute, decode, prefill)
+        for seq, tokens in zip(decode, decode_out):
+            self.counters.draft_tokens += len(seq.draft)
+            self.counters.accepted_tokens += len(tokens) - 1
+            for sampled in tokens:  # (the pending token and the accepted drafts are now in the cache)
+                if seq.finish_reason:
+                    break
+                seq.computed += 1
+                self._emit(seq, sampled)
+            if seq.draft:  # pages that held only rejected drafts go back
+                seq.draft, keep = [], self._pages_needed(len(seq.tokens))
+                if not seq.finish_reason and len(seq.pages) > keep:
+                    self.pool.release(seq.pages[keep:])
+                    del seq.pages[keep:]
+        for (seq, end), out in zip(prefill, prefill_out.rows):
             new, seq.computed = end - seq.computed, end
             self.pool.register(seq.tokens, seq.pages, seq.computed)
+            if id(seq) in prefill_out.prompt_logprobs:
+                seq.prompt_logprobs += prefill_out.prompt_logprobs[id(seq)]
             if seq.pooling:
                 self._pool(seq, out[:new])
             elif end == seq.prefill_target and not seq.output_ids:
-                self._emit(seq, seq.sampler.sample(out, prefill_masks.get(id(seq))))
+                self._emit(seq, seq.sampler.sample(out, prefill_out.masks.get(id(seq))))
         self.counters.step_seconds += time.perf_counter() - t0
 
     # -- planning. Three invariants make the oldest sequence advance at every step, so the scheduler never
@@ -180,10 +208,30 @@ class Scheduler:
     def _plan(self) -> tuple[list[Sequence], list[tuple[Sequence, int]]]:
         self.running.sort(key=lambda s: s.order)
         decode = self._plan_decode()
+        # (the mixed program takes one chunk beside the decode rows: export.paged_llm)
         prefill = self._plan_prefill(
-            self.max_tokens_per_step if decode else max(self.max_tokens_per_step, IDLE_PREFILL_CHUNK)
+            self.max_tokens_per_step if decode else max(self.max_tokens_per_step, IDLE_PREFILL_CHUNK),
+            1 if decode and self.mixed_step else self.abi.prefill_batch_sizes[-1],
         )
-        return [s for s in decode if s in self.running], prefill  # (prefill may have preempted a decoder)
+        decode = [s for s in decode if s in self.running]  # (prefill may have preempted a decoder)
+        if self.speculative and not prefill and len(decode) <= self.speculative.max_batch:
+            self._plan_drafts(decode, self.speculative)
+        return decode, prefill
+
+    def _plan_drafts(self, decode: list[Sequence], spec: SpecConfig) -> None:
+        """Prompt-lookup drafts for the decoding sequences, with pages for them from the free pool (a draft
+        never preempts anyone: without pages there is no draft). A draft stops short of max_tokens and the
+        context, so every token a verification gives may be kept."""
+        for seq in decode:
+            if seq.sampler.needs_mask:  # (its mask would be needed at every drafted position before the call)
+                continue
+            room = min(seq.params.max_tokens - len(seq.output_ids), self.abi.max_seq_len - len(seq.tokens)) - 1
+            k = min(spec.num_tokens, room)
+            if k <= 0:
+                continue
+            draft = propose(np.asarray(seq.tokens, np.int64), k, spec.max_ngram, spec.min_ngram)
+            if draft and self._grow(seq, len(seq.tokens) + len(draft)):
+                seq.draft = draft
 
     def _pages_needed(self, n_tokens: int) -> int:
         return -(-n_tokens // self.page_size)
@@ -252,10 +300,10 @@ class Scheduler:
                 self._preempt(seq)  # the older ones hold the pool: it gives its pages to them
         return planned
 
-    def _plan_prefill(self, budget: int) -> list[tuple[Sequence, int]]:
+    def _plan_prefill(self, budget: int, max_seqs: int) -> list[tuple[Sequence, int]]:
         plan: list[tuple[Sequence, int]] = []
         for seq in [s for s in self.running if s.computed < s.prefill_target]:
-            if budget <= 0 or len(plan) == self.abi.prefill_batch_sizes[-1]:
+            if budget <= 0 or len(plan) == max_seqs:
                 break
             if seq not in self.running:
                 continue
@@ -266,14 +314,9 @@ class Scheduler:
             elif seq is self.running[0]:
                 self._out_of_pages(seq)
             # else: it keeps its pages and waits for the older ones to finish (or to preempt it)
-        while (
-            self.waiting
-            and budget > 0
-            and len(self.running) < self.max_running
-            and len(plan) < self.abi.prefill_batch_sizes[-1]
-        ):
+        while self.waiting and budget > 0 and len(self.running) < self.max_running and len(plan) < max_seqs:
             seq = self.waiting[0]
-            if not seq.pooling:  # (embeddings need every position's hidden state)
+            if not seq.pooling and seq.params.prompt_logprobs is None:  # (these need every position's output)
                 seq.pages = self.pool.match_prefix(seq.tokens[: seq.prefill_target + 1])
                 seq.computed = len(seq.pages) * self.page_size
             end = min(seq.prefill_target, seq.computed + budget)
@@ -290,11 +333,19 @@ class Scheduler:
                 budget -= end - seq.computed
         return plan
 
-    # -- device work (worker thread: reads the plan, touches no scheduler state)
+    # -- device work (worker thread: reads the plan, touches no scheduler state but the samplers)
     def _execute(
         self, decode: list[Sequence], prefill: list[tuple[Sequence, int]]
-    ) -> tuple[list[Sampled], tuple[list[np.ndarray], dict[int, np.ndarray]]]:
-        return self._decode(decode), self._prefill(prefill)
+    ) -> tuple[list[list[Sampled]], PrefillOut]:
+        """-> (each decoding sequence's tokens: one, or with a draft the accepted ones and one more; the
+        prefill's outputs)."""
+        if any(s.draft for s in decode):  # (planned only in steps without prefill)
+            return self._verify(decode), self._prefill(prefill)
+        if self.mixed_step and decode and any(_kind(s) == "logits" for s, _ in prefill):
+            self.counters.mixed_steps += 1
+            out = self._prefill(prefill, decode)
+            return [[t] for t in out.decoded], out
+        return [[t] for t in self._decode(decode)], self._prefill(prefill)
 
     def _masks(self, seqs: list[Sequence]) -> Future[np.ndarray] | None:
         """Start computing the guided sequences' next-token masks (rows of `seqs`' order) on the mask thread,
@@ -326,57 +377,94 @@ class Scheduler:
         for i in range(0, len(decode), sizes[-1]):
             group = decode[i : i + sizes[-1]]
             bs = next(b for b in sizes if b >= len(group))
-            pages = _page_table([s.pages for s in group], bs)
-            toks = np.zeros(bs, np.int64)
-            lens = np.zeros(bs, np.int64)
-            for j, s in enumerate(group):
-                toks[j], lens[j] = s.tokens[-1], len(s.tokens)
             masks = self._masks(group)
             t0 = time.perf_counter()
-            out = self.runner.decode(toks, lens, pages)
+            out = self.runner.decode(*_decode_rows(group, bs))
             self.counters.device_seconds += time.perf_counter() - t0
             rows = masks.result() if masks else None
             for j, s in enumerate(group):
                 if out.logits is not None:
-                    mask = rows[j] if rows is not None and s.sampler.needs_mask else None
-                    sampled.append(s.sampler.sample(out.logits[j], mask))
+                    sampled.append(s.sampler.sample(out.logits[j], _row(rows, j, s)))
                 else:
                     assert out.top_values is not None and out.top_indices is not None
                     sampled.append(s.sampler.sample_top_k(out.top_values[j], out.top_indices[j]))
         return sampled
 
-    def _prefill(self, prefill: list[tuple[Sequence, int]]) -> tuple[list[np.ndarray], dict[int, np.ndarray]]:
-        """Each chunk's last-position logits [V], or for an embedding its hidden states [S, H]; and the masks of
-        the guided sequences whose prompt this completes (by `id` of the sequence)."""
-        results: list[np.ndarray] = [np.empty(0)] * len(prefill)
-        masks: dict[int, np.ndarray] = {}
+    def _verify(self, decode: list[Sequence]) -> list[list[Sampled]]:
+        """One `score` call over each sequence's pending token and its draft; per sequence, the drafted tokens
+        the sampler accepts, in order, then the token of the first position it rejects (or after the last)."""
+        width = 1 + max(len(s.draft) for s in decode)
+        toks = np.zeros((len(decode), width), np.int64)
+        start, lens = np.zeros(len(decode), np.int64), np.zeros(len(decode), np.int64)
+        for j, s in enumerate(decode):
+            toks[j, : 1 + len(s.draft)] = [s.tokens[-1], *s.draft]
+            start[j], lens[j] = len(s.tokens) - 1, len(s.tokens) + len(s.draft)
+        pending = self._masks(decode)  # (a sequence that needs its mask first has no draft)
+        t0 = time.perf_counter()
+        logits = self.runner.score(toks, start, lens, _page_table([s.pages for s in decode], len(decode)))
+        self.counters.device_seconds += time.perf_counter() - t0
+        masks = pending.result() if pending is not None else None
+        out: list[list[Sampled]] = []
+        for j, s in enumerate(decode):
+            tokens: list[Sampled] = []
+            for i, draft in enumerate(s.draft):
+                sampled, accepted = s.sampler.sample_draft(logits[j, i], draft)
+                tokens.append(sampled)
+                if not accepted:
+                    break
+            else:
+                tokens.append(s.sampler.sample(logits[j, len(s.draft)], _row(masks, j, s)))
+            out.append(tokens)
+        return out
+
+    def _prefill(self, prefill: list[tuple[Sequence, int]], decode: list[Sequence] | None = None) -> PrefillOut:
+        """Each chunk's last-position logits [V], or for an embedding its hidden states [S, H]; the masks of the
+        guided sequences whose prompt this completes; the prompt logprobs of the chunks that need them. With
+        `decode`, the plain chunk (one: the plan's) goes in one `mixed` call with those sequences' decode tokens,
+        which it samples (PrefillOut.decoded)."""
+        out = PrefillOut([np.empty(0)] * len(prefill))
         sizes = self.abi.prefill_batch_sizes
-        for embed in (False, True):
-            items = [(i, s, end) for i, (s, end) in enumerate(prefill) if bool(s.pooling) == embed]
+        for kind in ("logits", "embed", "score"):
+            items = [(i, s, end) for i, (s, end) in enumerate(prefill) if _kind(s) == kind]
             for k in range(0, len(items), sizes[-1]):
                 group = items[k : k + sizes[-1]]
                 bs = next(b for b in sizes if b >= len(group))
                 # exactly the longest chunk: the program takes any length, and padding costs prefill time
                 width = max(end - s.computed for _, s, end in group)
-                toks = np.zeros((bs, width), np.int64)
-                start = np.zeros(bs, np.int64)
-                lens = np.zeros(bs, np.int64)
+                rows = len(group) if decode or kind == "score" else bs  # (mixed and score: dynamic batch)
+                toks = np.zeros((rows, width), np.int64)
+                start = np.zeros(rows, np.int64)
+                lens = np.zeros(rows, np.int64)
                 for j, (_, s, end) in enumerate(group):
                     chunk = s.tokens[s.computed : end]
                     toks[j, : len(chunk)] = chunk
                     start[j], lens[j] = s.computed, end
-                run = self.runner.embed if embed else self.runner.prefill
+                pages = _page_table([s.pages for _, s, _ in group], rows)
                 last = [s for _, s, end in group if end == s.prefill_target and not s.output_ids]
-                pending = self._masks(last)
+                pending = self._masks((decode or []) + last)
                 t0 = time.perf_counter()
-                out = run(toks, start, lens, _page_table([s.pages for _, s, _ in group], bs))
+                if decode:
+                    assert len(group) == 1, "the mixed program takes one prefill chunk"
+                    logits = self.runner.mixed(*_decode_rows(decode, len(decode)), toks, start, lens, pages)
+                    chunks = logits[len(decode) :]
+                elif kind == "score":
+                    scores = self.runner.score(toks, start, lens, pages)
+                    chunks = np.stack([scores[j, end - s.computed - 1] for j, (_, s, end) in enumerate(group)])
+                else:
+                    chunks = (self.runner.embed if kind == "embed" else self.runner.prefill)(toks, start, lens, pages)
                 self.counters.device_seconds += time.perf_counter() - t0
-                for j, (i, _, _) in enumerate(group):
-                    results[i] = out[j]
-                if pending is not None:
-                    rows = pending.result()
-                    masks.update((id(s), rows[j]) for j, s in enumerate(last) if s.sampler.needs_mask)
-        return results, masks
+                masks = pending.result() if pending is not None else None
+                if decode:
+                    out.decoded = [s.sampler.sample(logits[j], _row(masks, j, s)) for j, s in enumerate(decode)]
+                    masks = masks[len(decode) :] if masks is not None else None
+                    decode = None
+                for j, (i, s, end) in enumerate(group):
+                    out.rows[i] = chunks[j]
+                    if kind == "score":
+                        out.prompt_logprobs[id(s)] = _prompt_logprobs(s, scores[j], end)
+                if masks is not None:
+                    out.masks.update((id(s), masks[j]) for j, s in enumerate(last) if s.sampler.needs_mask)
+        return out
 
     # -- results
     def _emit(self, seq: Sequence, sampled: Sampled) -> None:
@@ -397,7 +485,8 @@ class Scheduler:
                 finish = "length"
         if finish and not stopped:
             text += self._flush_text(seq)
-        seq.events.put_nowait(Event(text=text, token_ids=[tok], logprobs=[sampled]))
+        prompt_logprobs = seq.prompt_logprobs if p.prompt_logprobs is not None and len(seq.output_ids) == 1 else None
+        seq.events.put_nowait(Event(text=text, token_ids=[tok], logprobs=[sampled], prompt_logprobs=prompt_logprobs))
         if finish:
             self._finish(seq, finish)
 
@@ -431,6 +520,45 @@ class Scheduler:
         if seq.finish_reason is None:
             seq.finish_reason = reason
             seq.events.put_nowait(Event(finish_reason=reason, error=error))
+
+
+@dataclass
+class PrefillOut:
+    """What a step's prefill gives back (Scheduler._prefill), by the plan's order and by `id` of the sequence."""
+
+    rows: list[np.ndarray]  # each chunk's last-position logits [V], or an embedding chunk's hidden states [S, H]
+    masks: dict[int, np.ndarray] = field(default_factory=dict)  # guided sequences whose prompt is now in
+    prompt_logprobs: dict[int, list[Sampled | None]] = field(default_factory=dict)  # new prompt positions'
+    decoded: list[Sampled] = field(default_factory=list)  # a mixed call's decode tokens
+
+
+def _kind(seq: Sequence) -> str:
+    """How a sequence's prefill runs: embed (hidden states), score (every position's logits: prompt logprobs)
+    or logits (the last position's)."""
+    return "embed" if seq.pooling else "score" if seq.params.prompt_logprobs is not None else "logits"
+
+
+def _prompt_logprobs(seq: Sequence, logits: np.ndarray, end: int) -> list[Sampled | None]:
+    """The logprobs of the prompt tokens this chunk's logits [S, V] predict that `seq` has not recorded yet
+    (after a preemption its prompt is scored again)."""
+    k = seq.params.prompt_logprobs or 0
+    prompt = seq.prompt_ids
+    return [
+        scored(logits[pos - 1 - seq.computed], prompt[pos], k)
+        for pos in range(len(seq.prompt_logprobs), min(end + 1, len(prompt)))
+    ]
+
+
+def _row(masks: np.ndarray | None, j: int, seq: Sequence) -> np.ndarray | None:
+    return masks[j] if masks is not None and seq.sampler.needs_mask else None
+
+
+def _decode_rows(seqs: list[Sequence], rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """decode's inputs for `seqs` in `rows` rows (the rest padding): each last token, sequence length, pages."""
+    toks, lens = np.zeros(rows, np.int64), np.zeros(rows, np.int64)
+    for j, s in enumerate(seqs):
+        toks[j], lens[j] = s.tokens[-1], len(s.tokens)
+    return toks, lens, _page_table([s.pages for s in seqs], rows)
 
 
 def _page_table(page_lists: list[list[int]], rows: int) -> np.ndarray:
