@@ -10,6 +10,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from typing import Any, cast
 
 import numpy as np
@@ -37,6 +38,7 @@ from .openai_protocol import (
     TokenizeRequest,
     finish_reason,
     parse_request,
+    token_texts,
 )
 from .state import NotReady, RequestDefaults, ServerState, server
 from .tokenizing import Prompt, decode_ids, encode_prompts, encode_text, off_loop
@@ -100,8 +102,6 @@ def add_routes(app: FastAPI) -> None:
             raise OpenAIError(400, "suffix (insertion) is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise OpenAIError(400, "best_of is not supported; use n", param="best_of")
-        if req.echo and req.logprobs is not None:
-            raise OpenAIError(400, "echo with logprobs needs prompt logprobs, which are not supported", param="echo")
         p = req.prompt
         if isinstance(p, str) or (p and isinstance(p[0], int)):
             prompts = [cast(str | list[int], p)]
@@ -119,12 +119,37 @@ def add_routes(app: FastAPI) -> None:
             max_tokens = chat.default_max_tokens(eng, max(len(x) for x in ids))
         else:  # OpenAI's default (or -n's), within the server's cap
             max_tokens = min(defaults.max_tokens or 16, eng.cfg.max_tokens_per_request or MAX_TOKENS_LIMIT)
-        params = req.sampling(max_tokens, req.logprobs)
+        # echo with max_tokens 0 (vLLM's, for scoring a prompt): the prompt alone, of one token generated
+        hidden = bool(req.echo) and max_tokens == 0
+        params = req.sampling(1 if hidden else max_tokens, req.logprobs)
+        shown = req.prompt_logprobs_asked()
+        params.prompt_logprobs = shown
+        echo_logprobs = bool(req.echo) and req.logprobs is not None
+        if req.echo and req.logprobs is not None and (shown is None or 0 <= shown < req.logprobs):
+            params.prompt_logprobs = req.logprobs  # (the engine refuses a `shown` out of range)
         given = req.constraint()
         if given:
             params.constraint = given[1]
         echo = [pr if isinstance(pr, str) else eng.tokenizer.decode(pr) for pr in prompts] if req.echo else []
-        return await _run(request, eng, req, model, "cmpl", ids, params, echo, given and given[0])
+        texts = None
+        if echo_logprobs:
+            texts = await off_loop(lambda: [token_texts(eng.tokenizer, x) for x in ids], sum(len(x) for x in ids))
+        return await _run(
+            request,
+            eng,
+            req,
+            model,
+            "cmpl",
+            ids,
+            params,
+            echo,
+            given and given[0],
+            echo_texts=texts,
+            hidden=hidden,
+            prompt_logprobs=shown,
+            # (echo's prompt logprobs: a program without them refuses the echo)
+            field_names={} if shown is not None else {"prompt_logprobs": "echo"},
+        )
 
     @app.post("/v1/chat/completions")
     @app.post("/chat/completions")
@@ -154,13 +179,25 @@ def add_routes(app: FastAPI) -> None:
                 rest = chat.default_max_tokens(eng, len(prompt.ids))
                 max_tokens = min(rest, defaults.max_tokens or rest)
             params = req.sampling(max_tokens, (req.top_logprobs or 0) if req.logprobs else None)
+            params.prompt_logprobs = req.prompt_logprobs_asked()
             given = req.constraint()
             output = chat.constrain(params, given, prompt.tools, state, eng)
         except chat.ChatError as e:
             raise OpenAIError.from_chat(e, e.param) from e
         field = "tool_choice" if prompt.tools.forced is not None else given and given[0]
         return await _run(
-            request, eng, req, model, "chatcmpl", [prompt.ids], params, [], field, chat=True, output=output
+            request,
+            eng,
+            req,
+            model,
+            "chatcmpl",
+            [prompt.ids],
+            params,
+            [],
+            field,
+            chat=True,
+            output=output,
+            prompt_logprobs=params.prompt_logprobs,
         )
 
     @app.post("/v1/embeddings")
@@ -300,15 +337,22 @@ async def _run(
     constraint_field: str | None,
     chat: bool = False,
     output: ChatOutput | None = None,
+    echo_texts: list[list[str]] | None = None,
+    hidden: bool = False,
+    prompt_logprobs: int | None = None,
+    field_names: dict[str, str] | None = None,
 ):
-    """`constraint_field`: the request field that gave `params.constraint` (errors name it)."""
+    """`constraint_field`: the request field that gave `params.constraint` (errors name it); `field_names`: the
+    request's names of other SamplingParams fields, where they differ. `echo_texts`: per prompt, its tokens'
+    texts (echo with logprobs); `hidden`: the choices show no generated token (echo with max_tokens 0);
+    `prompt_logprobs`: vLLM's field, to show with that many alternatives."""
     rid = f"{prefix}-{uuid.uuid4().hex}"
     try:
         seqs = await submit(eng, prompts, params, rid)
     except QueueFull as e:
         raise _queue_full(e) from e
     except BadRequest as e:
-        field = constraint_field if e.field == "constraint" else e.field
+        field = constraint_field if e.field == "constraint" else (field_names or {}).get(e.field or "", e.field)
         raise OpenAIError.bad_request(e, field or ("messages" if chat else "prompt")) from e
     record = access_record()
     record.id, record.model, record.user, record.stream, record.n = rid, model, req.user, bool(req.stream), params.n
@@ -320,13 +364,21 @@ async def _run(
         model=model,
         prompt_tokens=sum(len(p) for p in prompts),
         choices=[
-            Choice(i, s, end_ids, output=output and ChatOutput(output.tools, output.reasoning))
+            Choice(
+                i,
+                s,
+                end_ids,
+                output=output and ChatOutput(output.tools, output.reasoning),
+                echo_texts=echo_texts[i // params.n] if echo_texts is not None else None,
+                hidden=hidden,
+            )
             for i, s in enumerate(seqs)
         ],
         piece=piece,
         echo=[e for e in echo for _ in range(params.n)],
         include_usage=bool(req.stream and req.stream_options and req.stream_options.include_usage),
         prompts=len(prompts),
+        prompt_logprobs=prompt_logprobs,
     )
     for c, text in zip(job.choices, job.echo):
         c.offset = len(text)
@@ -370,7 +422,8 @@ async def _collect(job: Job, request: Request) -> JSONResponse:
         raise OpenAIError(error_status(failed.error), f"generation failed: {failed.error}", type="server_error")
     if any(c.finish_reason != "stop" and c.finish_reason != "length" for c in job.choices):
         raise OpenAIError(499, "the client closed the request", type="invalid_request_error")
-    return JSONResponse(job.full())
+    # (prompt logprobs: shaped and serialised off the loop when long)
+    return await off_loop(lambda: JSONResponse(job.full()), job.size())
 
 
 async def _stream(job: Job, request: Request) -> AsyncIterator[str]:
@@ -379,15 +432,19 @@ async def _stream(job: Job, request: Request) -> AsyncIterator[str]:
         for c in job.choices:
             if job.chat:
                 yield job.chunk(c, None, [], role=True)
-            if job.echo and job.echo[c.index]:
+            if job.echo and job.echo[c.index] and c.echo_texts is None:
                 yield job.chunk(c, job.echo[c.index], [])
         async for index, ev in events:
             c = job.choices[index]
             tokens = c.feed(ev, job.piece)
-            finish = ev.finish_reason
+            if ev.prompt_logprobs is not None and c.echo_texts is not None:  # the echo, with the prompt's logprobs
+                size = len(ev.prompt_logprobs) * ((c.seq.params.logprobs or 0) + 1)
+                yield await off_loop(partial(job.echo_chunk, c), size)
+            finish = c.finish(ev.finish_reason)
             if c.output is None:
-                if ev.text or tokens:
-                    yield job.chunk(c, ev.text, tokens)
+                text = "" if c.hidden else ev.text
+                if text or tokens:
+                    yield job.chunk(c, text, tokens)
             else:  # (reasoning and tool calls: the parsers hold back what may still change its part)
                 for chunk in job.part_chunks(c, c.output.feed(ev.text), tokens):
                     yield chunk

@@ -12,10 +12,12 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from tokenizers import Tokenizer
 
+from serve.core.detokenizer import IncrementalDetokenizer
 from serve.core.engine import BadRequest, ContextOverflow
 from serve.core.guide import Constraint
-from serve.core.sampling import SamplingParams
+from serve.core.sampling import Sampled, SamplingParams
 from serve.core.scheduler import Event, Sequence
 
 from . import constraints
@@ -111,6 +113,19 @@ class SamplingRequest(BaseModel):
     guided_grammar: str | None = None
     json_schema: dict[str, Any] | None = None
     grammar: str | None = None
+    # vLLM's: the prompt tokens' logprobs, each with the k most likely tokens at its position (0: only its own)
+    prompt_logprobs: int | None = None
+
+    def prompt_logprobs_asked(self) -> int | None:
+        """vLLM's `prompt_logprobs` as this request's answer shows it: not with a stream (vLLM refuses k > 0
+        there, and a stream of k = 0 shows none), else as given (the engine checks the range)."""
+        k = self.prompt_logprobs
+        if k is not None and self.stream:
+            if k != 0:
+                message = "`prompt_logprobs` are not available when `stream=True`"
+                raise OpenAIError(400, message, param="prompt_logprobs")
+            return None
+        return k
 
     def constraint(self) -> tuple[str, Constraint] | None:
         """The request's constraint and the field that gave it; OpenAIError for a malformed or second one."""
@@ -254,48 +269,121 @@ async def parse_request(request: Request, model: type[BaseModel]) -> Any:
 @dataclass
 class TokenLogprob:
     text: str  # exactly the text this token added to the choice's text (pieces concatenate to it)
-    logprob: float
-    top: list[tuple[str, float]]
+    logprob: float | None  # None: the first prompt token (echo), which nothing predicts
+    top: list[tuple[str, float]] | None
+
+
+def floor(lp: float | None) -> float:
+    return LOGPROB_FLOOR if lp is None else max(lp, LOGPROB_FLOOR)
+
+
+def token_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
+    """What each of `ids` adds to their decoded text (`decode(ids)`, special tokens skipped, as echo decodes a
+    prompt of ids): a character split over several tokens comes with its last one, so the texts concatenate to
+    the decoded text. Blocking: O(len(ids)) small decodes."""
+    detok = IncrementalDetokenizer(tokenizer)
+    texts = [detok.add(t) for t in ids]
+    if texts:
+        texts[-1] += detok.flush()
+    return texts
+
+
+def vllm_prompt_logprobs(prompt: list[Sampled | None], k: int, piece: Any) -> list[dict[str, Any] | None]:
+    """vLLM's `prompt_logprobs`: null for the first prompt token, then per position {token id (a string key):
+    {"logprob", "rank", "decoded_token"}} for the prompt token (first) and the k most likely tokens. The prompt
+    token's rank is known when it is among those k (1 + how many are more likely), else null."""
+    out: list[dict[str, Any] | None] = []
+    for s in prompt:
+        if s is None:
+            out.append(None)
+            continue
+        top = (s.top_logprobs or [])[:k]
+        lp = floor(s.logprob)
+        rank = 1 + sum(floor(x) > lp for _, x in top) if any(t == s.token_id for t, _ in top) else None
+        entry = {str(s.token_id): {"logprob": lp, "rank": rank, "decoded_token": piece(s.token_id)}}
+        for i, (t, x) in enumerate(top):
+            entry.setdefault(str(t), {"logprob": floor(x), "rank": i + 1, "decoded_token": piece(t)})
+        out.append(entry)
+    return out
 
 
 @dataclass
 class Choice:
     index: int
     seq: Sequence
-    end_ids: set[int]  # tokens that end the sequence (they add no text and get no logprob entry)
+    end_ids: set[int]  # tokens that end the sequence (they add no text and get no logprob entry, but with echo)
     text: list[str] = field(default_factory=list)
     tokens: list[TokenLogprob] = field(default_factory=list)
     offset: int = 0  # text_offset of the next token (completions logprobs)
     finish_reason: str | None = None
     error: str | None = None
     output: ChatOutput | None = None  # chat with a tool-call or reasoning parser: the message's parts
+    # echo with logprobs: the prompt tokens' texts (token_texts); their entries lead the choice's logprobs, and
+    # an end token generated gets an entry too (as vLLM's: harnesses count on one entry per generated token)
+    echo_texts: list[str] | None = None
+    hidden: bool = False  # echo with max_tokens 0: the token generated (one) is not shown
+    prompt: list[Sampled | None] | None = None  # the prompt's logprobs, when asked (with the first token)
 
     def feed(self, ev: Event, piece: Any) -> list[TokenLogprob]:
         new: list[TokenLogprob] = []
+        if ev.prompt_logprobs is not None:
+            self.prompt = ev.prompt_logprobs
+        if ev.finish_reason:
+            # (max_tokens 0: the one token asked for ends it, whatever it is)
+            self.finish_reason, self.error = self.finish(ev.finish_reason), ev.error
+        if self.hidden:
+            return new
         if self.seq.params.logprobs is not None:
             for j, (tok, s) in enumerate(zip(ev.token_ids, ev.logprobs)):
                 text = ev.text if j == 0 else ""
-                if tok in self.end_ids and not text:
+                if tok in self.end_ids and not text and self.echo_texts is None:
                     continue
-                top = [(text if t == tok else piece(t), max(lp, LOGPROB_FLOOR)) for t, lp in (s.top_logprobs or [])]
-                new.append(
-                    TokenLogprob(text, max(s.logprob if s.logprob is not None else LOGPROB_FLOOR, LOGPROB_FLOOR), top)
-                )
+                top = [(text if t == tok else piece(t), floor(lp)) for t, lp in (s.top_logprobs or [])]
+                new.append(TokenLogprob(text, floor(s.logprob), top))
         self.text.append(ev.text)
         self.tokens += new
-        if ev.finish_reason:
-            self.finish_reason, self.error = ev.finish_reason, ev.error
         return new
 
-    def completion_logprobs(self, tokens: list[TokenLogprob]) -> dict[str, Any] | None:
+    def finish(self, reason: str | None) -> str | None:
+        return "length" if self.hidden and reason == "stop" else reason
+
+    def prompt_tokens(self, piece: Any) -> list[TokenLogprob]:
+        """Echo with logprobs: the prompt's entries, each with the `logprobs` most likely tokens (the first
+        token's logprob and alternatives null, as vLLM's); none before the prompt's logprobs came."""
+        if self.echo_texts is None or self.prompt is None:
+            return []
+        k = self.seq.params.logprobs or 0
+        out = []
+        for s, text in zip(self.prompt, self.echo_texts):
+            if s is None:
+                out.append(TokenLogprob(text, None, None))
+            else:
+                alternatives = (s.top_logprobs or [])[:k]
+                top = [(text if t == s.token_id else piece(t), floor(lp)) for t, lp in alternatives]
+                out.append(TokenLogprob(text, floor(s.logprob), top))
+        return out
+
+    def completion_logprobs(
+        self, tokens: list[TokenLogprob], prompt: list[TokenLogprob] | None = None
+    ) -> dict[str, Any] | None:
+        """The logprobs object of `tokens` (generated; text_offset from `offset` on), after the echoed prompt's
+        `prompt` entries (text_offset from 0)."""
         if self.seq.params.logprobs is None:
             return None
         out: dict[str, Any] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-        for t in tokens:
+
+        def add(t: TokenLogprob, offset: int) -> None:
             out["tokens"].append(t.text)
             out["token_logprobs"].append(t.logprob)
-            out["top_logprobs"].append({**dict(t.top), t.text: t.logprob})
-            out["text_offset"].append(self.offset)
+            out["top_logprobs"].append(None if t.top is None else {**dict(t.top), t.text: t.logprob})
+            out["text_offset"].append(offset)
+
+        at = 0
+        for t in prompt or []:
+            add(t, at)
+            at += len(t.text)
+        for t in tokens:
+            add(t, self.offset)
             self.offset += len(t.text)
         return out
 
@@ -303,12 +391,12 @@ class Choice:
         if self.seq.params.logprobs is None:
             return None
 
-        def entry(text: str, lp: float) -> dict[str, Any]:
-            return {"token": text, "logprob": lp, "bytes": list(text.encode("utf-8"))}
+        def entry(text: str, lp: float | None) -> dict[str, Any]:
+            return {"token": text, "logprob": floor(lp), "bytes": list(text.encode("utf-8"))}
 
         return {
             "content": [
-                {**entry(t.text, t.logprob), "top_logprobs": [entry(s, lp) for s, lp in t.top]} for t in tokens
+                {**entry(t.text, t.logprob), "top_logprobs": [entry(s, lp) for s, lp in t.top or []]} for t in tokens
             ],
             "refusal": None,
         }
@@ -327,10 +415,11 @@ class Job:
     echo: list[str] = field(default_factory=list)  # per choice: the prompt text to echo (completions)
     include_usage: bool = False
     prompts: int = 1  # (the choices are `n` per prompt)
+    prompt_logprobs: int | None = None  # vLLM's prompt_logprobs to show (k alternatives): on each choice, chat's once
     created: int = field(default_factory=lambda: int(time.time()))
 
     def usage(self) -> dict[str, Any]:
-        done = sum(len(c.seq.output_ids) for c in self.choices)
+        done = sum(len(c.seq.output_ids) for c in self.choices if not c.hidden)
         cached = sum(c.seq.cached_tokens for c in self.choices[:: max(1, len(self.choices) // self.prompts)])
         return {
             "prompt_tokens": self.prompt_tokens,
@@ -358,8 +447,10 @@ class Job:
         finish: str | None = None,
         role: bool = False,
         delta: dict[str, Any] | None = None,
+        prompt: list[TokenLogprob] | None = None,
     ) -> str:
-        """One stream chunk: `text` (chat: as the delta's content, unless `delta` is given)."""
+        """One stream chunk: `text` (chat: as the delta's content, unless `delta` is given); `prompt`: the echoed
+        prompt's logprobs entries (completions)."""
         if self.chat:
             if delta is None:
                 delta = {"role": "assistant", "content": ""} if role else {} if text is None else {"content": text}
@@ -373,13 +464,18 @@ class Job:
             choice = {
                 "index": c.index,
                 "text": text or "",
-                "logprobs": c.completion_logprobs(tokens) if tokens else None,
+                "logprobs": c.completion_logprobs(tokens, prompt) if tokens or prompt else None,
                 "finish_reason": finish,
             }
         body = self.envelope([choice], stream=True)
         if self.include_usage:
             body["usage"] = None
         return f"data: {json.dumps(body)}\n\n"
+
+    def echo_chunk(self, c: Choice) -> str:
+        """Echo with logprobs: the chunk of the echoed prompt and its logprobs (once they came). Blocking: in
+        proportion to the prompt."""
+        return self.chunk(c, self.echo[c.index], [], prompt=c.prompt_tokens(self.piece))
 
     def part_chunks(self, c: Choice, parts: Parts, tokens: list[TokenLogprob]) -> list[str]:
         """A chat choice's streamed parts: reasoning, content (with the tokens' logprobs), each tool call."""
@@ -393,6 +489,7 @@ class Job:
         return out
 
     def full(self) -> dict[str, Any]:
+        """The whole response. Blocking: with prompt logprobs, work in proportion to the prompt (`size`)."""
         out = []
         for c, echo in zip(self.choices, self.echo or [""] * len(self.choices)):
             text = echo + "".join(c.text)
@@ -412,15 +509,29 @@ class Job:
                     }
                 )
             else:
-                out.append(
-                    {
-                        "index": c.index,
-                        "text": text,
-                        "logprobs": c.completion_logprobs(c.tokens),
-                        "finish_reason": c.finish_reason,
-                    }
-                )
-        return {**self.envelope(out, stream=False), "usage": self.usage()}
+                choice = {
+                    "index": c.index,
+                    "text": text,
+                    "logprobs": c.completion_logprobs(c.tokens, c.prompt_tokens(self.piece)),
+                    "finish_reason": c.finish_reason,
+                }
+                if self.prompt_logprobs is not None:  # (vLLM's, on the choice)
+                    choice["prompt_logprobs"] = self.vllm_prompt_logprobs(c)
+                out.append(choice)
+        body = {**self.envelope(out, stream=False), "usage": self.usage()}
+        if self.chat and self.prompt_logprobs is not None:  # (vLLM's, once: the choices share the prompt)
+            body["prompt_logprobs"] = self.vllm_prompt_logprobs(self.choices[0])
+        return body
+
+    def vllm_prompt_logprobs(self, c: Choice) -> list[dict[str, Any] | None] | None:
+        if c.prompt is None or self.prompt_logprobs is None:
+            return None
+        return vllm_prompt_logprobs(c.prompt, self.prompt_logprobs, self.piece)
+
+    def size(self) -> int:
+        """The prompt logprobs' entries to shape (for `off_loop`)."""
+        k = max(c.seq.params.prompt_logprobs or 0 for c in self.choices)
+        return sum(len(c.prompt or ()) for c in self.choices) * (k + 1)
 
 
 def finish_reason(reason: str | None, parts: Parts) -> str | None:
