@@ -18,6 +18,8 @@ from tests.server_util import tiny_config
 def test_propose_takes_the_latest_longest_match():
     t = np.array([1, 2, 3, 9, 1, 2, 3, 7, 8, 5, 2, 3])
     assert propose(t, 3) == [7, 8, 5]  # "2 3" last followed by 7 8 5 (the 3-gram "5 2 3" does not recur)
+    assert propose(t, 6) == [9, 1, 2, 3, 7, 8]  # ... but with 6 to draft, the occurrence that has 6 after it
+    assert propose(np.array([1, 2] * 4), 4) == [1, 2, 1, 2]  # a short period: the earliest occurrence
     assert propose(np.array([4, 5, 6, 4, 5]), 4) == [6, 4, 5]  # the draft may run into the suffix itself
     assert propose(np.array([1, 2, 3, 4]), 4) == []  # nothing recurs
     assert propose(np.array([1, 2, 3, 1]), 4, min_ngram=1) == [2, 3, 1]
@@ -126,3 +128,47 @@ def test_smollm2_greedy_output_equals_without_speculation(smollm2_f32_artifacts)
         )
     one_by_one = [run(engine(SpecConfig(num_tokens=4)), [p], [sp])[0] for p, sp in zip(prompts[:2], params[:2])]
     assert one_by_one == plain[:2]
+
+
+def test_a_grammar_that_ends_inside_a_verified_draft(tiny_program):
+    """A regex whose every token is forced, over a prompt of the same pattern, so the drafts are kept; its
+    matcher wrapped to end (allow nothing more, not even the end token, as a tool-call grammar does) after n
+    tokens, inside a verification. The output is those n tokens and "stop": neither cut short (the matcher,
+    advanced through a step's later tokens, once ended the sequence at an earlier one) nor longer."""
+    from models.tokenizer import load_tokenizer
+    from serve.core.guide import Constraint
+
+    class EndsAfter:
+        def __init__(self, guide, n: int):
+            self.guide, self.n, self.count = guide, n, 0
+
+        def advance(self, token: int) -> None:
+            self.guide.advance(token)
+            self.count += 1
+
+        @property
+        def stopped(self) -> bool:
+            return self.count >= self.n
+
+        def __getattr__(self, name):
+            return getattr(self.guide, name)
+
+    tokenizer, _ = load_tokenizer(tiny_program)
+    prompt = tokenizer.encode("ab" * 10, add_special_tokens=False).ids
+    params = SamplingParams(max_tokens=40, temperature=0.0, constraint=Constraint.of("regex", "(ab){9}"))
+
+    async def main(engine: Engine, n: int):
+        await engine.start()
+        (seq,) = engine.submit(prompt, params)
+        seq.sampler.guide = EndsAfter(seq.sampler.guide, n)
+        events = []
+        while not events or not events[-1].finish_reason:
+            events.append(await seq.events.get())
+        return events
+
+    for n in (12, 13, 14):  # (one of them ends inside a verification, whatever the drafts' length)
+        engine = Engine(tiny_config(tiny_program, speculative=SpecConfig(num_tokens=4)))
+        events = asyncio.run(main(engine, n))
+        assert tokenizer.decode([t for e in events for t in e.token_ids]) == ("ab" * 9)[:n]
+        assert events[-1].finish_reason == "stop"
+        assert engine.schedulers[0].counters.accepted_tokens >= 6

@@ -65,6 +65,8 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     order: int = field(default_factory=itertools.count().__next__)
     draft: list[int] = field(default_factory=list)  # this step's speculative tokens (after the pending one)
+    draft_misses: int = 0  # verifications in a row that kept no drafted token
+    draft_pause: int = 0  # steps left without drafting (backs off 2, 4, ... 16 steps after misses)
     prompt_logprobs: list[Sampled | None] = field(default_factory=lambda: [None])  # when asked: per prompt token
 
     @property
@@ -176,12 +178,14 @@ class Scheduler:
         for seq, tokens in zip(decode, decode_out):
             self.counters.draft_tokens += len(seq.draft)
             self.counters.accepted_tokens += len(tokens) - 1
-            for sampled in tokens:  # (the pending token and the accepted drafts are now in the cache)
+            for i, sampled in enumerate(tokens):  # (the pending token and the accepted drafts are now in the cache)
                 if seq.finish_reason:
                     break
                 seq.computed += 1
-                self._emit(seq, sampled)
+                self._emit(seq, sampled, last=i == len(tokens) - 1)
             if seq.draft:  # pages that held only rejected drafts go back
+                seq.draft_misses = 0 if len(tokens) > 1 else seq.draft_misses + 1
+                seq.draft_pause = min(2**seq.draft_misses, 16) if seq.draft_misses else 0
                 seq.draft, keep = [], self._pages_needed(len(seq.tokens))
                 if not seq.finish_reason and len(seq.pages) > keep:
                     self.pool.release(seq.pages[keep:])
@@ -223,6 +227,9 @@ class Scheduler:
         never preempts anyone: without pages there is no draft). A draft stops short of max_tokens and the
         context, so every token a verification gives may be kept."""
         for seq in decode:
+            if seq.draft_pause:  # (free text: a verification that keeps nothing costs more than a decode step)
+                seq.draft_pause -= 1
+                continue
             if seq.sampler.needs_mask:  # (its mask would be needed at every drafted position before the call)
                 continue
             room = min(seq.params.max_tokens - len(seq.output_ids), self.abi.max_seq_len - len(seq.tokens)) - 1
@@ -407,10 +414,11 @@ class Scheduler:
         out: list[list[Sampled]] = []
         for j, s in enumerate(decode):
             tokens: list[Sampled] = []
+            guide = s.sampler.guide
             for i, draft in enumerate(s.draft):
                 sampled, accepted = s.sampler.sample_draft(logits[j, i], draft)
                 tokens.append(sampled)
-                if not accepted:
+                if not accepted or (guide is not None and guide.stopped):  # (a finished grammar ends it here)
                     break
             else:
                 tokens.append(s.sampler.sample(logits[j, len(s.draft)], _row(masks, j, s)))
@@ -467,7 +475,9 @@ class Scheduler:
         return out
 
     # -- results
-    def _emit(self, seq: Sequence, sampled: Sampled) -> None:
+    def _emit(self, seq: Sequence, sampled: Sampled, last: bool = True) -> None:
+        """`last`: the step's last token of `seq` (its guide has consumed this step's tokens: only after the last
+        does its state say whether the grammar ended here)."""
         if seq.finish_reason:
             return
         tok = sampled.token_id
@@ -479,7 +489,7 @@ class Scheduler:
             finish = "stop"  # the end token itself is not part of the text
         else:
             text, stopped = seq.stops.feed(seq.detok.add(tok))
-            if stopped or (seq.sampler.guide is not None and seq.sampler.guide.stopped):
+            if stopped or (last and seq.sampler.guide is not None and seq.sampler.guide.stopped):
                 finish = "stop"  # (a grammar that allows nothing more ends the sequence as a stop string does)
             elif len(seq.output_ids) >= p.max_tokens or len(seq.tokens) >= self.abi.max_seq_len:
                 finish = "length"

@@ -1,7 +1,8 @@
 """Prompt-lookup drafts for speculative decoding: no second model, only the sequence's own tokens.
 
 The last n tokens (n from `max_ngram` down to `min_ngram`) are looked up in the prompt and output so far;
-the tokens that followed their most recent earlier occurrence are the draft. Input-grounded work (repeat,
+the tokens that followed an earlier occurrence (the most recent one that has k tokens after it) are the
+draft. Input-grounded work (repeat,
 quote, edit or summarise a given text or code) finds long drafts; free-form text rarely finds any, and a
 step without a draft is an ordinary decode step. The scheduler verifies a draft with one `score` call
 (every drafted position's logits) and keeps what the sampler accepts (Sampler.sample_draft).
@@ -33,6 +34,9 @@ def propose(tokens: np.ndarray, k: int, max_ngram: int = 4, min_ngram: int = 2) 
         windows = sliding_window_view(tokens[: n_tokens - 1], n)
         hits = np.flatnonzero((windows == tokens[n_tokens - n :]).all(axis=1))
         if hits.size:
-            start = int(hits[-1]) + n  # the most recent occurrence: the likeliest continuation
+            # The most recent occurrence with k tokens after it (recent text is the likeliest to repeat);
+            # failing that the earliest, which has the most (a short period, "a b a b", ends near the suffix).
+            full = hits[hits + n + k <= n_tokens]
+            start = int(full[-1] if full.size else hits[0]) + n
             return tokens[start : start + k].tolist()
     return []
