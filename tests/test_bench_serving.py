@@ -448,3 +448,17 @@ def test_workloads_each_backend(server, tmp_path, backend, workload):
     assert s["total_output_tokens"] == N * OUTPUT_LEN
     sizes = [r["prompt_tokens"] for r in result["requests"]]
     assert all(0 < n <= 200 for n in sizes) and (workload == "chat" or min(sizes) >= 120)  # (whole lines)
+
+
+def test_step_gaps_count_each_decoding_stream_of_consecutive_decoding_steps():
+    from bench.step_gaps import gaps
+
+    lines = [
+        "x DEBUG aotllm.scheduler: step end=10.000 ms=5.0 decoding=0 drafted=0 prefill=256",
+        "x DEBUG aotllm.scheduler: step end=10.050 ms=40.0 decoding=2 drafted=0 prefill=32",
+        "x DEBUG aotllm.scheduler: step end=10.070 ms=20.0 decoding=2 drafted=0 prefill=0",
+        "unrelated line",
+        "x DEBUG aotllm.scheduler: step end=10.170 ms=90.0 decoding=3 drafted=0 prefill=32",
+    ]
+    # (the first decoding step follows a step that decoded nothing: no gap to measure)
+    assert np.allclose(gaps(lines), [20.0, 20.0, 100.0, 100.0, 100.0])

@@ -96,8 +96,12 @@ class Counters:
 
 
 # Prefill tokens per step while sequences decode: long prompts go in chunks this size, so a decoding
-# sequence waits at most one chunk between two of its tokens.
-PREFILL_CHUNK = 128
+# sequence waits at most one chunk between two of its tokens. On 2 CPU cores a prompt token costs about what
+# a decode row does, so a step with a chunk of C tokens beside 16 decoding streams costs about (16 + C) / 16
+# of a decode step: 32 keeps the gap between tokens within 1.4x its median under arrivals, where 64 gave up
+# to 3.5x and 128 up to 9x, for the same output tok/s; the time to first token is what it costs
+# (docs/benchmarks.md, steady streams).
+PREFILL_CHUNK = 32
 # ... and while none decodes: nobody waits between tokens, and fewer, larger chunks read the weights fewer
 # times (a 4096-token prompt's TTFT ~12 % shorter in 256-token chunks; 512 gains ~2 % more but doubles
 # what a newly arriving request waits for the chunk in flight: docs/benchmarks.md).
@@ -174,9 +178,11 @@ class Scheduler:
             await asyncio.sleep(0)
             return
         t0 = time.perf_counter()
+        prefill_tokens = sum(end - s.computed for s, end in prefill)
+        drafted = sum(len(s.draft) for s in decode)
         decode_out, prefill_out = await asyncio.to_thread(self._execute, decode, prefill)
+        self.counters.draft_tokens += drafted
         for seq, tokens in zip(decode, decode_out):
-            self.counters.draft_tokens += len(seq.draft)
             self.counters.accepted_tokens += len(tokens) - 1
             for i, sampled in enumerate(tokens):  # (the pending token and the accepted drafts are now in the cache)
                 if seq.finish_reason:
@@ -200,6 +206,15 @@ class Scheduler:
             elif end == seq.prefill_target and not seq.output_ids:
                 self._emit(seq, seq.sampler.sample(out, prefill_out.masks.get(id(seq))))
         self.counters.step_seconds += time.perf_counter() - t0
+        # (bench/step_gaps.py reads these lines: the gaps between a decoding stream's tokens, server-side)
+        log.debug(
+            "step end=%.4f ms=%.1f decoding=%d drafted=%d prefill=%d",
+            time.monotonic(),
+            (time.perf_counter() - t0) * 1e3,
+            len(decode),
+            drafted,
+            prefill_tokens,
+        )
 
     # -- planning. Three invariants make the oldest sequence advance at every step, so the scheduler never
     # livelocks however small the pool:
