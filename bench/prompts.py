@@ -183,7 +183,8 @@ async def grounded_prompt(
     rng: random.Random, path: str, text: str, input_len: int, counter: TokenCounter | None
 ) -> Prompt:
     """The document from a line drawn at random (one that leaves enough of it when it is long), cut at a line
-    end to the most whole lines whose prompt is at most `input_len` tokens (at least one line)."""
+    end to the most whole lines whose prompt is at most `input_len` tokens (when even the first line is too
+    long: as much of it as fits)."""
     need = CHARS_PER_TOKEN * input_len
     starts = [0] + [m.end() for m in re.finditer("\n", text) if len(text) - m.end() >= need]
     start = rng.choice(starts)
@@ -201,6 +202,13 @@ async def grounded_prompt(
             lo = mid
         else:
             hi = mid - 1
+    if lo == 1 and await size(1) > input_len:  # one line too long already: its head, cut by characters
+        first, a, b = lines[0], 0, len(lines[0])
+        while a < b:
+            mid = (a + b + 1) // 2
+            lines[0] = first[:mid]
+            a, b = (mid, b) if await size(1) <= input_len else (a, mid - 1)
+        lines[0] = first[:a]
     prompt = grounded_text(path, "\n".join(lines[:lo]))
     return Prompt(prompt, None if counter is None else await _count(prompt, counter))
 

@@ -447,7 +447,7 @@ def test_workloads_each_backend(server, tmp_path, backend, workload):
     assert rc == 0 and (s["completed"], s["failed"], s["workload"]) == (N, 0, workload)
     assert s["total_output_tokens"] == N * OUTPUT_LEN
     sizes = [r["prompt_tokens"] for r in result["requests"]]
-    assert all(0 < n <= 200 for n in sizes) and (workload == "chat" or min(sizes) >= 120)  # (whole lines)
+    assert all(0 < n <= 200 for n in sizes) and (workload == "chat" or min(sizes) >= 120), sizes  # (whole lines)
 
 
 def test_step_gaps_count_each_decoding_stream_of_consecutive_decoding_steps():
