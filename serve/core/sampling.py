@@ -207,18 +207,16 @@ class Sampler:
         adjusted = self.apply_penalties(logits)
         if self.guide is not None:
             adjusted = self._masked(adjusted, self.guide.mask(len(logits)))
-        x = np.divide(adjusted, np.float32(self.params.temperature))
-        cand = self._candidates(x)
-        ids = np.arange(len(x)) if cand is None else np.sort(cand)
-        v = x[ids].astype(np.float64)
-        weights = np.exp(v - v.max())
-        at = int(np.searchsorted(ids, draft))
-        p_draft = weights[at] / weights.sum() if at < len(ids) and ids[at] == draft else 0.0
+        pos, weights = self._weights(np.divide(adjusted, np.float32(self.params.temperature)), None)
+        at = draft if pos is None else int(np.searchsorted(pos, draft))
+        drafted = pos is None or (at < len(pos) and pos[at] == draft)  # (else the filters dropped it: p = 0)
+        p_draft = float(weights[at]) / float(weights.sum(dtype=np.float64)) if drafted else 0.0
         if self._rng.random() < p_draft:
             return self._finish(draft, logits, None), True
         if p_draft > 0.0:
             weights[at] = 0.0
-        return self._finish(int(ids[_inverse_cdf(weights, self._rng.random())]), logits, None), False
+        i = _inverse_cdf(weights, self._rng.random())
+        return self._finish(i if pos is None else int(pos[i]), logits, None), False
 
     def _pick(self, adjusted: np.ndarray, logits: np.ndarray) -> int:
         """Greedy, or one draw (in place on `adjusted` when it is not the caller's `logits`)."""
@@ -316,15 +314,22 @@ class Sampler:
 
     def _draw(self, x: np.ndarray, token_ids: np.ndarray | None) -> int:
         """One uniform draw, inverse CDF over the candidates in ascending token-id order: a position."""
+        pos, weights = self._weights(x, token_ids)
+        i = _inverse_cdf(weights, self._rng.random())
+        return i if pos is None else int(pos[i])
+
+    def _weights(self, x: np.ndarray, token_ids: np.ndarray | None) -> tuple[np.ndarray | None, np.ndarray]:
+        """The candidates of the tempered logits `x` (after top-k, top-p, min-p) in ascending token-id order:
+        their positions (None: all of x, in order) and unnormalised probabilities. x is scratch: worked on
+        in place (page faults cost more than math)."""
         pos = self._candidates(x)
         if token_ids is not None:  # canonical order, so that a top-k row draws like the full row
             pos = np.argsort(token_ids) if pos is None else pos[np.argsort(token_ids[pos])]
         elif pos is not None:
             pos = np.sort(pos)
-        v = x if pos is None else x[pos]  # x is scratch: worked on in place (page faults cost more than math)
+        v = x if pos is None else x[pos]
         v -= v.max()
-        i = _inverse_cdf(np.exp(v, out=v), self._rng.random())
-        return i if pos is None else int(pos[i])
+        return pos, np.exp(v, out=v)
 
     def _finish(self, pos: int, raw: np.ndarray, token_ids: np.ndarray | None) -> Sampled:
         token = pos if token_ids is None else int(token_ids[pos])
