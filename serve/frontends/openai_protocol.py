@@ -277,6 +277,13 @@ def floor(lp: float | None) -> float:
     return LOGPROB_FLOOR if lp is None else max(lp, LOGPROB_FLOOR)
 
 
+def token_logprob(s: Sampled, text: str, piece: Any, k: int | None = None) -> TokenLogprob:
+    """`s` as an entry whose token added `text` to the choice's text, with its first `k` alternatives (None:
+    all), each named by `piece` (the token itself by `text`)."""
+    top = [(text if t == s.token_id else piece(t), floor(lp)) for t, lp in (s.top_logprobs or [])[:k]]
+    return TokenLogprob(text, floor(s.logprob), top)
+
+
 def token_texts(tokenizer: Tokenizer, ids: list[int]) -> list[str]:
     """What each of `ids` adds to their decoded text (`decode(ids)`, special tokens skipped, as echo decodes a
     prompt of ids): a character split over several tokens comes with its last one, so the texts concatenate to
@@ -338,8 +345,7 @@ class Choice:
                 text = ev.text if j == 0 else ""
                 if tok in self.end_ids and not text and self.echo_texts is None:
                     continue
-                top = [(text if t == tok else piece(t), floor(lp)) for t, lp in (s.top_logprobs or [])]
-                new.append(TokenLogprob(text, floor(s.logprob), top))
+                new.append(token_logprob(s, text, piece))
         self.text.append(ev.text)
         self.tokens += new
         return new
@@ -353,15 +359,10 @@ class Choice:
         if self.echo_texts is None or self.prompt is None:
             return []
         k = self.seq.params.logprobs or 0
-        out = []
-        for s, text in zip(self.prompt, self.echo_texts):
-            if s is None:
-                out.append(TokenLogprob(text, None, None))
-            else:
-                alternatives = (s.top_logprobs or [])[:k]
-                top = [(text if t == s.token_id else piece(t), floor(lp)) for t, lp in alternatives]
-                out.append(TokenLogprob(text, floor(s.logprob), top))
-        return out
+        return [
+            TokenLogprob(text, None, None) if s is None else token_logprob(s, text, piece, k)
+            for s, text in zip(self.prompt, self.echo_texts)
+        ]
 
     def completion_logprobs(
         self, tokens: list[TokenLogprob], prompt: list[TokenLogprob] | None = None
