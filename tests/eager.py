@@ -19,6 +19,20 @@ def padded(tokens: list[int], stride: int, extra: int = 0) -> list[int]:
     return tokens + [0] * (n - len(tokens))
 
 
+def one_pass(model: PagedLlama, tokens: list[int]) -> tuple:
+    """`tokens` as one unbatched call over contiguous pages 1.. (padded to whole pages), with a fresh cache:
+    (tokens, start_positions, seq_lens, page_ids, cache) for PagedLlama's prefill, score or hidden_states."""
+    s = model.block_seq_stride
+    pages = list(range(1, 1 + -(-len(tokens) // s)))
+    return (
+        torch.tensor([padded(tokens, s)]),
+        torch.tensor([0]),
+        torch.tensor([len(tokens)]),
+        torch.tensor([pages]),
+        model.allocate_cache(len(pages) + 1),
+    )
+
+
 @torch.no_grad()
 def greedy(model: PagedLlama, prompt: list[int], n_new: int, page_ids: list[int] | None = None) -> list[int]:
     """Greedy decoding through the paged cache: one prefill, then decode steps."""

@@ -8,7 +8,7 @@ from bench.random_gguf import random_kquant
 from models.config import ModelError
 from models.llama import PagedLlama
 from models.weights import load_weights, read_irpa, write_irpa
-from tests.eager import greedy, padded
+from tests.eager import greedy, one_pass, padded
 from tests.tiny import VARIANTS, Variant, hf_model, rewrite_gguf, write_gguf
 
 STRIDE = 8
@@ -16,18 +16,8 @@ STRIDE = 8
 
 def full_logits(model: PagedLlama, tokens: list[int]) -> torch.Tensor:
     """Logits at every position of one unbatched forward pass (contiguous pages)."""
-    s = model.block_seq_stride
-    n_pages = -(-len(tokens) // s)
-    cache = model.allocate_cache(n_pages + 1)
     with torch.no_grad():
-        h = model.hidden_states(
-            torch.tensor([padded(tokens, s)]),
-            torch.tensor([0]),
-            torch.tensor([len(tokens)]),
-            torch.tensor([list(range(1, n_pages + 1))]),
-            cache,
-        )
-        return model.logits(h)[0, : len(tokens)]
+        return model.score(*one_pass(model, tokens))[0, : len(tokens)]
 
 
 @pytest.mark.parametrize("variant", [v.name for v in VARIANTS])

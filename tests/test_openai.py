@@ -303,18 +303,11 @@ def eager_embedding(tiny_models, ids, pooling):
 
     from models.llama import PagedLlama
     from models.weights import load_weights
-    from tests.eager import padded
+    from tests.eager import one_pass
 
     model = PagedLlama.from_weights(load_weights(gguf_file=tiny_models["llama31"][2]), 8)
-    pages = list(range(1, 1 + -(-len(ids) // 8)))
     with torch.no_grad():
-        h = model.hidden_states(
-            torch.tensor([padded(ids, 8)]),
-            torch.tensor([0]),
-            torch.tensor([len(ids)]),
-            torch.tensor([pages]),
-            model.allocate_cache(len(pages) + 1),
-        )[0, : len(ids)].double()
+        h = model.hidden_states(*one_pass(model, ids))[0, : len(ids)].double()
     v = (h.mean(0) if pooling == "mean" else h[-1]).numpy()
     return v / np.linalg.norm(v)
 

@@ -35,20 +35,13 @@ def eager(tiny_models):
 
     from models.llama import PagedLlama
     from models.weights import load_weights
-    from tests.eager import padded
+    from tests.eager import one_pass
 
     model = PagedLlama.from_weights(load_weights(gguf_file=tiny_models["llama31"][2]), 8)
 
     def logprobs(ids: list[int]) -> np.ndarray:
-        pages = list(range(1, 1 + -(-len(ids) // 8)))
         with torch.no_grad():
-            logits = model.score(
-                torch.tensor([padded(ids, 8)]),
-                torch.tensor([0]),
-                torch.tensor([len(ids)]),
-                torch.tensor([pages]),
-                model.allocate_cache(len(pages) + 1),
-            )[0, : len(ids)].double()
+            logits = model.score(*one_pass(model, ids))[0, : len(ids)].double()
         return torch.log_softmax(logits, -1).numpy()
 
     return logprobs
