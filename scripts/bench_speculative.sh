@@ -17,23 +17,7 @@ OUT="${1:-bench-results/speculative}"; mkdir -p "$OUT"; rm -f "$OUT"/off_*_r*.js
 PY="${PYTHON:-python}"; PORT="${PORT:-8127}"; K="${K:-4}"; ROUNDS="${ROUNDS:-5}"; N="${PROMPTS:-4}"
 I="${INPUT_LEN:-512}"; O="${OUTPUT_LEN:-256}"; BACKEND="${BACKEND:-openai}"
 read -r -a WORKLOADS <<< "${WORKLOADS:-grounded chat}"
-GGUF="${GGUF:-${MODEL:-}}"
-MODEL_ARGS=(); [ -n "$GGUF" ] && MODEL_ARGS=(--gguf-file "$GGUF")
-read -r -a EXTRA <<< "${EXTRA_SERVE_ARGS:-}"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-
-serve() {  # NAME PORT [speculation flags]
-  "$PY" -m serve "${MODEL_ARGS[@]}" --port "$2" --log-level warning "${EXTRA[@]}" "${@:3}" \
-    > "$OUT/$1-server.log" 2>&1 & pids+=($!)
-  local pid=$!
-  for _ in $(seq 1800); do
-    curl -sf "localhost:$2/health" >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "the $1 server exited:" >&2; tail -20 "$OUT/$1-server.log" >&2; return 1; }
-    sleep 1
-  done
-  echo "the $1 server did not become ready (see $OUT/$1-server.log)" >&2; return 1
-}
+source scripts/serve_lib.sh
 serve off "$PORT" --speculative off
 serve ngram "$((PORT + 1))" --speculative ngram --num-speculative-tokens "$K"
 

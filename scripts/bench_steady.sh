@@ -18,23 +18,8 @@ cd "$(dirname "$0")/.."
 OUT="${1:-bench-results/steady}"; mkdir -p "$OUT"; rm -f "$OUT"/separate_r*.json "$OUT"/mixed_r*.json
 PY="${PYTHON:-python}"; PORT="${PORT:-8125}"; ROUNDS="${ROUNDS:-3}"; RATE="${RATE:-2}"; N="${PROMPTS:-64}"
 C="${CONCURRENCY:-16}"; I="${INPUT_LEN:-32,1024}"; O="${OUTPUT_LEN:-128}"; BACKEND="${BACKEND:-openai}"
-GGUF="${GGUF:-${MODEL:-}}"
-MODEL_ARGS=(); [ -n "$GGUF" ] && MODEL_ARGS=(--gguf-file "$GGUF")
-read -r -a EXTRA <<< "${EXTRA_SERVE_ARGS:-}"
-pids=()
-trap 'kill "${pids[@]}" 2>/dev/null || true' EXIT
-
-serve() {  # NAME PORT [scheduler flags]
-  "$PY" -m serve "${MODEL_ARGS[@]}" --port "$2" --max-running "$C" --log-level warning "${EXTRA[@]}" "${@:3}" \
-    > "$OUT/$1-server.log" 2>&1 & pids+=($!)
-  local pid=$!
-  for _ in $(seq 1800); do
-    curl -sf "localhost:$2/health" >/dev/null 2>&1 && return 0
-    kill -0 "$pid" 2>/dev/null || { echo "the $1 server exited:" >&2; tail -20 "$OUT/$1-server.log" >&2; return 1; }
-    sleep 1
-  done
-  echo "the $1 server did not become ready (see $OUT/$1-server.log)" >&2; return 1
-}
+SERVE_ARGS=(--max-running "$C")
+source scripts/serve_lib.sh
 serve separate "$PORT" --no-mixed-step
 serve mixed "$((PORT + 1))"
 
