@@ -205,6 +205,13 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
     caches = caches if isinstance(caches, list) else [caches]
     pages = Dim("pages", min=2)
     cache_dims = ({0: pages},) * len(caches)
+    dynamic = (
+        {0: batch, 1: seq},
+        {0: batch},
+        {0: batch},
+        {0: batch, 1: cols},
+        cache_dims,
+    )  # every dimension but the page size
 
     def _forward(m, tokens, start_positions, seq_lens, page_ids, *caches):
         return m.forward(tokens, start_positions, seq_lens, page_ids, *caches)
@@ -234,7 +241,7 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
             name="forward",
             args=args(2, 3),
             strict=False,
-            dynamic_shapes=({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, cache_dims),
+            dynamic_shapes=dynamic,
         )
         for b in static_decode:
             fxb.export_program(
@@ -271,7 +278,7 @@ def export_forward(model: PagedLlama, static_decode: Sequence[int] = (), static_
             name="forward_score",
             args=args(2, 3),
             strict=False,
-            dynamic_shapes=({0: batch, 1: seq}, {0: batch}, {0: batch}, {0: batch, 1: cols}, cache_dims),
+            dynamic_shapes=dynamic,
         )
         for b in static_prefill:
             fxb.export_program(

@@ -185,9 +185,7 @@ class Block(nn.Module):
         # A bfloat16 or float16 cache is stored as int32 words of two values (PagedLlama.cache_dtype): the
         # scatter writes words (IREE 3.13 miscompiled programs with a 16-bit cache global: README
         # findings), the gathers read 16-bit pages through a bitcast view of it.
-        packed = cache.dtype == torch.int32
-        kv_width = c.num_kv_heads * c.head_dim // (2 if packed else 1)  # cache elements a K or V row
-        stride = cache.shape[1] // (c.num_layers * 2 * kv_width)  # static: the page size
+        packed, kv_width, stride = self._cache_geometry(cache)
         # (Explicit B * S rows, not -1: both scatter operands must fold to the same static shape. The row
         #  width as -1, and the rows reshaped before any cast or bitcast: with an explicit width, or packed
         #  with integer ops before the reshape, IREE 3.13 scattered a dynamic-batch prefill's bfloat16 rows
@@ -206,15 +204,21 @@ class Block(nn.Module):
         attn = outs[0] if len(outs) == 1 else torch.cat([o.reshape(1, -1, o.shape[-1]) for o in outs], 1)
         return self.attn_output(attn), cache
 
+    def _cache_geometry(self, cache) -> tuple[bool, int, int]:
+        """(whether the cache is int32 words of two 16-bit values, cache elements a K or V row, the page size:
+        static)."""
+        c = self.c
+        packed = cache.dtype == torch.int32
+        kv_width = c.num_kv_heads * c.head_dim // (2 if packed else 1)
+        return packed, kv_width, cache.shape[1] // (c.num_layers * 2 * kv_width)
+
     def _attend(self, q, layer: int, cache, lay: tuple, dtype: torch.dtype):
         """One group's attention output [B, S, heads * head_dim] in `dtype`: queries q [B, S, H, D] (roped)
         over the pages of each sequence, this call's K/V already written."""
         c = self.c
         B, S = q.shape[:2]
         _, _, _, read_pages, mask, last_visible = lay
-        packed = cache.dtype == torch.int32
-        kv_width = c.num_kv_heads * c.head_dim // (2 if packed else 1)
-        stride = cache.shape[1] // (c.num_layers * 2 * kv_width)
+        packed, kv_width, stride = self._cache_geometry(cache)
         k_pages = read_pages + 2 * layer
         if self.cpu_attention:  # (models.paged_attention: reads the pages where they are)
             rows = cache.view(-1, stride * kv_width)
@@ -549,7 +553,7 @@ class PagedLlama(nn.Module):
     def _run(self, fn, inputs: tuple, cache):
         """fn(*inputs, *caches) -> (*outputs, *new caches); copies the new caches into `cache`."""
         caches = cache if isinstance(cache, list) else [cache]
-        (*out,) = fn(*inputs, *caches)
+        out = list(fn(*inputs, *caches))
         for c, n in zip(caches, out[len(out) - len(caches) :]):
             c.copy_(n)
         return out[: len(out) - len(caches)]
